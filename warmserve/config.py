@@ -1,0 +1,96 @@
+"""Frozen configuration shared by every layer: the server, a model to deploy, a request's sampling."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        for name, low, high in (("temperature", 0.0, 100.0), ("top_p", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or math.isnan(value) or not low <= value <= high:
+                raise ConfigError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        if self.top_p == 0.0:
+            raise ConfigError("top_p must be greater than 0")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ConfigError(f"top_k must be -1, 0 or a positive integer, got {self.top_k!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to deploy: what a client names and where its checkpoint lies."""
+
+    name: str
+    path: str
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    keep_alive: float = 300.0  # seconds; 0 = unload after each request, -1 = never
+    pinned: bool = False
+    preload: bool = False
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ConfigError("name must be a non-empty string")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size must be >= 1")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len must be a positive integer")
+
+
+DTYPES = {"auto", "float32", "bfloat16", "float16"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of one deployment's engine (scheduler and KV cache)."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    block_size: int = 16
+    # KV cache budget; None: sized from the worker's free memory at load time.
+    kv_cache_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"  # auto | cuda | cpu
+    workers: int | None = None  # None: one per GPU, or 2 on CPU
+    model_root: str | None = None
+    host_cache_gb: float = 16.0
+    api_key: str | None = None
+    # Memory each CPU worker may use for weights + KV cache (stands in for a GPU's memory).
+    cpu_worker_memory_gb: float = 4.0
+    gpu_memory_utilization: float = 0.9
+    request_timeout_s: float = 600.0
+    load_timeout_s: float = 600.0
+    engine: EngineConfig = field(default_factory=EngineConfig)
