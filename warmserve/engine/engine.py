@@ -1,0 +1,244 @@
+"""One deployment's inference engine: scheduler + block manager + model runner, stepped by the
+worker that holds the model (the lead rank with tensor parallelism)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from warmserve.config import EngineConfig, SamplingParams
+from warmserve.engine.block_manager import BlockManager
+from warmserve.engine.model_runner import ModelRunner
+from warmserve.engine.scheduler import Scheduler, SchedulerLimits
+from warmserve.engine.sequence import Sequence
+from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_json
+from warmserve.models.config import ModelConfig
+from warmserve.models.registry import model_class
+from warmserve.models.weights import WeightLoadError
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class InsufficientMemory(RuntimeError):
+    pass
+
+
+class RequestRejected(ValueError):
+    """A request that this model cannot take (too long, bad token ids, duplicate id)."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request_id: str
+    token_id: int
+    finish_reason: str | None  # stop | length | None while running
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str | None) -> torch.dtype:
+    if dtype != "auto":
+        return TORCH_DTYPES[dtype]
+    return TORCH_DTYPES.get(checkpoint_dtype or "float32", torch.float32)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def eos_token_ids(model_dir: Path, raw_config: dict) -> list[int]:
+    ids: list[int] = []
+    generation_config = model_dir / "generation_config.json"
+    sources = [raw_config] + ([read_json(generation_config)] if generation_config.is_file() else [])
+    for source in sources:
+        value = source.get("eos_token_id")
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return ids
+
+
+class Engine:
+    def __init__(
+        self, config: ModelConfig, runner: ModelRunner, scheduler: Scheduler, weights_bytes: int
+    ):
+        self.config = config
+        self.runner = runner
+        self.scheduler = scheduler
+        self.weights_bytes = weights_bytes
+        self.max_model_len = scheduler.limits.max_model_len
+        self.generators: dict[str, torch.Generator] = {}
+        self.sequences: dict[str, Sequence] = {}
+
+    @classmethod
+    def create(
+        cls,
+        raw_config: dict,
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        engine_config: EngineConfig = EngineConfig(),
+        memory_budget_bytes: int | None = None,
+        eos_token_ids: Iterable[int] = (),
+    ) -> Engine:
+        """Builds the model on `device`, copies `tensors` into it and sizes the KV cache."""
+        device = torch.device(device)
+        config = ModelConfig.from_dict(raw_config)
+        architecture = model_class(config)
+        torch_dtype = resolve_dtype(dtype, config.torch_dtype)
+        with torch.device(device), default_dtype(torch_dtype):
+            model = architecture(config)
+        model.load_weights(tensors)
+        weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        attention = model.attention_layers()[0]
+        block_size = engine_config.block_size
+        block_bytes = (
+            2
+            * len(model.attention_layers())
+            * block_size
+            * attention.num_kv_heads
+            * attention.head_dim
+            * torch_dtype.itemsize
+        )
+        limit = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        num_blocks = engine_config.max_num_seqs * -(-limit // block_size)
+        kv_budget = engine_config.kv_cache_bytes
+        if kv_budget is None and memory_budget_bytes is not None:
+            kv_budget = (
+                memory_budget_bytes
+                - weights_bytes
+                - activation_reserve(config, engine_config, limit, torch_dtype)
+            )
+        if kv_budget is not None:
+            num_blocks = min(num_blocks, kv_budget // block_bytes)
+        if num_blocks < 1:
+            raise InsufficientMemory(
+                f"no memory left for the KV cache: weights take {weights_bytes / 2**20:.0f} MiB "
+                f"of a {(memory_budget_bytes or 0) / 2**20:.0f} MiB budget"
+            )
+        limit = min(limit, num_blocks * block_size)
+        runner = ModelRunner(
+            model,
+            device,
+            block_size,
+            num_blocks,
+            attention.num_kv_heads,
+            attention.head_dim,
+            torch_dtype,
+        )
+        limits = SchedulerLimits(
+            max_num_seqs=engine_config.max_num_seqs,
+            max_num_batched_tokens=max(engine_config.max_num_batched_tokens, limit),
+            max_model_len=limit,
+        )
+        scheduler = Scheduler(limits, BlockManager(num_blocks, block_size), eos_token_ids)
+        return cls(config, runner, scheduler, weights_bytes)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> Engine:
+        """Loads a checkpoint folder from disk; every failure is a CheckpointError naming the
+        file and the problem."""
+        checkpoint = Checkpoint(path)
+        try:
+            return cls.create(
+                checkpoint.config,
+                checkpoint.iter_tensors(),
+                eos_token_ids=eos_token_ids(checkpoint.path, checkpoint.config),
+                **kwargs,
+            )
+        except WeightLoadError as exc:
+            info = checkpoint.tensors.get(exc.tensor_name) if exc.tensor_name else None
+            where = info.file if info else str(checkpoint.path)
+            raise CheckpointError(f"{where}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{checkpoint.path / 'config.json'}: {exc}") from None
+        finally:
+            gc.collect()
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.weights_bytes + self.runner.kv_cache_bytes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        if request_id in self.sequences:
+            raise RequestRejected(f"request id {request_id!r} is already running")
+        if not prompt_token_ids:
+            raise RequestRejected("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise RequestRejected(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
+                f"{self.max_model_len} tokens, and at least one must be left to generate"
+            )
+        if any(not 0 <= token < self.vocab_size for token in prompt_token_ids):
+            raise RequestRejected(f"token ids must lie in [0, {self.vocab_size})")
+        seq = Sequence(request_id, prompt_token_ids, params)
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device)
+            generator.manual_seed(params.seed)
+            self.generators[request_id] = generator
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self.sequences.pop(request_id, None)
+        self.generators.pop(request_id, None)
+        return seq is not None and self.scheduler.abort(request_id) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[StepOutput]:
+        seqs = self.scheduler.schedule()
+        if not seqs:
+            return []
+        generators = [self.generators.get(seq.request_id) for seq in seqs]
+        tokens = self.runner.execute(seqs, generators)
+        self.scheduler.finish_step(seqs, tokens)
+        outputs = []
+        for seq, token in zip(seqs, tokens, strict=True):
+            outputs.append(StepOutput(seq.request_id, token, seq.finish_reason))
+            if seq.finish_reason is not None:
+                self.sequences.pop(seq.request_id, None)
+                self.generators.pop(seq.request_id, None)
+        return outputs
+
+    def follow(self) -> None:
+        """Non-lead tensor-parallel ranks: mirror the lead's steps until it closes the model."""
+        self.runner.follow()
+
+    def close(self) -> None:
+        """Frees the weights and the KV cache (and releases the other ranks)."""
+        self.runner.release_followers()
+        self.runner.model = None
+        self.runner.kv_cache = None
+        self.runner = None
+        self.sequences.clear()
+        self.generators.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def activation_reserve(
+    config: ModelConfig, engine_config: EngineConfig, max_model_len: int, dtype: torch.dtype
+) -> int:
+    """A bound on the memory a step's activations take, kept free of the KV cache."""
+    tokens = max(engine_config.max_num_batched_tokens, max_model_len)
+    width = 4 * config.hidden_size + 3 * config.intermediate_size
+    logits = engine_config.max_num_seqs * config.vocab_size * 4 * 2
+    return tokens * width * dtype.itemsize + logits

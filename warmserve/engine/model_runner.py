@@ -1,0 +1,135 @@
+"""Runs the model for one scheduled batch: builds the batch metadata, owns the KV cache, samples.
+
+With tensor parallelism the lead rank builds the step and broadcasts it; every rank runs the same
+forward on its shard; only the lead samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from warmserve.config import SamplingParams
+from warmserve.engine.sequence import Sequence
+from warmserve.layers.attention import AttentionMetadata
+from warmserve.layers.parallel import tp_rank, tp_world_size
+from warmserve.layers.sampling import sample
+
+
+@dataclass
+class StepInputs:
+    """What every rank needs to run one forward: plain lists, cheap to broadcast."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+
+
+RELEASE = "release"  # broadcast by the lead when the model is unloaded
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        block_size: int,
+        num_blocks: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+    ):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        layers = model.attention_layers()
+        # One allocation for the whole cache: [layers, k/v, blocks, block_size, kv heads, head dim].
+        self.kv_cache = torch.empty(
+            len(layers),
+            2,
+            num_blocks,
+            block_size,
+            num_kv_heads,
+            head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        for index, attention in enumerate(layers):
+            attention.k_cache = self.kv_cache[index, 0]
+            attention.v_cache = self.kv_cache[index, 1]
+        self.tp_size = tp_world_size()
+        self.is_lead = tp_rank() == 0
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    def build_inputs(self, seqs: list[Sequence]) -> StepInputs:
+        inputs = StepInputs([], [], [], [], [], [])
+        for seq in seqs:
+            start, end = seq.num_computed_tokens, len(seq)
+            inputs.input_ids.extend(seq.token_ids[start:end])
+            inputs.positions.extend(range(start, end))
+            table = seq.block_table
+            inputs.slot_mapping.extend(
+                table[pos // self.block_size] * self.block_size + pos % self.block_size
+                for pos in range(start, end)
+            )
+            inputs.query_lens.append(end - start)
+            inputs.context_lens.append(end)
+            inputs.block_tables.append(table)
+        return inputs
+
+    def execute(
+        self,
+        seqs: list[Sequence],
+        generators: list[torch.Generator | None],
+    ) -> list[int]:
+        """Lead rank: runs one step for `seqs` and returns one sampled token per sequence."""
+        inputs = self.build_inputs(seqs)
+        if self.tp_size > 1:
+            dist.broadcast_object_list([inputs], src=0)
+        logits = self._forward(inputs)
+        params: list[SamplingParams] = [seq.params for seq in seqs]
+        return sample(logits, params, generators).tolist()
+
+    def follow(self) -> None:
+        """Other ranks: runs the lead's steps until the lead releases the model."""
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] == RELEASE:
+                return
+            self._forward(box[0])
+
+    def release_followers(self) -> None:
+        if self.tp_size > 1:
+            dist.broadcast_object_list([RELEASE], src=0)
+
+    @torch.inference_mode()
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        device = self.device
+        max_blocks = max(len(table) for table in inputs.block_tables)
+        tables = torch.zeros(len(inputs.block_tables), max_blocks, dtype=torch.long)
+        for row, table in enumerate(inputs.block_tables):
+            tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(inputs.slot_mapping, dtype=torch.long, device=device),
+            query_lens=inputs.query_lens,
+            context_lens=torch.tensor(inputs.context_lens, dtype=torch.long, device=device),
+            block_tables=tables.to(device),
+            max_context_len=max(inputs.context_lens),
+            decode_only=all(n == 1 for n in inputs.query_lens),
+        )
+        input_ids = torch.tensor(inputs.input_ids, dtype=torch.long, device=device)
+        positions = torch.tensor(inputs.positions, dtype=torch.long, device=device)
+        hidden = self.model(input_ids, positions, meta)
+        last = torch.tensor(inputs.query_lens, device=device).cumsum(0) - 1
+        return self.model.compute_logits(hidden.index_select(0, last)).float()

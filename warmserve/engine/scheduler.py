@@ -1,0 +1,120 @@
+"""Continuous batching: every step runs the running sequences' next tokens and admits waiting
+prompts into the same batch while the token and sequence budgets allow.
+
+Pure Python. When the KV cache runs out, the newest running sequence is preempted: its blocks are
+freed and it goes back to the front of the queue, to be recomputed from its tokens later (never
+failed).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from warmserve.engine.block_manager import BlockManager
+from warmserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, block_manager: BlockManager, eos_token_ids=()):
+        self.limits = limits
+        self.block_manager = block_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Sequence]:
+        """The sequences to run this step; each computes its tokens from num_computed_tokens on."""
+        scheduled: list[Sequence] = []
+        budget = self.limits.max_num_batched_tokens
+        preempted = False
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            while not self.block_manager.can_append(seq):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append_slots(seq)
+                scheduled.append(seq)
+                budget -= seq.num_new_tokens
+        if preempted:
+            return scheduled
+        while self.waiting and len(self.running) < self.limits.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.num_new_tokens > budget or not self.block_manager.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(seq)
+            budget -= seq.num_new_tokens
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish_step(self, scheduled: list[Sequence], new_token_ids: list[int]) -> list[Sequence]:
+        """Appends each sequence's sampled token; returns those that finished (blocks freed)."""
+        finished = []
+        for seq, token_id in zip(scheduled, new_token_ids, strict=True):
+            seq.num_computed_tokens = len(seq)
+            self.block_manager.register_full_blocks(seq)
+            seq.token_ids.append(token_id)
+            reason = self._finish_reason(seq, token_id)
+            if reason is not None:
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        params = seq.params
+        if token_id in params.stop_token_ids:
+            return "stop"
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.limits.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self._finish(seq, "abort")
+                return seq
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "abort"
+                return seq
+        return None

@@ -1,0 +1,127 @@
+"""Attention over the paged KV cache.
+
+The torch functions here are the reference path: they run on any device, CPU included, and are
+the oracle that the GPU kernels are checked against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a step's tokens sit: one entry per sequence, tokens laid out back to back."""
+
+    slot_mapping: torch.Tensor  # [tokens] cache slot (block * block_size + offset) of each token
+    query_lens: list[int]  # new tokens of each sequence in this step
+    context_lens: torch.Tensor  # [seqs] tokens in the cache after this step, new ones included
+    block_tables: torch.Tensor  # [seqs, max_blocks] block ids, padded with 0
+    max_context_len: int
+    decode_only: bool
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    block_size = cache.shape[1]
+    blocks = block_table[: -(-length // block_size)]
+    return cache[blocks].flatten(0, 1)[:length]
+
+
+def paged_prefill_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [tokens, heads, head_dim]; each sequence's queries are its last `query_len` positions."""
+    heads = q.shape[1]
+    out = torch.empty_like(q)
+    start = 0
+    for i, query_len in enumerate(meta.query_lens):
+        context_len = int(meta.context_lens[i])
+        keys = gather_kv(k_cache, meta.block_tables[i], context_len)
+        values = gather_kv(v_cache, meta.block_tables[i], context_len)
+        groups = heads // keys.shape[1]
+        keys = keys.repeat_interleave(groups, dim=1).transpose(0, 1)
+        values = values.repeat_interleave(groups, dim=1).transpose(0, 1)
+        queries = q[start : start + query_len].transpose(0, 1)
+        if query_len == context_len:
+            attended = F.scaled_dot_product_attention(
+                queries, keys, values, is_causal=True, scale=scale
+            )
+        else:
+            query_pos = torch.arange(context_len - query_len, context_len, device=q.device)
+            key_pos = torch.arange(context_len, device=q.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+            attended = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=mask, scale=scale
+            )
+        out[start : start + query_len] = attended.transpose(0, 1)
+        start += query_len
+    return out
+
+
+def paged_decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [seqs, heads, head_dim], one query per sequence; all sequences in one batched pass."""
+    seqs, heads, head_dim = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks = -(-meta.max_context_len // block_size)
+    tables = meta.block_tables[:, :num_blocks]
+    keys = k_cache[tables].view(seqs, num_blocks * block_size, kv_heads, head_dim)
+    values = v_cache[tables].view(seqs, num_blocks * block_size, kv_heads, head_dim)
+    grouped = q.view(seqs, kv_heads, heads // kv_heads, head_dim).float()
+    scores = torch.einsum("bkgd,bskd->bkgs", grouped, keys.float()) * scale
+    positions = torch.arange(num_blocks * block_size, device=q.device)
+    beyond = positions[None, :] >= meta.context_lens[:, None]
+    scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bkgs,bskd->bkgd", probs, values.float())
+    return out.reshape(seqs, heads, head_dim).to(q.dtype)
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's keys and values into the cache, then attends over the cache."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        # Views into the runner's KV cache, set when the cache is allocated.
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+        attend = paged_decode_reference if meta.decode_only else paged_prefill_reference
+        out = attend(q, self.k_cache, self.v_cache, meta, self.scale)
+        return out.reshape(-1, self.num_heads * self.head_dim)

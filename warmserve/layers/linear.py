@@ -1,0 +1,132 @@
+"""Linear layers sharded for tensor parallelism (Megatron style).
+
+Each parameter carries a `weight_loader(param, loaded, shard_id)` that takes the full checkpoint
+tensor, checks its shape and copies this rank's slice, so the model's loader never needs to know
+how a layer is sharded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from warmserve.layers.parallel import all_reduce, divide, tp_rank, tp_world_size
+
+
+class ShapeMismatch(ValueError):
+    pass
+
+
+def check_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(loaded.shape) != tuple(expected):
+        raise ShapeMismatch(
+            f"shape {tuple(loaded.shape)} in the checkpoint, the model expects {tuple(expected)}"
+        )
+
+
+def copy_full(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    check_shape(loaded, param.shape)
+    param.data.copy_(loaded)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        copy_full(param, loaded)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Splits the output features; each rank produces its slice of the output."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        self.tp_size = tp_world_size()
+        self.tp_rank = tp_rank()
+        self.full_out = out_features
+        super().__init__(in_features, divide(out_features, self.tp_size, "output size"), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        expected = (self.full_out, *param.shape[1:])
+        check_shape(loaded, expected)
+        rows = param.shape[0]
+        param.data.copy_(loaded.narrow(0, self.tp_rank * rows, rows))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs stored as one matrix (gate and up projections)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = output_sizes
+        super().__init__(in_features, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+        full = self.output_sizes[shard_id]
+        check_shape(loaded, (full, *param.shape[1:]))
+        local = full // self.tp_size
+        start = sum(self.output_sizes[:shard_id]) // self.tp_size
+        param.data.narrow(0, start, local).copy_(loaded.narrow(0, self.tp_rank * local, local))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Query, key and value projections in one matrix, heads split across ranks."""
+
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
+    ):
+        tp = tp_world_size()
+        self.head_dim = head_dim
+        self.local_heads = divide(num_heads, tp, "number of attention heads")
+        self.local_kv_heads = divide(num_kv_heads, tp, "number of key/value heads")
+        out = (num_heads + 2 * num_kv_heads) * head_dim
+        super().__init__(hidden_size, out, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+        heads = self.local_heads if shard_id == "q" else self.local_kv_heads
+        local = heads * self.head_dim
+        check_shape(loaded, (local * self.tp_size, *param.shape[1:]))
+        start = {
+            "q": 0,
+            "k": self.local_heads * self.head_dim,
+            "v": (self.local_heads + self.local_kv_heads) * self.head_dim,
+        }[shard_id]
+        param.data.narrow(0, start, local).copy_(loaded.narrow(0, self.tp_rank * local, local))
+
+
+class RowParallelLinear(LinearBase):
+    """Splits the input features; the partial outputs are summed across ranks."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        self.tp_size = tp_world_size()
+        self.tp_rank = tp_rank()
+        self.full_in = in_features
+        super().__init__(divide(in_features, self.tp_size, "input size"), out_features, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if param.dim() == 1:  # the bias is added once, after the reduction
+            copy_full(param, loaded)
+            return
+        check_shape(loaded, (param.shape[0], self.full_in))
+        cols = param.shape[1]
+        param.data.copy_(loaded.narrow(1, self.tp_rank * cols, cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        out = all_reduce(F.linear(x, self.weight))
+        if self.bias is not None:
+            out = out + self.bias
+        return out

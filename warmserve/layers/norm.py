@@ -1,0 +1,40 @@
+"""RMSNorm with an optional fused residual add (the residual stream is carried alongside)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from warmserve.layers.linear import copy_full
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.weight.weight_loader = copy_full
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm whose parameters load from a checkpoint like every other layer."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__(dim, eps=eps, bias=bias)
+        for param in self.parameters():
+            param.requires_grad_(False)
+            param.weight_loader = copy_full

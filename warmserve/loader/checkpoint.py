@@ -1,0 +1,165 @@
+"""Reads a Hugging Face checkpoint folder: config.json and safetensors files (single or sharded).
+
+The safetensors headers are parsed here rather than through `safe_open` so that every tensor is
+known by (file, byte range) before any data is read: the host weight store copies those byte
+ranges in large chunks, and a truncated file is caught before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str  # absolute path of the safetensors file
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{file}: truncated safetensors file (no header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{file}: truncated or corrupt safetensors header")
+            header = json.loads(handle.read(header_len))
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot read ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: corrupt safetensors header ({exc})") from exc
+    data_start = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{file}: bad header entry for tensor {name!r}") from exc
+        nbytes = end - begin
+        expected = dtype.itemsize * _numel(shape)
+        if nbytes != expected:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has {nbytes} bytes, its shape {shape} needs {expected}"
+            )
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{file}: truncated safetensors file: tensor {name!r} ends at byte "
+                f"{data_start + end}, the file has {size}"
+            )
+        tensors[name] = TensorInfo(name, str(file), dtype, shape, data_start + begin, nbytes)
+    return tensors
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+class Checkpoint:
+    """A checkpoint folder with its config and the index of every tensor it holds."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser().resolve()
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: checkpoint folder not found")
+        self.config = read_json(self.path / "config.json")
+        self.files = self._safetensors_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            self.tensors.update(read_safetensors_header(file))
+
+    def _safetensors_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: no weight_map")
+            files = [self.path / name for name in sorted(set(weight_map.values()))]
+            for file in files:
+                if not file.is_file():
+                    raise CheckpointError(f"{file}: shard named in {index.name} not found")
+            return files
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            return [single]
+        raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields (name, CPU tensor) backed by a read-only memory map of each file."""
+        by_file: dict[str, list[TensorInfo]] = {}
+        for info in self.tensors.values():
+            by_file.setdefault(info.file, []).append(info)
+        for file, infos in by_file.items():
+            with open(file, "rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            buffer = memoryview(mapped)
+            for info in infos:
+                yield info.name, tensor_from_buffer(buffer, info.offset, info)
+
+
+def tensor_from_buffer(buffer: memoryview, offset: int, info: TensorInfo) -> torch.Tensor:
+    """A tensor viewing `info.nbytes` bytes of `buffer` at `offset` (no copy)."""
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    raw = buffer[offset : offset + info.nbytes]
+    # Read-only buffers make torch warn; these tensors are only ever read.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        flat = torch.frombuffer(raw, dtype=torch.uint8)
+    return flat.view(info.dtype).view(info.shape)

@@ -1,0 +1,56 @@
+"""The fields of a Hugging Face config.json that the models read, with the families' defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    raw: dict
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    torch_dtype: str | None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelConfig:
+        architectures = raw.get("architectures") or []
+        if not architectures:
+            raise ValueError("config.json has no 'architectures'")
+        hidden = int(raw["hidden_size"])
+        heads = int(raw["num_attention_heads"])
+        rope = raw.get("rope_parameters") or {}
+        scaling = raw.get("rope_scaling") or (
+            rope if rope.get("rope_type") not in (None, "default") else None
+        )
+        max_pos = int(raw.get("max_position_embeddings", 2048))
+        return cls(
+            raw=raw,
+            architecture=architectures[0],
+            hidden_size=hidden,
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            intermediate_size=int(raw.get("intermediate_size") or raw.get("ffn_dim") or 4 * hidden),
+            vocab_size=int(raw["vocab_size"]),
+            max_position_embeddings=max_pos,
+            norm_eps=float(raw.get("rms_norm_eps") or raw.get("layer_norm_eps") or 1e-5),
+            rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(
+                raw.get("tie_word_embeddings", raw.get("model_type") == "opt")
+            ),
+            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        )

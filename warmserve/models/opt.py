@@ -1,0 +1,143 @@
+"""OPT: learned positions (offset by 2), ReLU MLP, pre- or post-layer-norm blocks, optional
+projections between a narrower word embedding and the hidden size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from warmserve.layers.attention import AttentionMetadata, PagedAttention
+from warmserve.layers.linear import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    copy_full,
+)
+from warmserve.layers.norm import LayerNorm
+from warmserve.layers.vocab import VocabParallelEmbedding
+from warmserve.models.config import ModelConfig
+from warmserve.models.weights import load_parameters
+
+POSITION_OFFSET = 2  # OPT's position table reserves its first two rows
+FUSED = [
+    (".q_proj.", ".qkv_proj.", "q"),
+    (".k_proj.", ".qkv_proj.", "k"),
+    (".v_proj.", ".qkv_proj.", "v"),
+]
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: ModelConfig, bias: bool):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, config.head_dim, config.num_heads, config.num_heads, bias
+        )
+        local = self.qkv_proj.local_heads * config.head_dim
+        self.split = [local, local, local]
+        self.out_proj = RowParallelLinear(config.hidden_size, config.hidden_size, bias)
+        heads = self.qkv_proj.local_heads
+        self.attn = PagedAttention(heads, config.head_dim, heads, config.head_dim**-0.5)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        return self.out_proj(self.attn(q, k, v, meta))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, bias: bool, norm_before: bool, affine: bool):
+        super().__init__()
+        self.norm_before = norm_before
+        self.self_attn = OPTAttention(config, bias)
+        self.self_attn_layer_norm = LayerNorm(config.hidden_size, bias=affine)
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias)
+        self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, bias)
+        self.final_layer_norm = LayerNorm(config.hidden_size, bias=affine)
+
+    def forward(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        residual = hidden
+        if self.norm_before:
+            hidden = self.self_attn_layer_norm(hidden)
+        hidden = residual + self.self_attn(hidden, meta)
+        if not self.norm_before:
+            hidden = self.self_attn_layer_norm(hidden)
+        residual = hidden
+        if self.norm_before:
+            hidden = self.final_layer_norm(hidden)
+        hidden = residual + self.fc2(F.relu(self.fc1(hidden)))
+        if not self.norm_before:
+            hidden = self.final_layer_norm(hidden)
+        return hidden
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        raw = config.raw
+        bias = raw.get("enable_bias", True)
+        affine = raw.get("layer_norm_elementwise_affine", True)
+        norm_before = raw.get("do_layer_norm_before", True)
+        word_dim = raw.get("word_embed_proj_dim") or config.hidden_size
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, word_dim)
+        self.embed_positions = nn.Embedding(
+            config.max_position_embeddings + POSITION_OFFSET, config.hidden_size
+        ).requires_grad_(False)
+        self.embed_positions.weight.weight_loader = copy_full
+        projected = word_dim != config.hidden_size
+        self.project_in = (
+            ReplicatedLinear(word_dim, config.hidden_size, False) if projected else None
+        )
+        self.project_out = (
+            ReplicatedLinear(config.hidden_size, word_dim, False) if projected else None
+        )
+        self.layers = nn.ModuleList(
+            OPTDecoderLayer(config, bias, norm_before, affine) for _ in range(config.num_layers)
+        )
+        keep_final_norm = norm_before and not raw.get("_remove_final_layer_norm", False)
+        self.final_layer_norm = (
+            LayerNorm(config.hidden_size, bias=affine) if keep_final_norm else None
+        )
+
+    def forward(self, input_ids, positions, meta):
+        embeds = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            embeds = self.project_in(embeds)
+        hidden = embeds + self.embed_positions(positions + POSITION_OFFSET)
+        for layer in self.layers:
+            hidden = layer(hidden, meta)
+        if self.final_layer_norm is not None:
+            hidden = self.final_layer_norm(hidden)
+        if self.project_out is not None:
+            hidden = self.project_out(hidden)
+        return hidden
+
+
+class OPTForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.decoder = OPTDecoder(config)
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model.decoder(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder.embed_tokens.compute_logits(hidden)
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.decoder.layers]
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        def skip(name: str) -> bool:
+            return name == "lm_head.weight"  # always tied to the token embedding
+
+        load_parameters(self, _with_model_prefix(tensors), FUSED, skip)
+
+
+def _with_model_prefix(tensors):
+    # Some OPT checkpoints name tensors "decoder.*" rather than "model.decoder.*".
+    for name, tensor in tensors:
+        yield (f"model.{name}" if name.startswith("decoder.") else name), tensor
