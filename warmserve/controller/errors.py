@@ -1,0 +1,56 @@
+"""What the controller refuses, each a type the HTTP layer maps to one status code."""
+
+from __future__ import annotations
+
+
+class ControllerError(Exception):
+    """Base: `status` is the HTTP status, `code` the machine-readable error code."""
+
+    status = 500
+    code = "internal_error"
+
+
+class InvalidRequest(ControllerError):
+    status = 400
+    code = "invalid_request"
+
+
+class PromptTooLong(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class CheckpointInvalid(InvalidRequest):
+    """The checkpoint at the given path cannot be loaded (the message names file and problem)."""
+
+    code = "invalid_checkpoint"
+
+
+class PathForbidden(ControllerError):
+    status = 403
+    code = "path_outside_model_root"
+
+
+class ModelNotFound(ControllerError):
+    status = 404
+    code = "model_not_found"
+
+
+class ModelExists(ControllerError):
+    status = 409
+    code = "model_exists"
+
+
+class NoCapacity(ControllerError):
+    """No free workers (or memory) for this load now; retrying later may succeed."""
+
+    status = 503
+    code = "no_capacity"
+    retry_after_s = 5
+
+
+class ModelUnavailable(ControllerError):
+    """The model went away while the request ran: unloaded, or its worker died."""
+
+    status = 503
+    code = "model_unavailable"
+    retry_after_s = 1

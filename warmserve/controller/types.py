@@ -1,0 +1,53 @@
+"""Plain results the controller hands to its callers (the HTTP layer, the CLI, Python users)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    name: str
+    workers: list[int]
+    load_seconds: float
+    source: str  # "disk" or "host-cache"
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """A piece of a streamed generation: new text and tokens since the last chunk."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | None while generating
+    prompt_tokens: int
+    completion_tokens: int  # total so far
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str
+    state: str  # registered | loading | loaded | unloading | failed
+    workers: list[int] = field(default_factory=list)
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    load_source: str | None = None
+    load_seconds: float | None = None
+    last_used: float | None = None  # unix time
+    requests_in_flight: int = 0
+    port: int | None = None
+    memory_bytes: int = 0
+
+
+@dataclass
+class WorkerInfo:
+    id: int
+    pid: int | None
+    device: str
+    state: str  # starting | idle | loading | loaded | unloading | dead
+    model: str | None
+    memory_total_bytes: int
+    memory_used_bytes: int  # model weights + KV cache held by this worker
+    memory_idle_bytes: int  # what the worker used with no model (its baseline)
