@@ -38,7 +38,7 @@ from warmserve.controller.types import GenerationChunk, LoadResult, ModelInfo, W
 from warmserve.engine import client as engine_client
 from warmserve.engine.engine import TORCH_DTYPES, RequestRejected
 from warmserve.engine.tokenizer import ModelTokenizer
-from warmserve.loader.checkpoint import Checkpoint, CheckpointError
+from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_model_config
 from warmserve.loader.weight_store import HostWeightStore
 from warmserve.models.config import ModelConfig
 from warmserve.models.registry import UnsupportedArchitecture, model_class
@@ -490,9 +490,10 @@ def _validate_load(name: str, tp: int, dtype: str, max_model_len: int | None) ->
 
 def _open_checkpoint(path: Path) -> tuple[Checkpoint, ModelTokenizer]:
     try:
-        checkpoint = Checkpoint(path)
-        model_class(ModelConfig.from_dict(checkpoint.config))
-        return checkpoint, ModelTokenizer(path)
+        _, config = read_model_config(path)
+        model_class(config)
+        ModelConfig.from_dict(config)
+        return Checkpoint(path), ModelTokenizer(path)
     except CheckpointError as exc:
         raise CheckpointInvalid(str(exc)) from None
     except UnsupportedArchitecture as exc:
