@@ -149,6 +149,7 @@ def check_greedy_against_transformers(report: dict, root: Path) -> None:
             for output in engine.step():
                 outputs[output.request_id].append(output.token_id)
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+        reference.generation_config.eos_token_id = None  # as ignore_eos: EOS ids stay choosable
         equal = 0
         for index, prompt in enumerate(prompts):
             ids = torch.tensor([prompt], device="cuda")
@@ -156,7 +157,6 @@ def check_greedy_against_transformers(report: dict, root: Path) -> None:
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=24,
-                min_new_tokens=24,
                 do_sample=False,
             )[0, len(prompt) :].tolist()
             equal += expected == outputs[str(index)]
