@@ -49,8 +49,11 @@ def paged_prefill_reference(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """q: [tokens, heads, head_dim]; each sequence's queries are its last `query_len` positions."""
+    """q: [tokens, heads, head_dim]; each sequence's queries are its last `query_len` positions.
+    With a sliding window, each query sees only the last `sliding_window` positions (its own
+    included)."""
     heads = q.shape[1]
     out = torch.empty_like(q)
     start = 0
@@ -62,7 +65,7 @@ def paged_prefill_reference(
         keys = keys.repeat_interleave(groups, dim=1).transpose(0, 1)
         values = values.repeat_interleave(groups, dim=1).transpose(0, 1)
         queries = q[start : start + query_len].transpose(0, 1)
-        if query_len == context_len:
+        if query_len == context_len and sliding_window is None:
             attended = F.scaled_dot_product_attention(
                 queries, keys, values, is_causal=True, scale=scale
             )
@@ -70,6 +73,8 @@ def paged_prefill_reference(
             query_pos = torch.arange(context_len - query_len, context_len, device=q.device)
             key_pos = torch.arange(context_len, device=q.device)
             mask = key_pos[None, :] <= query_pos[:, None]
+            if sliding_window is not None:
+                mask &= key_pos[None, :] > query_pos[:, None] - sliding_window
             attended = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=mask, scale=scale
             )
@@ -84,6 +89,7 @@ def paged_decode_reference(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """q: [seqs, heads, head_dim], one query per sequence; all sequences in one batched pass."""
     seqs, heads, head_dim = q.shape
@@ -96,6 +102,9 @@ def paged_decode_reference(
     scores = torch.einsum("bkgd,bskd->bkgs", grouped, keys.float()) * scale
     positions = torch.arange(num_blocks * block_size, device=q.device)
     beyond = positions[None, :] >= meta.context_lens[:, None]
+    if sliding_window is not None:
+        # The query sits at context_len - 1.
+        beyond |= positions[None, :] <= meta.context_lens[:, None] - 1 - sliding_window
     scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1)
     out = torch.einsum("bkgs,bskd->bkgd", probs, values.float())
@@ -105,12 +114,20 @@ def paged_decode_reference(
 class PagedAttention(nn.Module):
     """Writes this step's keys and values into the cache, then attends over the cache."""
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
+        self.sliding_window = sliding_window
         # Views into the runner's KV cache, set when the cache is allocated.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -123,5 +140,5 @@ class PagedAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         attend = paged_decode_reference if meta.decode_only else paged_prefill_reference
-        out = attend(q, self.k_cache, self.v_cache, meta, self.scale)
+        out = attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
         return out.reshape(-1, self.num_heads * self.head_dim)
