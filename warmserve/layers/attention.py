@@ -107,7 +107,10 @@ def paged_decode_reference(
         beyond |= positions[None, :] <= meta.context_lens[:, None] - 1 - sliding_window
     scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1)
-    out = torch.einsum("bkgs,bskd->bkgd", probs, values.float())
+    # Slots past a sequence's context were never written for it and may hold anything, NaN
+    # included (fresh cache memory, or a freed block): a zero weight times NaN is still NaN.
+    values = values.float().masked_fill(beyond[:, :, None, None], 0.0)
+    out = torch.einsum("bkgs,bskd->bkgd", probs, values)
     return out.reshape(seqs, heads, head_dim).to(q.dtype)
 
 
