@@ -44,12 +44,16 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 
 def attend_one_sequence(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """queries [q, heads, dim] are the last q positions of keys/values [k, kv_heads, dim]."""
     query_len, context_len = queries.shape[0], keys.shape[0]
     queries, keys, values = (t.transpose(0, 1) for t in (queries, keys, values))
-    if query_len == context_len:
+    if query_len == context_len and sliding_window is None:
         out = F.scaled_dot_product_attention(
             queries, keys, values, is_causal=True, scale=scale, enable_gqa=True
         )
@@ -57,6 +61,8 @@ def attend_one_sequence(
         query_pos = torch.arange(context_len - query_len, context_len, device=queries.device)
         key_pos = torch.arange(context_len, device=queries.device)
         mask = key_pos[None, :] <= query_pos[:, None]
+        if sliding_window is not None:
+            mask &= key_pos[None, :] > query_pos[:, None] - sliding_window
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )
@@ -72,11 +78,13 @@ def paged_prefill(
     meta: AttentionMetadata,
     scale: float,
     from_cache: bool,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """q, k, v: [tokens, heads, head_dim] of this step; each sequence's queries are its last
     `query_len` positions. A sequence whose whole context is in this step attends over this
     step's keys directly (the fast path on GPU); with `from_cache`, or a cached prefix, keys come
-    from the paged cache (the reference path)."""
+    from the paged cache (the reference path). With a sliding window, each query sees only the
+    last `sliding_window` positions (its own included)."""
     out = torch.empty_like(q)
     start = 0
     for i, query_len in enumerate(meta.query_lens):
@@ -87,7 +95,7 @@ def paged_prefill(
             values = gather_kv(v_cache, meta.block_tables[i], context_len)
         else:
             keys, values = k[start:end], v[start:end]
-        out[start:end] = attend_one_sequence(q[start:end], keys, values, scale)
+        out[start:end] = attend_one_sequence(q[start:end], keys, values, scale, sliding_window)
         start = end
     return out
 
@@ -98,6 +106,7 @@ def paged_decode_reference(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """q: [seqs, heads, head_dim], one query per sequence; all sequences in one batched pass."""
     seqs, heads, head_dim = q.shape
@@ -110,21 +119,35 @@ def paged_decode_reference(
     scores = torch.einsum("bkgd,bskd->bkgs", grouped, keys.float()) * scale
     positions = torch.arange(num_blocks * block_size, device=q.device)
     beyond = positions[None, :] >= meta.context_lens[:, None]
+    if sliding_window is not None:
+        # The query sits at context_len - 1.
+        beyond |= positions[None, :] <= meta.context_lens[:, None] - 1 - sliding_window
     scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1)
-    out = torch.einsum("bkgs,bskd->bkgd", probs, values.float())
+    # Slots past a sequence's context were never written for it and may hold anything, NaN
+    # included (fresh cache memory, or a freed block): a zero weight times NaN is still NaN.
+    values = values.float().masked_fill(beyond[:, :, None, None], 0.0)
+    out = torch.einsum("bkgs,bskd->bkgd", probs, values)
     return out.reshape(seqs, heads, head_dim).to(q.dtype)
 
 
 class PagedAttention(nn.Module):
     """Writes this step's keys and values into the cache, then attends over the cache."""
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
+        self.sliding_window = sliding_window
         # Views into the runner's KV cache, set when the cache is allocated.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -139,14 +162,24 @@ class PagedAttention(nn.Module):
         on_gpu = q.is_cuda
         if not meta.decode_only:
             out = paged_prefill(
-                q, k, v, self.k_cache, self.v_cache, meta, self.scale, from_cache=not on_gpu
+                q,
+                k,
+                v,
+                self.k_cache,
+                self.v_cache,
+                meta,
+                self.scale,
+                not on_gpu,
+                self.sliding_window,
             )
-        elif on_gpu:
+        elif on_gpu and self.sliding_window is None:
             from warmserve.layers.triton_attention import paged_decode  # triton: GPU hosts only
 
             out = paged_decode(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
             )
         else:
-            out = paged_decode_reference(q, self.k_cache, self.v_cache, meta, self.scale)
+            out = paged_decode_reference(
+                q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window
+            )
         return out.reshape(-1, self.num_heads * self.head_dim)

@@ -22,6 +22,8 @@ class ModelConfig:
     rope_scaling: dict | None
     tie_word_embeddings: bool
     torch_dtype: str | None
+    # Per layer: how many positions (the query's own included) its attention sees; None: all.
+    sliding_windows: tuple[int | None, ...]
 
     @classmethod
     def from_dict(cls, raw: dict) -> ModelConfig:
@@ -35,11 +37,12 @@ class ModelConfig:
             rope if rope.get("rope_type") not in (None, "default") else None
         )
         max_pos = int(raw.get("max_position_embeddings", 2048))
+        num_layers = int(raw["num_hidden_layers"])
         return cls(
             raw=raw,
             architecture=architectures[0],
             hidden_size=hidden,
-            num_layers=int(raw["num_hidden_layers"]),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw.get("head_dim") or hidden // heads),
@@ -53,4 +56,20 @@ class ModelConfig:
                 raw.get("tie_word_embeddings", raw.get("model_type") == "opt")
             ),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            sliding_windows=sliding_windows(raw, num_layers),
         )
+
+
+def sliding_windows(raw: dict, num_layers: int) -> tuple[int | None, ...]:
+    """Which layers attend over a sliding window, as transformers reads it: `layer_types` where
+    the config lists them; otherwise Mistral slides in every layer and Qwen2 from layer
+    `max_window_layers` on, both only with a `sliding_window` (Qwen2: and `use_sliding_window`)."""
+    window = raw.get("sliding_window")
+    if not window or raw.get("use_sliding_window", True) is False:
+        return (None,) * num_layers
+    window = int(window)
+    layer_types = raw.get("layer_types")
+    if layer_types:
+        return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+    first = int(raw.get("max_window_layers", 0))
+    return tuple(window if layer >= first else None for layer in range(num_layers))

@@ -26,7 +26,9 @@ FUSED = [
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool):
+    def __init__(
+        self, config: ModelConfig, qkv_bias: bool, qk_norm: bool, sliding_window: int | None
+    ):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, qkv_bias
@@ -41,7 +43,9 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if qk_norm else None
         self.head_dim = config.head_dim
-        self.attn = PagedAttention(heads, config.head_dim, kv_heads, config.head_dim**-0.5)
+        self.attn = PagedAttention(
+            heads, config.head_dim, kv_heads, config.head_dim**-0.5, sliding_window
+        )
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -66,9 +70,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool, layer: int):
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm)
+        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm, config.sliding_windows[layer])
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -89,7 +93,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, qk_norm) for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, qkv_bias, qk_norm, layer)
+            for layer in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 

@@ -18,7 +18,7 @@ from warmserve.layers.linear import (
     copy_full,
 )
 from warmserve.layers.norm import LayerNorm
-from warmserve.layers.vocab import VocabParallelEmbedding
+from warmserve.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from warmserve.models.config import ModelConfig
 from warmserve.models.weights import load_parameters
 
@@ -120,19 +120,26 @@ class OPTForCausalLM(nn.Module):
         super().__init__()
         self.model = nn.Module()
         self.model.decoder = OPTDecoder(config)
+        self.tie_word_embeddings = config.tie_word_embeddings
+        if self.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            word_dim = config.raw.get("word_embed_proj_dim") or config.hidden_size
+            self.lm_head = ParallelLMHead(config.vocab_size, word_dim)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         return self.model.decoder(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.decoder.embed_tokens.compute_logits(hidden)
+        head = self.model.decoder.embed_tokens if self.lm_head is None else self.lm_head
+        return head.compute_logits(hidden)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.decoder.layers]
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         def skip(name: str) -> bool:
-            return name == "lm_head.weight"  # always tied to the token embedding
+            return self.tie_word_embeddings and name == "lm_head.weight"
 
         load_parameters(self, _with_model_prefix(tensors), FUSED, skip)
 
