@@ -69,11 +69,23 @@ class AbortRequest(msgspec.Struct, tag=True, frozen=True):
     request_id: str
 
 
+class RegisterSegment(msgspec.Struct, tag=True, frozen=True):
+    """Map a new host-store segment and register it for DMA in the background (GPU workers)."""
+
+    segment: WeightSegment
+
+
+class ForgetSegment(msgspec.Struct, tag=True, frozen=True):
+    shm_name: str
+
+
 class Shutdown(msgspec.Struct, tag=True, frozen=True):
     pass
 
 
-WorkerCommand = LoadModel | UnloadModel | AddRequest | AbortRequest | Shutdown
+WorkerCommand = (
+    LoadModel | UnloadModel | AddRequest | AbortRequest | RegisterSegment | ForgetSegment | Shutdown
+)
 
 
 # ---- worker -> server ----------------------------------------------------------------------
@@ -122,7 +134,17 @@ class ModelLost(msgspec.Struct, tag=True, frozen=True):
     error: str
 
 
-WorkerEvent = WorkerReady | CommandDone | StepOutputs | RequestFailed | ModelLost
+class SegmentRegistered(msgspec.Struct, tag=True, frozen=True):
+    """A host-store segment is now registered for DMA in this worker: reloads copy at full speed."""
+
+    worker_id: int
+    shm_name: str
+    seconds: float
+
+
+WorkerEvent = (
+    WorkerReady | CommandDone | StepOutputs | RequestFailed | ModelLost | SegmentRegistered
+)
 
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(WorkerCommand)

@@ -46,9 +46,12 @@ from warmserve.models.config import ModelConfig
 from warmserve.models.registry import UnsupportedArchitecture, model_class
 from warmserve.protocol import (
     CommandDone,
+    ForgetSegment,
     LoadModel,
     ModelLost,
+    RegisterSegment,
     RequestFailed,
+    SegmentRegistered,
     StepOutputs,
     UnloadModel,
 )
@@ -93,8 +96,11 @@ class Controller:
     def __init__(self, config: ServerConfig | None = None):
         self.config = config or ServerConfig()
         self.instance = uuid.uuid4().hex[:8]
-        self.store = HostWeightStore(int(self.config.host_cache_gb * GIB), self.instance)
+        self.store = HostWeightStore(
+            int(self.config.host_cache_gb * GIB), self.instance, self._segment_dropped
+        )
         self.pool: WorkerPool | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.deployments: dict[str, Deployment] = {}
         self._pending: dict[tuple[int, int], asyncio.Future] = {}
         self._next_command_id = 0
@@ -105,6 +111,8 @@ class Controller:
             for spec in load_registry(self.config.models_file):
                 self.registry[spec.name] = spec
         self.counters = {"auto_loads": 0, "evictions": 0, "idle_unloads": 0}
+        # shm name -> workers that registered that host-store segment for DMA
+        self.registered_segments: dict[str, set[int]] = {}
         self._auto_loads: dict[str, asyncio.Task] = {}
         self._background: set[asyncio.Task] = set()
 
@@ -118,6 +126,7 @@ class Controller:
         await self.close()
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         devices = self._devices()
         threads = default_num_threads(len(devices)) if devices[0] == "cpu" else None
 
@@ -210,6 +219,8 @@ class Controller:
             deployment = self._deployment_on(event.worker_id)
             if deployment is not None and deployment.client is not None:
                 deployment.client.fail(event.request_id, event.error)
+        elif isinstance(event, SegmentRegistered):
+            self.registered_segments.setdefault(event.shm_name, set()).add(event.worker_id)
         elif isinstance(event, ModelLost):
             deployment = self._deployment_on(event.worker_id)
             if deployment is not None:
@@ -254,6 +265,24 @@ class Controller:
             log.info("worker %d replaced (pid %s)", worker_id, handle.pid)
         except Exception:
             log.exception("worker %d could not be replaced", worker_id)
+
+    def _broadcast(self, command) -> None:
+        """Sends a command that needs no reply to every live worker."""
+        if self.pool is None or self.pool.closing:
+            return
+        for handle in self.pool.handles:
+            if handle.state != "dead":
+                self.pool.send(handle.id, command)
+
+    def _segment_dropped(self, shm_name: str) -> None:
+        # The store drops segments from its reader threads too: hop onto the loop that owns the
+        # sockets.
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._forget_segment, shm_name)
+
+    def _forget_segment(self, shm_name: str) -> None:
+        self.registered_segments.pop(shm_name, None)
+        self._broadcast(ForgetSegment(shm_name))
 
     def _command_id(self) -> int:
         self._next_command_id += 1
@@ -396,6 +425,8 @@ class Controller:
         if segment is None:
             source = "disk"
             segment = await asyncio.to_thread(self.store.store_checkpoint, key, checkpoint)
+            if segment is not None:
+                self._broadcast(RegisterSegment(segment))
         tp = deployment.tensor_parallel_size
         init_method = self.pool.launcher.rendezvous_address(deployment.lead) if tp > 1 else None
         engine = self.config.engine

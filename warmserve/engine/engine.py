@@ -10,16 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.block_manager import BlockManager
 from warmserve.engine.model_runner import ModelRunner
 from warmserve.engine.scheduler import Scheduler, SchedulerLimits
 from warmserve.engine.sequence import Sequence
+from warmserve.layers.parallel import tp_world_size
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_json
+from warmserve.loader.weight_store import SegmentWeights
 from warmserve.models.config import ModelConfig
 from warmserve.models.registry import model_class
-from warmserve.models.weights import WeightLoadError
+from warmserve.models.weights import WeightLoadError, bind_parameters
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,7 +86,7 @@ class Engine:
     def create(
         cls,
         raw_config: dict,
-        tensors: Iterable[tuple[str, torch.Tensor]] | None,
+        weights: SegmentWeights | Iterable[tuple[str, torch.Tensor]] | None,
         *,
         device: torch.device | str = "cpu",
         dtype: str = "auto",
@@ -92,19 +95,24 @@ class Engine:
         memory_budget_bytes: int | None = None,
         eos_token_ids: Iterable[int] = (),
     ) -> Engine:
-        """Builds the model on `device`, copies `tensors` into it (random weights when None: the
-        worker's warm-up model) and sizes the KV cache."""
+        """Builds the model on `device` with `weights` (checkpoint tensors, a host-store segment,
+        or None for random weights: the worker's warm-up model) and sizes the KV cache."""
         device = torch.device(device)
         architecture = model_class(raw_config)
         config = ModelConfig.from_dict(raw_config)
         torch_dtype = resolve_dtype(dtype, config.torch_dtype)
-        with torch.device(device), default_dtype(torch_dtype):
-            model = architecture(config)
-        if tensors is None:
-            for param in model.parameters():
-                param.normal_(0.0, 0.02)
+        if isinstance(weights, SegmentWeights) and _bindable(weights, torch_dtype):
+            model = _model_on_arena(architecture, config, weights, device, torch_dtype)
         else:
-            model.load_weights(tensors)
+            with torch.device(device), default_dtype(torch_dtype):
+                model = architecture(config)
+            if weights is None:
+                for param in model.parameters():
+                    param.normal_(0.0, 0.02)
+            else:
+                tensors = weights.tensors() if isinstance(weights, SegmentWeights) else weights
+                model.load_weights(tensors)
+            model.to(device)  # buffers built on the CPU (rotary frequencies)
         weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         attention = model.attention_layers()[0]
         block_size = engine_config.block_size
@@ -241,6 +249,26 @@ class Engine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _bindable(weights: SegmentWeights, dtype: torch.dtype) -> bool:
+    """Whether the model's parameters can be views of one copy of the segment: a single rank
+    (no slicing) and the checkpoint's dtype (no conversion)."""
+    return tp_world_size() == 1 and weights.dtypes == {str(dtype).removeprefix("torch.")}
+
+
+def _model_on_arena(architecture, config, weights: SegmentWeights, device, dtype) -> nn.Module:
+    """A reload without per-tensor work: one device allocation, one bulk copy of the segment
+    (asynchronous from registered host memory), parameters bound as views of it."""
+    with torch.device("meta"), default_dtype(dtype):
+        model = architecture(config)
+    arena = torch.empty(weights.segment.size, dtype=torch.uint8, device=device)
+    arena.copy_(weights.buffer, non_blocking=weights.registered)
+    bind_parameters(model, weights.views_into(arena))
+    model.to(device)  # buffers built on the CPU (rotary frequencies)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # the host pages may go after this
+    return model
 
 
 def activation_reserve(

@@ -1,8 +1,8 @@
 """Linear layers sharded for tensor parallelism (Megatron style).
 
-Each parameter carries a `weight_loader(param, loaded, shard_id)` that takes the full checkpoint
-tensor, checks its shape and copies this rank's slice, so the model's loader never needs to know
-how a layer is sharded.
+Each parameter carries a `weight_loader(param, loaded)` that takes the full checkpoint tensor,
+checks its shape and copies this rank's slice, so the model's loader never needs to know how a
+layer is sharded.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def check_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
         )
 
 
-def copy_full(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+def copy_full(param: nn.Parameter, loaded: torch.Tensor) -> None:
     check_shape(loaded, param.shape)
     param.data.copy_(loaded)
 
@@ -46,7 +46,7 @@ class LinearBase(nn.Module):
 
 
 class ReplicatedLinear(LinearBase):
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         copy_full(param, loaded)
 
 
@@ -59,51 +59,10 @@ class ColumnParallelLinear(LinearBase):
         self.full_out = out_features
         super().__init__(in_features, divide(out_features, self.tp_size, "output size"), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        expected = (self.full_out, *param.shape[1:])
-        check_shape(loaded, expected)
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        check_shape(loaded, (self.full_out, *param.shape[1:]))
         rows = param.shape[0]
         param.data.copy_(loaded.narrow(0, self.tp_rank * rows, rows))
-
-
-class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several column-parallel outputs stored as one matrix (gate and up projections)."""
-
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
-        self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias)
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
-        full = self.output_sizes[shard_id]
-        check_shape(loaded, (full, *param.shape[1:]))
-        local = full // self.tp_size
-        start = sum(self.output_sizes[:shard_id]) // self.tp_size
-        param.data.narrow(0, start, local).copy_(loaded.narrow(0, self.tp_rank * local, local))
-
-
-class QKVParallelLinear(ColumnParallelLinear):
-    """Query, key and value projections in one matrix, heads split across ranks."""
-
-    def __init__(
-        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
-    ):
-        tp = tp_world_size()
-        self.head_dim = head_dim
-        self.local_heads = divide(num_heads, tp, "number of attention heads")
-        self.local_kv_heads = divide(num_kv_heads, tp, "number of key/value heads")
-        out = (num_heads + 2 * num_kv_heads) * head_dim
-        super().__init__(hidden_size, out, bias)
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
-        heads = self.local_heads if shard_id == "q" else self.local_kv_heads
-        local = heads * self.head_dim
-        check_shape(loaded, (local * self.tp_size, *param.shape[1:]))
-        start = {
-            "q": 0,
-            "k": self.local_heads * self.head_dim,
-            "v": (self.local_heads + self.local_kv_heads) * self.head_dim,
-        }[shard_id]
-        param.data.narrow(0, start, local).copy_(loaded.narrow(0, self.tp_rank * local, local))
 
 
 class RowParallelLinear(LinearBase):
@@ -115,7 +74,7 @@ class RowParallelLinear(LinearBase):
         self.full_in = in_features
         super().__init__(divide(in_features, self.tp_size, "input size"), out_features, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if param.dim() == 1:  # the bias is added once, after the reduction
             copy_full(param, loaded)
             return

@@ -24,33 +24,30 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None):
+    """Computes each step's cos/sin from the positions: no position table to build at load time
+    (a 128k-position table would cost a swap tens of milliseconds)."""
+
+    def __init__(self, head_dim: int, base: float, scaling: dict | None = None):
         super().__init__()
-        inv_freq = 1.0 / (
-            base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-        )
+        # Built on the CPU whatever the default device: a model built on the meta device (to be
+        # bound to weights already on the GPU) still gets real frequencies.
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+        inv_freq = 1.0 / (base ** (exponents / head_dim))
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if rope_type == "llama3":
             inv_freq = llama3_inv_freq(inv_freq, scaling)
         elif rope_type not in ("default", None):
             raise ValueError(f"rope scaling type {rope_type!r} is not supported")
-        positions = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        # Buffers, not parameters: they are rebuilt at load time, never read from a checkpoint.
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q, k: [tokens, heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _apply(q, cos, sin), _apply(k, cos, sin)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [tokens, 1, head_dim]
+        return emb.cos(), emb.sin()
 
 
-def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim], rotate-half layout."""
     dtype = x.dtype
     x = x.float()
     half = x.shape[-1] // 2

@@ -23,7 +23,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, dim), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         check_shape(loaded, (self.vocab_size, param.shape[1]))
         rows = max(0, min(self.rows_per_rank, self.vocab_size - self.start))
         param.data[:rows].copy_(loaded.narrow(0, self.start, rows))

@@ -15,13 +15,12 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from warmserve.loader.checkpoint import Checkpoint, tensor_from_buffer
+from warmserve.loader.checkpoint import Checkpoint
 from warmserve.protocol import TensorEntry, WeightSegment
 
 SHM_DIR = "/dev/shm"
@@ -47,8 +46,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class HostWeightStore:
-    def __init__(self, capacity_bytes: int, instance: str):
+    def __init__(self, capacity_bytes: int, instance: str, on_drop=None):
         self.capacity_bytes = capacity_bytes
+        self.on_drop = on_drop  # called with the shm name of every segment the store drops
         self.instance = instance
         self._entries: OrderedDict[str, _Stored] = OrderedDict()
         self._lock = threading.Lock()
@@ -129,6 +129,8 @@ class HostWeightStore:
         entry.mapping.close()
         # Workers that still map the segment keep their mapping; the name goes now.
         _unlink(entry.segment.shm_name)
+        if self.on_drop is not None:
+            self.on_drop(entry.segment.shm_name)
 
     def close(self) -> None:
         with self._lock:
@@ -202,30 +204,50 @@ def _copy_regions(
     ]
 
 
-@contextlib.contextmanager
-def mapped_segment(segment: WeightSegment) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Worker side: maps a segment read-only and gives (name, CPU tensor) views into it."""
-    fd = os.open(os.path.join(SHM_DIR, segment.shm_name), os.O_RDONLY)
-    try:
-        mapping = mmap.mmap(fd, segment.size, access=mmap.ACCESS_READ)
-    finally:
-        os.close(fd)
-    buffer = memoryview(mapping)
-    try:
-        yield [
-            (
-                entry.name,
-                tensor_from_buffer(
-                    buffer,
-                    entry.offset,
-                    getattr(torch, entry.dtype),
-                    tuple(entry.shape),
-                    entry.nbytes,
-                ),
-            )
-            for entry in segment.tensors
-        ]
-    finally:
-        del buffer
+class SegmentWeights:
+    """Worker side: a segment mapped into this process, as one byte tensor and per-tensor views.
+
+    On a GPU host the mapping can be registered for DMA (cudaHostRegister), so a copy from it
+    runs at full PCIe speed; registering is slow, so it happens once per segment, off the swap
+    path, and is kept until the store drops the segment.
+    """
+
+    def __init__(self, segment: WeightSegment):
+        self.segment = segment
+        fd = os.open(os.path.join(SHM_DIR, segment.shm_name), os.O_RDWR)
+        try:
+            self._mapping = mmap.mmap(fd, segment.size)
+        finally:
+            os.close(fd)
+        self.buffer = torch.frombuffer(self._mapping, dtype=torch.uint8)
+        self.registered = False
+
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return [(entry.name, self._view(self.buffer, entry)) for entry in self.segment.tensors]
+
+    def views_into(self, arena: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors as views of `arena`, a same-size copy of the whole segment."""
+        return {entry.name: self._view(arena, entry) for entry in self.segment.tensors}
+
+    @staticmethod
+    def _view(base: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+        raw = base[entry.offset : entry.offset + entry.nbytes]
+        return raw.view(getattr(torch, entry.dtype)).view(entry.shape)
+
+    @property
+    def dtypes(self) -> set[str]:
+        return {entry.dtype for entry in self.segment.tensors}
+
+    def register_for_dma(self) -> None:
+        result = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.segment.size, 0)
+        if int(result) != 0:
+            raise RuntimeError(f"cudaHostRegister failed for {self.segment.shm_name}: {result}")
+        self.registered = True
+
+    def close(self) -> None:
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            self.registered = False
+        self.buffer = None
         with contextlib.suppress(BufferError):
-            mapping.close()  # tensors still viewing it keep it alive until they go
+            self._mapping.close()  # views still alive keep the pages until they go

@@ -9,20 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from warmserve.layers.attention import AttentionMetadata, PagedAttention
-from warmserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from warmserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from warmserve.layers.norm import RMSNorm
-from warmserve.layers.rotary import RotaryEmbedding
+from warmserve.layers.parallel import divide, tp_world_size
+from warmserve.layers.rotary import RotaryEmbedding, apply_rotary
 from warmserve.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from warmserve.models.config import ModelConfig
 from warmserve.models.weights import load_parameters
-
-FUSED = [
-    (".q_proj.", ".qkv_proj.", "q"),
-    (".k_proj.", ".qkv_proj.", "k"),
-    (".v_proj.", ".qkv_proj.", "v"),
-    (".gate_proj.", ".gate_up_proj.", 0),
-    (".up_proj.", ".gate_up_proj.", 1),
-]
 
 
 class LlamaAttention(nn.Module):
@@ -30,30 +23,29 @@ class LlamaAttention(nn.Module):
         self, config: ModelConfig, qkv_bias: bool, qk_norm: bool, sliding_window: int | None
     ):
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, qkv_bias
-        )
-        heads, kv_heads = self.qkv_proj.local_heads, self.qkv_proj.local_kv_heads
-        self.q_size = heads * config.head_dim
-        self.kv_size = kv_heads * config.head_dim
-        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size)
-        self.rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-        )
-        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if qk_norm else None
-        self.head_dim = config.head_dim
-        self.attn = PagedAttention(
-            heads, config.head_dim, kv_heads, config.head_dim**-0.5, sliding_window
-        )
+        # Projections stay separate, as in the checkpoint, so that each parameter is one
+        # contiguous range of the host weight store and a reload is one bulk copy.
+        hidden, head_dim = config.hidden_size, config.head_dim
+        tp = tp_world_size()
+        heads = divide(config.num_heads, tp, "number of attention heads")
+        kv_heads = divide(config.num_kv_heads, tp, "number of key/value heads")
+        self.q_proj = ColumnParallelLinear(hidden, config.num_heads * head_dim, qkv_bias)
+        self.k_proj = ColumnParallelLinear(hidden, config.num_kv_heads * head_dim, qkv_bias)
+        self.v_proj = ColumnParallelLinear(hidden, config.num_kv_heads * head_dim, qkv_bias)
+        self.o_proj = RowParallelLinear(config.num_heads * head_dim, hidden)
+        self.q_norm = RMSNorm(head_dim, config.norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, config.norm_eps) if qk_norm else None
+        self.head_dim = head_dim
+        self.attn = PagedAttention(heads, head_dim, kv_heads, head_dim**-0.5, sliding_window)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(q.shape[0], -1, self.head_dim)
-        k = k.reshape(k.shape[0], -1, self.head_dim)
+    def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta):
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, -1, self.head_dim)
+        k = self.k_proj(x).view(tokens, -1, self.head_dim)
+        v = self.v_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -61,12 +53,12 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size])
+        self.gate_proj = ColumnParallelLinear(config.hidden_size, size)
+        self.up_proj = ColumnParallelLinear(config.hidden_size, size)
         self.down_proj = RowParallelLinear(size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -77,13 +69,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
-    def forward(self, positions, hidden, residual, meta):
+    def forward(self, rotary, hidden, residual, meta):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
+        hidden = self.self_attn(rotary, hidden, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -97,11 +89,13 @@ class LlamaModel(nn.Module):
             for layer in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def forward(self, input_ids, positions, meta):
         hidden, residual = self.embed_tokens(input_ids), None
+        rotary = self.rotary(positions)
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, meta)
+            hidden, residual = layer(rotary, hidden, residual, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -130,13 +124,16 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
-    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        def skip(name: str) -> bool:
-            return "rotary_emb.inv_freq" in name or (
-                self.tie_word_embeddings and name == "lm_head.weight"
-            )
+    def parameter_name(self, checkpoint_name: str) -> str | None:
+        """The parameter a checkpoint tensor loads into; None for tensors this model ignores."""
+        if "rotary_emb.inv_freq" in checkpoint_name:
+            return None
+        if self.tie_word_embeddings and checkpoint_name == "lm_head.weight":
+            return None
+        return checkpoint_name
 
-        load_parameters(self, tensors, FUSED, skip)
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        load_parameters(self, tensors)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

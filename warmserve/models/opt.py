@@ -12,39 +12,33 @@ from torch import nn
 from warmserve.layers.attention import AttentionMetadata, PagedAttention
 from warmserve.layers.linear import (
     ColumnParallelLinear,
-    QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
     copy_full,
 )
 from warmserve.layers.norm import LayerNorm
+from warmserve.layers.parallel import divide, tp_world_size
 from warmserve.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from warmserve.models.config import ModelConfig
 from warmserve.models.weights import load_parameters
 
 POSITION_OFFSET = 2  # OPT's position table reserves its first two rows
-FUSED = [
-    (".q_proj.", ".qkv_proj.", "q"),
-    (".k_proj.", ".qkv_proj.", "k"),
-    (".v_proj.", ".qkv_proj.", "v"),
-]
 
 
 class OPTAttention(nn.Module):
     def __init__(self, config: ModelConfig, bias: bool):
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, config.head_dim, config.num_heads, config.num_heads, bias
-        )
-        local = self.qkv_proj.local_heads * config.head_dim
-        self.split = [local, local, local]
-        self.out_proj = RowParallelLinear(config.hidden_size, config.hidden_size, bias)
-        heads = self.qkv_proj.local_heads
+        hidden = config.hidden_size
+        heads = divide(config.num_heads, tp_world_size(), "number of attention heads")
+        self.q_proj = ColumnParallelLinear(hidden, hidden, bias)
+        self.k_proj = ColumnParallelLinear(hidden, hidden, bias)
+        self.v_proj = ColumnParallelLinear(hidden, hidden, bias)
+        self.out_proj = RowParallelLinear(hidden, hidden, bias)
         self.attn = PagedAttention(heads, config.head_dim, heads, config.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        return self.out_proj(self.attn(q, k, v, meta))
+        attended = self.attn(self.q_proj(x), self.k_proj(x), self.v_proj(x), meta)
+        return self.out_proj(attended)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -137,14 +131,14 @@ class OPTForCausalLM(nn.Module):
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.decoder.layers]
 
+    def parameter_name(self, checkpoint_name: str) -> str | None:
+        """The parameter a checkpoint tensor loads into; None for tensors this model ignores."""
+        if self.tie_word_embeddings and checkpoint_name == "lm_head.weight":
+            return None
+        # Some OPT checkpoints name tensors "decoder.*" rather than "model.decoder.*".
+        if checkpoint_name.startswith("decoder."):
+            return f"model.{checkpoint_name}"
+        return checkpoint_name
+
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        def skip(name: str) -> bool:
-            return self.tie_word_embeddings and name == "lm_head.weight"
-
-        load_parameters(self, _with_model_prefix(tensors), FUSED, skip)
-
-
-def _with_model_prefix(tensors):
-    # Some OPT checkpoints name tensors "decoder.*" rather than "model.decoder.*".
-    for name, tensor in tensors:
-        yield (f"model.{name}" if name.startswith("decoder.") else name), tensor
+        load_parameters(self, tensors)

@@ -1,16 +1,15 @@
-"""Copies checkpoint tensors into a model's (possibly sharded, possibly fused) parameters."""
+"""Puts checkpoint tensors into a model's parameters: by copy (any device, any tensor-parallel
+rank, dtype conversion) or by binding parameters to views of one device arena that already holds
+the checkpoint's bytes (a reload: one bulk copy, no per-tensor work)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from warmserve.layers.linear import ShapeMismatch
-
-# (part of a checkpoint name, part of the model's parameter name, shard id inside that parameter)
-FusedMapping = list[tuple[str, str, object]]
 
 
 class WeightLoadError(ValueError):
@@ -20,36 +19,52 @@ class WeightLoadError(ValueError):
         self.problem = problem
 
 
-def load_parameters(
-    model: nn.Module,
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    fused: FusedMapping,
-    skip: Callable[[str], bool] = lambda name: False,
-) -> None:
-    """Loads every parameter exactly once; raises WeightLoadError on an unknown, mis-shaped or
-    missing tensor."""
+def load_parameters(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copies every parameter from `tensors` exactly once; raises WeightLoadError on an unknown,
+    mis-shaped or missing tensor."""
     params = dict(model.named_parameters())
-    needed = {name: {None} for name in params}
-    for _, param_part, shard in fused:
-        for name in params:
-            if param_part in name:
-                needed[name] = needed[name] - {None} | {shard}
+    missing = set(params)
     for name, tensor in tensors:
-        if skip(name):
+        target = model.parameter_name(name)
+        if target is None:
             continue
-        target, shard = name, None
-        for ckpt_part, param_part, shard_id in fused:
-            if ckpt_part in name:
-                target, shard = name.replace(ckpt_part, param_part), shard_id
-                break
         param = params.get(target)
         if param is None:
             raise WeightLoadError(name, "tensor not used by this architecture")
         try:
-            param.weight_loader(param, tensor, shard)
+            param.weight_loader(param, tensor)
         except ShapeMismatch as exc:
             raise WeightLoadError(name, str(exc)) from exc
-        needed[target].discard(shard)
-    missing = sorted(name for name, shards in needed.items() if shards)
+        missing.discard(target)
+    _check_complete(missing)
+
+
+def bind_parameters(model: nn.Module, views: dict[str, torch.Tensor]) -> None:
+    """Makes each parameter the checkpoint tensor's view (same device, dtype and shape), for a
+    model built on the meta device with no tensor parallelism."""
+    params = dict(model.named_parameters())
+    missing = set(params)
+    for name, view in views.items():
+        target = model.parameter_name(name)
+        if target is None:
+            continue
+        param = params.get(target)
+        if param is None:
+            raise WeightLoadError(name, "tensor not used by this architecture")
+        if tuple(view.shape) != tuple(param.shape):
+            raise WeightLoadError(
+                name,
+                f"shape {tuple(view.shape)} in the checkpoint, the model expects "
+                f"{tuple(param.shape)}",
+            )
+        module_name, _, attribute = target.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[attribute] = nn.Parameter(view, requires_grad=False)
+        missing.discard(target)
+    _check_complete(missing)
+
+
+def _check_complete(missing: set[str]) -> None:
     if missing:
-        raise WeightLoadError(None, f"missing tensors for parameters {', '.join(missing[:5])}")
+        names = ", ".join(sorted(missing)[:5])
+        raise WeightLoadError(None, f"missing tensors for parameters {names}")

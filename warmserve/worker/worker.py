@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -24,15 +25,18 @@ from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.engine import Engine, RequestRejected, eos_token_ids
 from warmserve.engine.warmup import warm_up
 from warmserve.loader.checkpoint import CheckpointError, read_model_config
-from warmserve.loader.weight_store import mapped_segment
+from warmserve.loader.weight_store import SegmentWeights
 from warmserve.models.weights import WeightLoadError
 from warmserve.protocol import (
     AbortRequest,
     AddRequest,
     CommandDone,
+    ForgetSegment,
     LoadModel,
     ModelLost,
+    RegisterSegment,
     RequestFailed,
+    SegmentRegistered,
     Shutdown,
     StepOutputs,
     TokenOutput,
@@ -87,6 +91,10 @@ class Worker:
         self.engine: Engine | None = None
         self.tp_rank = 0
         self.tp_size = 1
+        # Host-store segments mapped and registered for DMA, kept across loads.
+        self.segments: dict[str, SegmentWeights] = {}
+        self.forgotten: set[str] = set()
+        self.registered_events: list[SegmentRegistered] = []
 
     def send(self, event) -> None:
         self.events.send(event_encoder.encode(event))
@@ -127,6 +135,8 @@ class Worker:
             )
         )
         while True:
+            while self.registered_events:
+                self.send(self.registered_events.pop(0))
             busy = self.engine is not None and self.engine.has_unfinished_requests()
             if not self.commands.poll(0 if busy else IDLE_POLL_MS):
                 if busy:
@@ -153,6 +163,36 @@ class Worker:
             self.load(command)
         elif isinstance(command, UnloadModel):
             self.unload(command)
+        elif isinstance(command, RegisterSegment):
+            if self.device.type == "cuda":
+                threading.Thread(target=self.register, args=(command.segment,), daemon=True).start()
+        elif isinstance(command, ForgetSegment):
+            self.forget(command.shm_name)
+
+    def register(self, segment) -> None:
+        """Background thread: registering pins pages, about half a second per GiB."""
+        started = time.perf_counter()
+        try:
+            weights = SegmentWeights(segment)
+            weights.register_for_dma()
+        except Exception:
+            traceback.print_exc()  # loads still work from the unregistered mapping
+            return
+        if segment.shm_name in self.forgotten:
+            weights.close()
+            return
+        self.segments[segment.shm_name] = weights
+        # zmq sockets are not thread-safe: the main loop sends this on the thread's behalf.
+        self.registered_events.append(
+            SegmentRegistered(self.args.worker_id, segment.shm_name, time.perf_counter() - started)
+        )
+
+    def forget(self, shm_name: str) -> None:
+        weights = self.segments.pop(shm_name, None)
+        if weights is None:
+            self.forgotten.add(shm_name)
+        else:
+            weights.close()
 
     def add_request(self, command: AddRequest) -> None:
         if self.engine is None:
@@ -240,10 +280,17 @@ class Worker:
         if command.segment is None:
             return Engine.from_checkpoint(command.model_dir, **options)
         model_dir, config = read_model_config(command.model_dir)
-        with mapped_segment(command.segment) as tensors:
+        weights = self.segments.get(command.segment.shm_name)
+        transient = weights is None or not weights.registered
+        if weights is None:
+            weights = SegmentWeights(command.segment)
+        try:
             return Engine.create(
-                config, tensors, eos_token_ids=eos_token_ids(model_dir, config), **options
+                config, weights, eos_token_ids=eos_token_ids(model_dir, config), **options
             )
+        finally:
+            if transient and command.segment.shm_name not in self.segments:
+                weights.close()
 
     def follow(self) -> None:
         try:
