@@ -136,7 +136,6 @@ async def _serve(config, sock) -> None:
     try:
         logger.info("starting the worker pool (device %s)", config.device)
         if await _until_stopped(controller.start(), stop):
-            logger.info("warmserve listening on http://%s:%d", config.host, config.port)
             await serve_gateway(controller, config, sock, stop)
     finally:
         logger.info("stopping the worker pool")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import uvicorn
 
 from warmserve.api.app import create_app
-from warmserve.api.server import ListenerServer
+from warmserve.api.server import ListenerServer, wait_until_serving
 from warmserve.config import ServerConfig
+
+logger = logging.getLogger("warmserve")
 
 # Streams still running at shut-down get this long to finish before they are cut.
 GRACEFUL_SHUTDOWN_S = 10.0
@@ -32,6 +35,9 @@ async def serve_gateway(
     )
     server = ListenerServer(uvicorn_config)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
+    await wait_until_serving(server, serving)
+    host, port = sock.getsockname()[:2]
+    logger.info("warmserve listening on http://%s:%d", host, port)
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()

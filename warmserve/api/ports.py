@@ -16,7 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from warmserve.api.errors import APIError
-from warmserve.api.server import ListenerServer, bind_socket
+from warmserve.api.server import ListenerServer, bind_socket, wait_until_serving
 
 logger = logging.getLogger("warmserve.api")
 
@@ -35,15 +35,20 @@ class PortReservation:
 
 
 class _Listener:
-    def __init__(self, port: int, server: uvicorn.Server, task: asyncio.Task):
+    def __init__(self, port: int, server: uvicorn.Server):
         self.port = port
         self.server = server
-        self.task = task
+        self.task: asyncio.Task | None = None
+
+    async def open(self, sock: socket.socket) -> None:
+        self.task = asyncio.create_task(self.server.serve(sockets=[sock]))
+        await wait_until_serving(self.server, self.task)
 
     async def close(self) -> None:
         self.server.should_exit = True
-        # Shielded so that every caller waits for the same shut-down and none can cut it short.
-        await asyncio.shield(self.task)
+        if self.task is not None:
+            # Shielded so that every caller waits for the same shut-down and none cuts it short.
+            await asyncio.shield(self.task)
 
 
 class ModelListeners:
@@ -79,15 +84,19 @@ class ModelListeners:
             log_config=None,
             timeout_graceful_shutdown=GRACEFUL_CLOSE_S,
         )
-        server = ListenerServer(config)
-        task = asyncio.create_task(server.serve(sockets=[reservation.sock]))
-        task.add_done_callback(lambda _: reservation.release())
-        self._listeners[name] = _Listener(reservation.port, server, task)
-        while not server.started and not task.done():
-            await asyncio.sleep(0.01)
-        if task.done():
-            self._listeners.pop(name, None)
-            task.result()  # raises what stopped it
+        listener = _Listener(reservation.port, ListenerServer(config))
+        # Registered before it starts, so that the model going away meanwhile closes it.
+        self._listeners[name] = listener
+        try:
+            await listener.open(reservation.sock)
+        except BaseException:
+            self._forget(name, listener)
+            raise
+        finally:
+            if listener.task is None:
+                reservation.release()
+            else:
+                listener.task.add_done_callback(lambda _: reservation.release())
         logger.info("model %s also listens on http://%s:%d", name, self.host, reservation.port)
 
     async def close(self, name: str) -> None:
@@ -95,9 +104,15 @@ class ModelListeners:
         if listener is None:
             return
         await listener.close()
+        if self._forget(name, listener):
+            logger.info("closed port %d of model %s", listener.port, name)
+
+    def _forget(self, name: str, listener: _Listener) -> bool:
+        # A new listener for the same name may have replaced this one meanwhile.
         if self._listeners.get(name) is listener:
             del self._listeners[name]
-            logger.info("closed port %d of model %s", listener.port, name)
+            return True
+        return False
 
     async def close_all(self) -> None:
         await asyncio.gather(*(self.close(name) for name in list(self._listeners)))

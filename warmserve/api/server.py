@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 
@@ -36,3 +37,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def wait_until_serving(server: uvicorn.Server, task: asyncio.Task) -> None:
+    """Returns once `server` (running in `task`) accepts connections, or once it has stopped
+    again; raises whatever made its start-up fail."""
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if task.done():
+        task.result()
