@@ -93,4 +93,6 @@ class ServerConfig:
     gpu_memory_utilization: float = 0.9
     request_timeout_s: float = 600.0
     load_timeout_s: float = 600.0
+    # How long an unload lets requests in flight finish before it ends them with an error.
+    unload_grace_s: float = 10.0
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -54,3 +54,10 @@ class ModelUnavailable(ControllerError):
     status = 503
     code = "model_unavailable"
     retry_after_s = 1
+
+
+class LoadFailed(ControllerError):
+    """The workers could not build the model for a reason that is not the client's."""
+
+    status = 500
+    code = "load_failed"

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from warmserve.engine.client import GenerationChunk
+
+__all__ = ["GenerationChunk", "LoadResult", "ModelInfo", "WorkerInfo"]
+
 
 @dataclass(frozen=True)
 class LoadResult:
@@ -11,17 +15,6 @@ class LoadResult:
     workers: list[int]
     load_seconds: float
     source: str  # "disk" or "host-cache"
-
-
-@dataclass(frozen=True)
-class GenerationChunk:
-    """A piece of a streamed generation: new text and tokens since the last chunk."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | None while generating
-    prompt_tokens: int
-    completion_tokens: int  # total so far
 
 
 @dataclass

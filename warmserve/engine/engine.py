@@ -83,7 +83,7 @@ class Engine:
     def create(
         cls,
         raw_config: dict,
-        tensors: Iterable[tuple[str, torch.Tensor]],
+        tensors: Iterable[tuple[str, torch.Tensor]] | None,
         *,
         device: torch.device | str = "cpu",
         dtype: str = "auto",
@@ -92,14 +92,19 @@ class Engine:
         memory_budget_bytes: int | None = None,
         eos_token_ids: Iterable[int] = (),
     ) -> Engine:
-        """Builds the model on `device`, copies `tensors` into it and sizes the KV cache."""
+        """Builds the model on `device`, copies `tensors` into it (random weights when None: the
+        worker's warm-up model) and sizes the KV cache."""
         device = torch.device(device)
         config = ModelConfig.from_dict(raw_config)
         architecture = model_class(config)
         torch_dtype = resolve_dtype(dtype, config.torch_dtype)
         with torch.device(device), default_dtype(torch_dtype):
             model = architecture(config)
-        model.load_weights(tensors)
+        if tensors is None:
+            for param in model.parameters():
+                param.normal_(0.0, 0.02)
+        else:
+            model.load_weights(tensors)
         weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         attention = model.attention_layers()[0]
         block_size = engine_config.block_size

@@ -106,12 +106,14 @@ class ModelRunner:
             box = [None]
             dist.broadcast_object_list(box, src=0)
             if box[0] == RELEASE:
+                dist.barrier()  # the lead leaves the group only after every rank heard it
                 return
             self._forward(box[0])
 
     def release_followers(self) -> None:
-        if self.tp_size > 1:
+        if self.tp_size > 1 and self.is_lead:
             dist.broadcast_object_list([RELEASE], src=0)
+            dist.barrier()
 
     @torch.inference_mode()
     def _forward(self, inputs: StepInputs) -> torch.Tensor:

@@ -107,14 +107,19 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
+def read_model_config(path: str | os.PathLike) -> tuple[Path, dict]:
+    """The resolved checkpoint folder and its config.json."""
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    return folder, read_json(folder / "config.json")
+
+
 class Checkpoint:
     """A checkpoint folder with its config and the index of every tensor it holds."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path).expanduser().resolve()
-        if not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: checkpoint folder not found")
-        self.config = read_json(self.path / "config.json")
+        self.path, self.config = read_model_config(path)
         self.files = self._safetensors_files()
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
@@ -150,16 +155,21 @@ class Checkpoint:
                 mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             buffer = memoryview(mapped)
             for info in infos:
-                yield info.name, tensor_from_buffer(buffer, info.offset, info)
+                yield (
+                    info.name,
+                    tensor_from_buffer(buffer, info.offset, info.dtype, info.shape, info.nbytes),
+                )
 
 
-def tensor_from_buffer(buffer: memoryview, offset: int, info: TensorInfo) -> torch.Tensor:
-    """A tensor viewing `info.nbytes` bytes of `buffer` at `offset` (no copy)."""
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
-    raw = buffer[offset : offset + info.nbytes]
+def tensor_from_buffer(
+    buffer: memoryview, offset: int, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int
+) -> torch.Tensor:
+    """A tensor viewing `nbytes` bytes of `buffer` at `offset` (no copy)."""
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    raw = buffer[offset : offset + nbytes]
     # Read-only buffers make torch warn; these tensors are only ever read.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         flat = torch.frombuffer(raw, dtype=torch.uint8)
-    return flat.view(info.dtype).view(info.shape)
+    return flat.view(dtype).view(shape)

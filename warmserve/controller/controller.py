@@ -1,0 +1,540 @@
+"""The controller: deployments of models onto the warm worker pool, and the host weight store.
+
+It runs on the server's asyncio loop. A load places a model on idle workers, makes sure its
+weights are in the host store (reading the disk only the first time) and tells the workers to
+build it; an unload frees the workers for the next model. The processes never restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from warmserve.config import DTYPES, ServerConfig
+from warmserve.controller.errors import (
+    CheckpointInvalid,
+    ControllerError,
+    InvalidRequest,
+    LoadFailed,
+    ModelExists,
+    ModelNotFound,
+    ModelUnavailable,
+    NoCapacity,
+    PathForbidden,
+    PromptTooLong,
+)
+from warmserve.controller.placement import choose_workers
+from warmserve.controller.pool import StartupError, WorkerPool, default_num_threads
+from warmserve.controller.types import GenerationChunk, LoadResult, ModelInfo, WorkerInfo
+from warmserve.engine import client as engine_client
+from warmserve.engine.engine import TORCH_DTYPES, RequestRejected
+from warmserve.engine.tokenizer import ModelTokenizer
+from warmserve.loader.checkpoint import Checkpoint, CheckpointError
+from warmserve.loader.weight_store import HostWeightStore
+from warmserve.models.config import ModelConfig
+from warmserve.models.registry import UnsupportedArchitecture, model_class
+from warmserve.protocol import (
+    CommandDone,
+    LoadModel,
+    ModelLost,
+    RequestFailed,
+    StepOutputs,
+    UnloadModel,
+)
+from warmserve.worker.worker import WorkerArgs
+
+log = logging.getLogger("warmserve.controller")
+GIB = 2**30
+
+
+@dataclass
+class Deployment:
+    name: str
+    path: str
+    tensor_parallel_size: int
+    dtype: str
+    requested_max_model_len: int | None
+    state: str = "loading"  # loading | loaded | unloading | failed
+    workers: list[int] = field(default_factory=list)
+    tokenizer: ModelTokenizer | None = None
+    client: engine_client.EngineClient | None = None
+    load_source: str | None = None
+    load_seconds: float | None = None
+    last_used: float | None = None
+    memory_bytes: int = 0
+    error: str | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when loading ends
+
+    @property
+    def lead(self) -> int:
+        return self.workers[0]
+
+
+class WorkerDied(Exception):
+    pass
+
+
+class Controller:
+    def __init__(self, config: ServerConfig | None = None):
+        self.config = config or ServerConfig()
+        self.instance = uuid.uuid4().hex[:8]
+        self.store = HostWeightStore(int(self.config.host_cache_gb * GIB), self.instance)
+        self.pool: WorkerPool | None = None
+        self.deployments: dict[str, Deployment] = {}
+        self._pending: dict[tuple[int, int], asyncio.Future] = {}
+        self._next_command_id = 0
+        self._listeners: list[Callable[[str, str], None]] = []
+        self._replacements: set[asyncio.Task] = set()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Controller:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        devices = self._devices()
+        threads = default_num_threads(len(devices)) if devices[0] == "cpu" else None
+
+        def worker_args(worker_id, device, command_address, event_address):
+            return WorkerArgs(
+                worker_id=worker_id,
+                device=device,
+                command_address=command_address,
+                event_address=event_address,
+                memory_budget_bytes=int(self.config.cpu_worker_memory_gb * GIB),
+                gpu_memory_utilization=self.config.gpu_memory_utilization,
+                num_threads=threads,
+                parent_pid=os.getpid(),
+            )
+
+        self.pool = WorkerPool(devices, worker_args, self._on_event, self._on_death)
+        try:
+            await self.pool.start(self.config.load_timeout_s)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _devices(self) -> list[str]:
+        device = self.config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":
+            count = torch.cuda.device_count()
+            if count == 0:
+                raise StartupError("--device cuda, but no GPU is visible; use --device cpu")
+            wanted = self.config.workers or count
+            if wanted > count:
+                raise StartupError(f"--workers {wanted}, but only {count} GPU(s) are visible")
+            return [f"cuda:{i}" for i in range(wanted)]
+        if device != "cpu":
+            raise StartupError(f"--device must be auto, cuda or cpu, not {device!r}")
+        return ["cpu"] * (self.config.workers or 2)
+
+    async def close(self) -> None:
+        for deployment in self.deployments.values():
+            if deployment.client is not None:
+                deployment.client.fail_all("the server is shutting down")
+        for task in self._replacements:
+            task.cancel()
+        if self.pool is not None:
+            await self.pool.close()
+        self.store.close()
+        for future in self._pending.values():
+            if not future.done():
+                future.cancel()
+
+    def add_listener(self, callback: Callable[[str, str], None]) -> None:
+        self._listeners.append(callback)
+
+    def _notify(self, event: str, name: str) -> None:
+        for callback in self._listeners:
+            try:
+                callback(event, name)
+            except Exception:
+                log.exception("listener failed on %s %s", event, name)
+
+    # ---- worker events --------------------------------------------------------------------
+
+    def _on_event(self, event) -> None:
+        if isinstance(event, CommandDone):
+            future = self._pending.pop((event.worker_id, event.command_id), None)
+            if future is not None and not future.done():
+                future.set_result(event)
+            handle = self.pool.handles[event.worker_id]
+            handle.memory_used_bytes = event.memory_used_bytes
+        elif isinstance(event, StepOutputs):
+            deployment = self._deployment_on(event.worker_id)
+            if deployment is not None and deployment.client is not None:
+                for output in event.outputs:
+                    deployment.client.deliver(output)
+        elif isinstance(event, RequestFailed):
+            deployment = self._deployment_on(event.worker_id)
+            if deployment is not None and deployment.client is not None:
+                deployment.client.fail(event.request_id, event.error)
+        elif isinstance(event, ModelLost):
+            deployment = self._deployment_on(event.worker_id)
+            if deployment is not None:
+                self._fail_deployment(deployment, f"worker {event.worker_id}: {event.error}")
+
+    def _deployment_on(self, worker_id: int) -> Deployment | None:
+        name = self.pool.handles[worker_id].model
+        return self.deployments.get(name) if name else None
+
+    def _on_death(self, worker_id: int) -> None:
+        log.error("worker %d died", worker_id)
+        for (owner, _), future in list(self._pending.items()):
+            if owner == worker_id and not future.done():
+                future.set_exception(WorkerDied(f"worker {worker_id} died"))
+        for deployment in list(self.deployments.values()):
+            if worker_id in deployment.workers and deployment.state in ("loaded", "unloading"):
+                self._fail_deployment(deployment, f"worker {worker_id} died")
+        task = asyncio.ensure_future(self._replace_worker(worker_id))
+        self._replacements.add(task)
+        task.add_done_callback(self._replacements.discard)
+
+    def _fail_deployment(self, deployment: Deployment, reason: str) -> None:
+        deployment.state = "failed"
+        deployment.error = reason
+        if deployment.client is not None:
+            deployment.client.fail_all(f"model {deployment.name!r} failed: {reason}")
+        for worker_id in deployment.workers:
+            handle = self.pool.handles[worker_id]
+            if handle.state != "dead":
+                # The surviving ranks drop their shard; the reply is not waited for.
+                self.pool.send(worker_id, UnloadModel(self._command_id()))
+                handle.state, handle.model = "idle", None
+        deployment.settled.set()
+        self._notify("failed", deployment.name)
+
+    async def _replace_worker(self, worker_id: int) -> None:
+        if self.pool.closing:
+            return
+        handle = self.pool.spawn(worker_id)
+        try:
+            await asyncio.wait_for(handle.ready, self.config.load_timeout_s)
+            log.info("worker %d replaced (pid %s)", worker_id, handle.pid)
+        except Exception:
+            log.exception("worker %d could not be replaced", worker_id)
+
+    def _command_id(self) -> int:
+        self._next_command_id += 1
+        return self._next_command_id
+
+    async def _command(self, worker_ids: list[int], build: Callable[[int, int], object]):
+        """Sends one command to each worker (built per rank) and waits for every reply."""
+        futures = []
+        loop = asyncio.get_running_loop()
+        for rank, worker_id in enumerate(worker_ids):
+            command_id = self._command_id()
+            future = loop.create_future()
+            self._pending[(worker_id, command_id)] = future
+            futures.append(future)
+            self.pool.send(worker_id, build(rank, command_id))
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*futures, return_exceptions=True), self.config.load_timeout_s
+            )
+        except TimeoutError:
+            raise LoadFailed(
+                f"workers {worker_ids} did not answer within {self.config.load_timeout_s:.0f} s"
+            ) from None
+
+    # ---- load and unload ------------------------------------------------------------------
+
+    def resolve_path(self, path: str) -> Path:
+        root = self.config.model_root
+        candidate = Path(path).expanduser()
+        if root is None:
+            return candidate.resolve()
+        root_path = Path(root).expanduser().resolve()
+        resolved = (candidate if candidate.is_absolute() else root_path / candidate).resolve()
+        if not resolved.is_relative_to(root_path):
+            raise PathForbidden(f"{path!r} lies outside the model root")
+        return resolved
+
+    async def load(
+        self,
+        name: str,
+        path: str,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+    ) -> LoadResult:
+        started = time.perf_counter()
+        _validate_load(name, tensor_parallel_size, dtype, max_model_len)
+        existing = self.deployments.get(name)
+        if existing is not None and existing.state != "failed":
+            raise ModelExists(f"model {name!r} is already {existing.state}")
+        resolved = self.resolve_path(path)
+        checkpoint, tokenizer = await asyncio.to_thread(_open_checkpoint, resolved)
+        needed = _bytes_per_worker(checkpoint, dtype, tensor_parallel_size)
+        worker_ids = choose_workers(self.pool.handles, tensor_parallel_size, needed)
+        deployment = Deployment(
+            name=name,
+            path=str(resolved),
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            requested_max_model_len=max_model_len,
+            workers=worker_ids,
+            tokenizer=tokenizer,
+        )
+        self.deployments[name] = deployment
+        for worker_id in worker_ids:
+            handle = self.pool.handles[worker_id]
+            handle.state, handle.model = "loading", name
+        self._notify("loading", name)
+        try:
+            source, replies = await self._load_on_workers(deployment, checkpoint)
+        except BaseException as exc:
+            await self._release_workers(deployment)
+            if self.deployments.get(name) is deployment:
+                del self.deployments[name]
+            deployment.state, deployment.error = "failed", str(exc)
+            deployment.settled.set()
+            raise
+        max_len = min(reply.max_model_len for reply in replies)
+        lead = deployment.lead
+        deployment.client = engine_client.EngineClient(
+            tokenizer,
+            max_len,
+            int(checkpoint.config["vocab_size"]),
+            lambda command: self.pool.send(lead, command),
+        )
+        deployment.memory_bytes = sum(reply.memory_used_bytes for reply in replies)
+        deployment.load_source = source
+        deployment.load_seconds = time.perf_counter() - started
+        deployment.last_used = time.time()
+        deployment.state = "loaded"
+        for worker_id in worker_ids:
+            self.pool.handles[worker_id].state = "loaded"
+        deployment.settled.set()
+        self._notify("loaded", name)
+        return LoadResult(name, worker_ids, deployment.load_seconds, source)
+
+    async def _load_on_workers(self, deployment: Deployment, checkpoint: Checkpoint):
+        key = deployment.path
+        segment = self.store.acquire(key)
+        source = "host-cache"
+        if segment is None:
+            source = "disk"
+            segment = await asyncio.to_thread(self.store.store_checkpoint, key, checkpoint)
+        tp = deployment.tensor_parallel_size
+        init_method = self.pool.launcher.rendezvous_address(deployment.lead) if tp > 1 else None
+        engine = self.config.engine
+
+        def build(rank: int, command_id: int) -> LoadModel:
+            return LoadModel(
+                command_id=command_id,
+                name=deployment.name,
+                model_dir=deployment.path,
+                segment=segment,
+                dtype=deployment.dtype,
+                max_model_len=deployment.requested_max_model_len,
+                max_num_seqs=engine.max_num_seqs,
+                max_num_batched_tokens=engine.max_num_batched_tokens,
+                block_size=engine.block_size,
+                kv_cache_bytes=engine.kv_cache_bytes,
+                tp_rank=rank,
+                tp_size=tp,
+                dist_init_method=init_method,
+            )
+
+        try:
+            replies = await self._command(deployment.workers, build)
+        finally:
+            if segment is not None:
+                self.store.release(key)
+        failures = [reply for reply in replies if not isinstance(reply, CommandDone) or reply.error]
+        if failures:
+            raise _load_error(failures[0])
+        return source, replies
+
+    async def _release_workers(self, deployment: Deployment) -> None:
+        """Returns a deployment's workers to idle (each drops whatever it built)."""
+        alive = [w for w in deployment.workers if self.pool.handles[w].state != "dead"]
+        if alive:
+            with contextlib.suppress(ControllerError):
+                await self._command(alive, lambda rank, command_id: UnloadModel(command_id))
+        for worker_id in alive:
+            handle = self.pool.handles[worker_id]
+            if handle.state != "dead":
+                handle.state, handle.model = "idle", None
+
+    async def unload(self, name: str) -> float:
+        started = time.perf_counter()
+        deployment = self.deployments.get(name)
+        if deployment is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        if deployment.state == "loading":
+            await deployment.settled.wait()
+            return await self.unload(name)
+        if deployment.state == "unloading":
+            raise ModelExists(f"model {name!r} is already being unloaded")
+        if deployment.state == "failed":
+            del self.deployments[name]
+            return time.perf_counter() - started
+        deployment.state = "unloading"
+        for worker_id in deployment.workers:
+            self.pool.handles[worker_id].state = "unloading"
+        self._notify("unloading", name)
+        await self._drain(deployment)
+        if deployment.client is not None:
+            deployment.client.fail_all(f"model {name!r} was unloaded")
+        await self._release_workers(deployment)
+        if self.deployments.get(name) is deployment:
+            del self.deployments[name]
+        self._notify("unloaded", name)
+        return time.perf_counter() - started
+
+    async def _drain(self, deployment: Deployment) -> None:
+        """Lets requests in flight finish, for at most the grace period."""
+        deadline = time.monotonic() + self.config.unload_grace_s
+        while deployment.client.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    async def _serving(self, name: str) -> Deployment:
+        deployment = self.deployments.get(name)
+        if deployment is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        if deployment.state == "loading":
+            try:
+                await asyncio.wait_for(deployment.settled.wait(), self.config.load_timeout_s)
+            except TimeoutError:
+                raise ModelUnavailable(f"model {name!r} is still loading") from None
+        if deployment.state != "loaded":
+            raise ModelUnavailable(f"model {name!r} is {deployment.state}")
+        return deployment
+
+    async def generate(
+        self, name: str, prompt: str | list[int], params
+    ) -> AsyncIterator[GenerationChunk]:
+        deployment = await self._serving(name)
+        try:
+            async for chunk in deployment.client.generate(prompt, params):
+                yield chunk
+        except engine_client.PromptTooLong as exc:
+            raise PromptTooLong(str(exc)) from None
+        except RequestRejected as exc:
+            raise InvalidRequest(str(exc)) from None
+        except engine_client.RequestAborted as exc:
+            raise ModelUnavailable(str(exc)) from None
+        finally:
+            deployment.last_used = time.time()
+
+    def tokenizer(self, name: str) -> ModelTokenizer:
+        deployment = self.deployments.get(name)
+        if deployment is None or deployment.tokenizer is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        return deployment.tokenizer
+
+    # ---- views ----------------------------------------------------------------------------
+
+    def model(self, name: str) -> ModelInfo:
+        deployment = self.deployments.get(name)
+        if deployment is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        return _model_info(deployment)
+
+    def models(self) -> list[ModelInfo]:
+        return [_model_info(d) for d in self.deployments.values()]
+
+    def workers(self) -> list[WorkerInfo]:
+        return [
+            WorkerInfo(
+                id=h.id,
+                pid=h.pid,
+                device=h.device,
+                state=h.state,
+                model=h.model,
+                memory_total_bytes=h.memory_total_bytes,
+                memory_used_bytes=h.memory_used_bytes,
+                memory_idle_bytes=h.memory_idle_bytes,
+            )
+            for h in self.pool.handles
+        ]
+
+    @property
+    def host_cache_bytes(self) -> int:
+        return self.store.used_bytes
+
+    @property
+    def host_cache_capacity_bytes(self) -> int:
+        return self.store.capacity_bytes
+
+
+def _validate_load(name: str, tp: int, dtype: str, max_model_len: int | None) -> None:
+    if not isinstance(name, str) or not name or len(name) > 128 or "/" in name:
+        raise InvalidRequest("name must be 1 to 128 characters without '/'")
+    if not isinstance(tp, int) or tp < 1:
+        raise InvalidRequest("tensor_parallel_size must be a positive integer")
+    if dtype not in DTYPES:
+        raise InvalidRequest(f"dtype must be one of {sorted(DTYPES)}")
+    if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
+        raise InvalidRequest("max_model_len must be an integer of at least 2")
+
+
+def _open_checkpoint(path: Path) -> tuple[Checkpoint, ModelTokenizer]:
+    try:
+        checkpoint = Checkpoint(path)
+        model_class(ModelConfig.from_dict(checkpoint.config))
+        return checkpoint, ModelTokenizer(path)
+    except CheckpointError as exc:
+        raise CheckpointInvalid(str(exc)) from None
+    except UnsupportedArchitecture as exc:
+        raise CheckpointInvalid(f"{path / 'config.json'}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointInvalid(f"{path / 'config.json'}: invalid config ({exc})") from None
+
+
+def _bytes_per_worker(checkpoint: Checkpoint, dtype: str, tp: int) -> int:
+    if dtype == "auto":
+        return checkpoint.nbytes // tp
+    source_itemsize = next(iter(checkpoint.tensors.values())).dtype.itemsize
+    return checkpoint.nbytes * TORCH_DTYPES[dtype].itemsize // source_itemsize // tp
+
+
+def _load_error(reply) -> ControllerError:
+    if isinstance(reply, WorkerDied):
+        return ModelUnavailable(f"{reply} while loading")
+    if isinstance(reply, BaseException):
+        return LoadFailed(str(reply))
+    if reply.error_type == "CheckpointError":
+        return CheckpointInvalid(reply.error)
+    if reply.error_type == "InsufficientMemory":
+        return NoCapacity(reply.error)
+    if reply.error_type in ("ValueError", "ShapeMismatch", "UnsupportedArchitecture"):
+        return InvalidRequest(reply.error)
+    return LoadFailed(f"{reply.error_type}: {reply.error}")
+
+
+def _model_info(deployment: Deployment) -> ModelInfo:
+    client = deployment.client
+    return ModelInfo(
+        name=deployment.name,
+        path=deployment.path,
+        state=deployment.state,
+        workers=list(deployment.workers),
+        tensor_parallel_size=deployment.tensor_parallel_size,
+        dtype=deployment.dtype,
+        max_model_len=client.max_model_len if client else deployment.requested_max_model_len,
+        load_source=deployment.load_source,
+        load_seconds=deployment.load_seconds,
+        last_used=deployment.last_used,
+        requests_in_flight=client.in_flight if client else 0,
+        memory_bytes=deployment.memory_bytes,
+    )

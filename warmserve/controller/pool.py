@@ -1,0 +1,226 @@
+"""The pool of warm workers: spawns one process per GPU (or N on CPU), holds a handle to each,
+and tells the controller about every event a worker sends and every worker that dies.
+
+Workers are started by the launcher alone, which hands each one its socket addresses; nothing
+else here assumes the workers run on this host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from warmserve.protocol import Shutdown, WorkerReady, command_encoder, event_decoder
+from warmserve.worker.worker import WorkerArgs, worker_main
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+@dataclass
+class WorkerHandle:
+    id: int
+    device: str
+    process: multiprocessing.Process | None = None
+    socket: zmq.Socket | None = None
+    pid: int | None = None
+    state: str = "starting"  # starting | idle | loading | loaded | unloading | dead
+    model: str | None = None
+    memory_total_bytes: int = 0
+    memory_used_bytes: int = 0
+    memory_idle_bytes: int = 0
+    ready: asyncio.Future = field(default=None, repr=False)
+
+
+class LocalLauncher:
+    """Starts workers as child processes of this server, talking over ipc:// sockets."""
+
+    def __init__(self):
+        self.socket_dir = tempfile.mkdtemp(prefix="warmserve-")
+        self.context = multiprocessing.get_context("spawn")
+
+    def event_address(self) -> str:
+        return f"ipc://{self.socket_dir}/events"
+
+    def command_address(self, worker_id: int, generation: int) -> str:
+        return f"ipc://{self.socket_dir}/worker-{worker_id}-{generation}"
+
+    def launch(self, args: WorkerArgs) -> multiprocessing.Process:
+        process = self.context.Process(
+            target=worker_main, args=(args,), name=f"warmserve-worker-{args.worker_id}", daemon=True
+        )
+        process.start()
+        return process
+
+    def rendezvous_address(self, lead_worker_id: int) -> str:
+        """Where a tensor-parallel group meets: the lead worker's host (this one), a free port."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+    def close(self) -> None:
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        devices: list[str],
+        worker_args: Callable[[int, str, str, str], WorkerArgs],
+        on_event: Callable[[object], None],
+        on_death: Callable[[int], None],
+    ):
+        self.devices = devices
+        self.worker_args = worker_args
+        self.on_event = on_event
+        self.on_death = on_death
+        self.launcher = LocalLauncher()
+        self.context = zmq.asyncio.Context()
+        self.handles = [WorkerHandle(id=i, device=device) for i, device in enumerate(devices)]
+        self.generations = [0] * len(devices)
+        self.events: zmq.asyncio.Socket | None = None
+        self.reader: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.closing = False
+        self._monitor_wakeup = multiprocessing.Pipe(duplex=False)
+        self._monitor: threading.Thread | None = None
+
+    async def start(self, timeout_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.events = self.context.socket(zmq.PULL)
+        self.events.bind(self.launcher.event_address())
+        self.reader = asyncio.create_task(self._read_events())
+        for handle in self.handles:
+            self.spawn(handle.id)
+        self._monitor = threading.Thread(target=self._watch_processes, daemon=True)
+        self._monitor.start()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(handle.ready for handle in self.handles)), timeout_s
+            )
+        except TimeoutError:
+            raise StartupError(
+                f"workers did not finish their warm-up within {timeout_s:.0f} s"
+            ) from None
+
+    def spawn(self, worker_id: int) -> WorkerHandle:
+        """Starts (or replaces) worker `worker_id`: a fresh process with fresh sockets."""
+        old = self.handles[worker_id]
+        if old.socket is not None:
+            old.socket.close(linger=0)
+        self.generations[worker_id] += 1
+        address = self.launcher.command_address(worker_id, self.generations[worker_id])
+        handle = WorkerHandle(id=worker_id, device=old.device, ready=self.loop.create_future())
+        handle.socket = self.context.socket(zmq.PUSH)
+        handle.socket.setsockopt(zmq.LINGER, 0)
+        handle.socket.bind(address)
+        args = self.worker_args(worker_id, handle.device, address, self.launcher.event_address())
+        handle.process = self.launcher.launch(args)
+        handle.pid = handle.process.pid
+        self.handles[worker_id] = handle
+        self._wake_monitor()
+        return handle
+
+    def send(self, worker_id: int, command) -> None:
+        handle = self.handles[worker_id]
+        if handle.state != "dead":
+            handle.socket.send(command_encoder.encode(command), copy=False)
+
+    async def _read_events(self) -> None:
+        while True:
+            frames = await self.events.recv()
+            event = event_decoder.decode(frames)
+            if isinstance(event, WorkerReady):
+                handle = self.handles[event.worker_id]
+                handle.pid = event.pid
+                handle.device = event.device
+                handle.memory_total_bytes = event.memory_total_bytes
+                handle.memory_used_bytes = event.memory_used_bytes
+                handle.memory_idle_bytes = event.memory_used_bytes
+                handle.state = "idle"
+                if not handle.ready.done():
+                    handle.ready.set_result(event)
+            self.on_event(event)
+
+    def _watch_processes(self) -> None:
+        reader, _ = self._monitor_wakeup
+        while not self.closing:
+            sentinels = {
+                h.process.sentinel: h.id
+                for h in self.handles
+                if h.process is not None and h.state != "dead"
+            }
+            ready = multiprocessing.connection.wait([reader, *sentinels], timeout=1.0)
+            for item in ready:
+                if item is reader:
+                    reader.recv()
+                elif not self.closing:
+                    self.loop.call_soon_threadsafe(self._died, sentinels[item])
+
+    def _wake_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor_wakeup[1].send(None)
+
+    def _died(self, worker_id: int) -> None:
+        handle = self.handles[worker_id]
+        if handle.state == "dead" or handle.process.is_alive():
+            return
+        handle.state = "dead"
+        handle.model = None
+        if not handle.ready.done():
+            handle.ready.set_exception(
+                StartupError(
+                    f"worker {worker_id} on {handle.device} exited during its warm-up "
+                    f"(exit code {handle.process.exitcode})"
+                )
+            )
+        self.on_death(worker_id)
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        self.closing = True
+        self._wake_monitor()
+        if self._monitor is not None:
+            self._monitor.join(timeout=2)
+        for handle in self.handles:
+            if handle.process is not None and handle.process.is_alive():
+                with contextlib.suppress(zmq.ZMQError):
+                    handle.socket.send(command_encoder.encode(Shutdown()))
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        for handle in self.handles:
+            if handle.process is None:
+                continue
+            while handle.process.is_alive() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            if handle.process.is_alive():
+                handle.process.kill()
+            handle.process.join(timeout=5)
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+        for handle in self.handles:
+            if handle.socket is not None:
+                handle.socket.close(linger=0)
+        if self.events is not None:
+            self.events.close(linger=0)
+        self.context.term()
+        self.launcher.close()
+        for end in self._monitor_wakeup:
+            end.close()
+
+
+def default_num_threads(num_workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, num_workers))

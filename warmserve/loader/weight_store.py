@@ -1,0 +1,231 @@
+"""The host weight store: each model's weights in one shared-memory segment that any worker maps.
+
+The controller owns the store and decides what stays (least recently used copies go first when
+the byte budget is full). A segment is the checkpoint's safetensors data regions laid end to end,
+read from disk in large chunks by several threads; the manifest says where each tensor lies.
+Workers map a segment read-only by name, so a model unloaded from one worker reloads on any other
+without touching the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from warmserve.loader.checkpoint import Checkpoint, tensor_from_buffer
+from warmserve.protocol import TensorEntry, WeightSegment
+
+SHM_DIR = "/dev/shm"
+ALIGNMENT = 4096  # page-aligned file regions: device copies and O_DIRECT-style reads like it
+READ_CHUNK_BYTES = 64 * 2**20
+READ_THREADS = 4
+
+
+@dataclass
+class _Stored:
+    segment: WeightSegment
+    mapping: mmap.mmap
+    in_use: int = 0
+    last_used: float = 0.0
+
+
+def _align(value: int) -> int:
+    return -(-value // ALIGNMENT) * ALIGNMENT
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class HostWeightStore:
+    def __init__(self, capacity_bytes: int, instance: str):
+        self.capacity_bytes = capacity_bytes
+        self.instance = instance
+        self._entries: OrderedDict[str, _Stored] = OrderedDict()
+        self._lock = threading.Lock()
+        self._counter = 0
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(entry.segment.size for entry in self._entries.values())
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def acquire(self, key: str) -> WeightSegment | None:
+        """The stored segment for `key`, kept from eviction until `release(key)`."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            entry.in_use += 1
+            entry.last_used = time.monotonic()
+            self._entries.move_to_end(key)
+            return entry.segment
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.in_use -= 1
+
+    def store_checkpoint(self, key: str, checkpoint: Checkpoint) -> WeightSegment | None:
+        """Reads the checkpoint into a new segment and returns it acquired; None when it cannot
+        fit in the budget even after evicting every unused copy."""
+        regions = _file_regions(checkpoint)
+        size = sum(_align(end - start) for _, start, end in regions) or ALIGNMENT
+        with self._lock:
+            if not self._make_room(size):
+                return None
+            self._counter += 1
+            shm_name = f"warmserve-{self.instance}-{self._counter}"
+        mapping = _create_shm(shm_name, size)
+        try:
+            tensors = _copy_regions(checkpoint, regions, mapping)
+        except BaseException:
+            mapping.close()
+            _unlink(shm_name)
+            raise
+        segment = WeightSegment(shm_name=shm_name, size=size, tensors=tensors)
+        with self._lock:
+            self._entries[key] = _Stored(segment, mapping, in_use=1, last_used=time.monotonic())
+        return segment
+
+    def _make_room(self, size: int) -> bool:
+        if size > self.capacity_bytes:
+            return False
+        used = sum(entry.segment.size for entry in self._entries.values())
+        for key in list(self._entries):
+            if used + size <= self.capacity_bytes:
+                break
+            entry = self._entries[key]
+            if entry.in_use == 0:
+                used -= entry.segment.size
+                self._drop(key)
+        return used + size <= self.capacity_bytes
+
+    def evict(self, key: str) -> None:
+        with self._lock:
+            if key in self._entries:
+                self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        entry.mapping.close()
+        # Workers that still map the segment keep their mapping; the name goes now.
+        _unlink(entry.segment.shm_name)
+
+    def close(self) -> None:
+        with self._lock:
+            for key in list(self._entries):
+                self._drop(key)
+
+
+def _file_regions(checkpoint: Checkpoint) -> list[tuple[str, int, int]]:
+    """(file, first data byte, end of data) for each safetensors file."""
+    bounds: dict[str, list[int]] = {}
+    for info in checkpoint.tensors.values():
+        start, end = bounds.setdefault(info.file, [info.offset, info.offset + info.nbytes])
+        bounds[info.file] = [min(start, info.offset), max(end, info.offset + info.nbytes)]
+    return [(file, start, end) for file, (start, end) in sorted(bounds.items())]
+
+
+def _create_shm(name: str, size: int) -> mmap.mmap:
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _unlink(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(SHM_DIR, name))
+
+
+def _copy_regions(
+    checkpoint: Checkpoint, regions: list[tuple[str, int, int]], mapping: mmap.mmap
+) -> list[TensorEntry]:
+    target = memoryview(mapping)
+    jobs = []
+    placement: dict[str, int] = {}  # file -> segment offset of its first data byte
+    cursor = 0
+    for file, start, end in regions:
+        placement[file] = cursor - start
+        for chunk_start in range(start, end, READ_CHUNK_BYTES):
+            chunk_end = min(end, chunk_start + READ_CHUNK_BYTES)
+            jobs.append((file, chunk_start, cursor + chunk_start - start, chunk_end - chunk_start))
+        cursor += _align(end - start)
+    descriptors = {file: os.open(file, os.O_RDONLY) for file, _, _ in regions}
+    try:
+
+        def read(job):
+            file, file_offset, segment_offset, length = job
+            view = target[segment_offset : segment_offset + length]
+            while length:
+                count = os.preadv(descriptors[file], [view], file_offset)
+                if count == 0:
+                    raise OSError(f"{file}: unexpected end of file")
+                view, file_offset, length = view[count:], file_offset + count, length - count
+
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            list(pool.map(read, jobs))
+    finally:
+        for fd in descriptors.values():
+            os.close(fd)
+        target.release()
+    return [
+        TensorEntry(
+            info.name,
+            _dtype_name(info.dtype),
+            list(info.shape),
+            placement[info.file] + info.offset,
+            info.nbytes,
+        )
+        for info in checkpoint.tensors.values()
+    ]
+
+
+@contextlib.contextmanager
+def mapped_segment(segment: WeightSegment) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Worker side: maps a segment read-only and gives (name, CPU tensor) views into it."""
+    fd = os.open(os.path.join(SHM_DIR, segment.shm_name), os.O_RDONLY)
+    try:
+        mapping = mmap.mmap(fd, segment.size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    buffer = memoryview(mapping)
+    try:
+        yield [
+            (
+                entry.name,
+                tensor_from_buffer(
+                    buffer,
+                    entry.offset,
+                    getattr(torch, entry.dtype),
+                    tuple(entry.shape),
+                    entry.nbytes,
+                ),
+            )
+            for entry in segment.tensors
+        ]
+    finally:
+        del buffer
+        with contextlib.suppress(BufferError):
+            mapping.close()  # tensors still viewing it keep it alive until they go

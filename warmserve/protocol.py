@@ -1,0 +1,130 @@
+"""Every message that crosses a process boundary between the server and its workers.
+
+msgspec structs in one tagged union per direction, so a socket carries one type and a decoder
+knows every message. Addresses are strings (`ipc://…` today, `tcp://…` for workers on other
+hosts): nothing here assumes the workers share the server's host.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class TensorEntry(msgspec.Struct, array_like=True, frozen=True):
+    name: str
+    dtype: str  # torch dtype name without the "torch." prefix
+    shape: list[int]
+    offset: int  # byte offset in the weight segment
+    nbytes: int
+
+
+class WeightSegment(msgspec.Struct, frozen=True):
+    """A model's weights in host shared memory, as the host weight store laid them out."""
+
+    shm_name: str
+    size: int
+    tensors: list[TensorEntry]
+
+
+class SamplingSpec(msgspec.Struct, frozen=True):
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop_token_ids: list[int]
+    ignore_eos: bool
+
+
+# ---- server -> worker ----------------------------------------------------------------------
+
+
+class LoadModel(msgspec.Struct, tag=True, frozen=True):
+    command_id: int
+    name: str
+    model_dir: str
+    segment: WeightSegment | None  # None: read the checkpoint from disk
+    dtype: str
+    max_model_len: int | None
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    kv_cache_bytes: int | None
+    tp_rank: int
+    tp_size: int
+    dist_init_method: str | None  # tcp://host:port of the group's rendezvous when tp_size > 1
+
+
+class UnloadModel(msgspec.Struct, tag=True, frozen=True):
+    command_id: int
+
+
+class AddRequest(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+
+
+class AbortRequest(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+
+
+class Shutdown(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+WorkerCommand = LoadModel | UnloadModel | AddRequest | AbortRequest | Shutdown
+
+
+# ---- worker -> server ----------------------------------------------------------------------
+
+
+class WorkerReady(msgspec.Struct, tag=True, frozen=True):
+    worker_id: int
+    pid: int
+    device: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    warmup_seconds: float
+
+
+class CommandDone(msgspec.Struct, tag=True, frozen=True):
+    worker_id: int
+    command_id: int
+    error: str | None = None
+    error_type: str | None = None  # CheckpointError | InsufficientMemory | …
+    memory_used_bytes: int = 0
+    max_model_len: int = 0
+    seconds: float = 0.0
+
+
+class TokenOutput(msgspec.Struct, array_like=True, frozen=True):
+    request_id: str
+    token_id: int
+    finish_reason: str | None
+
+
+class StepOutputs(msgspec.Struct, tag=True, frozen=True):
+    worker_id: int
+    outputs: list[TokenOutput]
+
+
+class RequestFailed(msgspec.Struct, tag=True, frozen=True):
+    worker_id: int
+    request_id: str
+    error: str
+
+
+class ModelLost(msgspec.Struct, tag=True, frozen=True):
+    """A rank lost its tensor-parallel peers (one died) and dropped the model."""
+
+    worker_id: int
+    error: str
+
+
+WorkerEvent = WorkerReady | CommandDone | StepOutputs | RequestFailed | ModelLost
+
+command_encoder = msgspec.msgpack.Encoder()
+command_decoder = msgspec.msgpack.Decoder(WorkerCommand)
+event_encoder = msgspec.msgpack.Encoder()
+event_decoder = msgspec.msgpack.Decoder(WorkerEvent)

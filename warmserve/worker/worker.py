@@ -1,0 +1,286 @@
+"""A worker process: started once per GPU, pre-warmed, then takes models in and out on command.
+
+The worker knows nothing of the server but two socket addresses: it pulls commands from one and
+pushes events to the other. While it holds a model and has requests, it runs the engine loop;
+otherwise it waits for commands. With tensor parallelism the lead rank (0) runs the engine loop
+and the other ranks mirror its steps until the lead releases them at unload.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from warmserve.config import EngineConfig, SamplingParams
+from warmserve.engine.engine import Engine, RequestRejected, eos_token_ids
+from warmserve.engine.warmup import warm_up
+from warmserve.loader.checkpoint import CheckpointError, read_model_config
+from warmserve.loader.weight_store import mapped_segment
+from warmserve.models.weights import WeightLoadError
+from warmserve.protocol import (
+    AbortRequest,
+    AddRequest,
+    CommandDone,
+    LoadModel,
+    ModelLost,
+    RequestFailed,
+    Shutdown,
+    StepOutputs,
+    TokenOutput,
+    UnloadModel,
+    WorkerReady,
+    command_decoder,
+    event_encoder,
+)
+
+# Followers wait in a collective for the lead's next step for as long as the model stays loaded.
+GROUP_TIMEOUT = timedelta(days=30)
+IDLE_POLL_MS = 500
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    worker_id: int
+    device: str  # "cpu" or "cuda:N"
+    command_address: str
+    event_address: str
+    memory_budget_bytes: int | None  # CPU workers: the memory that stands in for a GPU's
+    gpu_memory_utilization: float
+    num_threads: int | None
+    parent_pid: int
+
+
+def worker_main(args: WorkerArgs) -> None:
+    # Ctrl-C goes to the whole process group; the server decides when its workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    context = zmq.Context()
+    commands = context.socket(zmq.PULL)
+    commands.connect(args.command_address)
+    events = context.socket(zmq.PUSH)
+    events.setsockopt(zmq.LINGER, 2000)
+    events.connect(args.event_address)
+    try:
+        Worker(args, commands, events).run()
+    finally:
+        commands.close(linger=0)
+        events.close()
+        context.term()
+
+
+class Worker:
+    def __init__(self, args: WorkerArgs, commands: zmq.Socket, events: zmq.Socket):
+        self.args = args
+        self.commands = commands
+        self.events = events
+        self.device = torch.device(args.device)
+        self.engine: Engine | None = None
+        self.tp_rank = 0
+        self.tp_size = 1
+
+    def send(self, event) -> None:
+        self.events.send(event_encoder.encode(event))
+
+    # ---- memory figures -------------------------------------------------------------------
+
+    def memory_total(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[1]
+        return self.args.memory_budget_bytes or 0
+
+    def memory_used(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return self.engine.memory_bytes if self.engine is not None else 0
+
+    def memory_budget(self) -> int | None:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return int(free - (1.0 - self.args.gpu_memory_utilization) * total)
+        return self.args.memory_budget_bytes
+
+    # ---- main loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        warm_up(self.device, "bfloat16" if self.device.type == "cuda" else "float32")
+        self.send(
+            WorkerReady(
+                worker_id=self.args.worker_id,
+                pid=os.getpid(),
+                device=str(self.device),
+                memory_total_bytes=self.memory_total(),
+                memory_used_bytes=self.memory_used(),
+                warmup_seconds=time.perf_counter() - started,
+            )
+        )
+        while True:
+            busy = self.engine is not None and self.engine.has_unfinished_requests()
+            if not self.commands.poll(0 if busy else IDLE_POLL_MS):
+                if busy:
+                    self.step()
+                elif os.getppid() != self.args.parent_pid:
+                    return  # the server is gone
+                continue
+            while True:
+                command = command_decoder.decode(self.commands.recv())
+                if isinstance(command, Shutdown):
+                    self.drop_model()
+                    return
+                self.handle(command)
+                if not self.commands.poll(0):
+                    break
+
+    def handle(self, command) -> None:
+        if isinstance(command, AddRequest):
+            self.add_request(command)
+        elif isinstance(command, AbortRequest):
+            if self.engine is not None:
+                self.engine.abort_request(command.request_id)
+        elif isinstance(command, LoadModel):
+            self.load(command)
+        elif isinstance(command, UnloadModel):
+            self.unload(command)
+
+    def add_request(self, command: AddRequest) -> None:
+        if self.engine is None:
+            self.send(RequestFailed(self.args.worker_id, command.request_id, "no model is loaded"))
+            return
+        spec = command.sampling
+        try:
+            params = SamplingParams(
+                max_tokens=spec.max_tokens,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                top_k=spec.top_k,
+                seed=spec.seed,
+                stop_token_ids=tuple(spec.stop_token_ids),
+                ignore_eos=spec.ignore_eos,
+            )
+            self.engine.add_request(command.request_id, command.prompt_token_ids, params)
+        except (RequestRejected, ValueError) as exc:
+            self.send(RequestFailed(self.args.worker_id, command.request_id, str(exc)))
+
+    def step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a dead peer or a fault in the model: the model is lost
+            traceback.print_exc()
+            self.drop_model()
+            self.send(ModelLost(self.args.worker_id, f"{type(exc).__name__}: {exc}"))
+            return
+        if outputs:
+            self.send(
+                StepOutputs(
+                    self.args.worker_id,
+                    [TokenOutput(o.request_id, o.token_id, o.finish_reason) for o in outputs],
+                )
+            )
+
+    # ---- load and unload ------------------------------------------------------------------
+
+    def load(self, command: LoadModel) -> None:
+        started = time.perf_counter()
+        if self.engine is not None:
+            self.reply(command.command_id, error="a model is already loaded", error_type="Busy")
+            return
+        try:
+            if command.tp_size > 1:
+                backend = "nccl" if self.device.type == "cuda" else "gloo"
+                dist.init_process_group(
+                    backend,
+                    init_method=command.dist_init_method,
+                    rank=command.tp_rank,
+                    world_size=command.tp_size,
+                    timeout=GROUP_TIMEOUT,
+                    device_id=self.device if self.device.type == "cuda" else None,
+                )
+            self.tp_rank, self.tp_size = command.tp_rank, command.tp_size
+            self.engine = self.build_engine(command)
+        except Exception as exc:
+            self.drop_model()
+            bad_checkpoint = isinstance(exc, (CheckpointError, WeightLoadError))
+            error_type = "CheckpointError" if bad_checkpoint else type(exc).__name__
+            self.reply(command.command_id, error=str(exc), error_type=error_type)
+            return
+        self.reply(
+            command.command_id,
+            max_model_len=self.engine.max_model_len,
+            seconds=time.perf_counter() - started,
+        )
+        if self.tp_rank > 0:
+            self.follow()
+
+    def build_engine(self, command: LoadModel) -> Engine:
+        engine_config = EngineConfig(
+            max_num_seqs=command.max_num_seqs,
+            max_num_batched_tokens=command.max_num_batched_tokens,
+            block_size=command.block_size,
+            kv_cache_bytes=command.kv_cache_bytes,
+        )
+        options = dict(
+            device=self.device,
+            dtype=command.dtype,
+            max_model_len=command.max_model_len,
+            engine_config=engine_config,
+            memory_budget_bytes=self.memory_budget(),
+        )
+        if command.segment is None:
+            return Engine.from_checkpoint(command.model_dir, **options)
+        model_dir, config = read_model_config(command.model_dir)
+        with mapped_segment(command.segment) as tensors:
+            return Engine.create(
+                config, tensors, eos_token_ids=eos_token_ids(model_dir, config), **options
+            )
+
+    def follow(self) -> None:
+        try:
+            self.engine.follow()
+        except Exception as exc:
+            self.drop_model()
+            self.send(ModelLost(self.args.worker_id, f"{type(exc).__name__}: {exc}"))
+
+    def unload(self, command: UnloadModel) -> None:
+        started = time.perf_counter()
+        self.drop_model()
+        self.reply(command.command_id, seconds=time.perf_counter() - started)
+
+    def drop_model(self) -> None:
+        """Frees the model and leaves the tensor-parallel group; safe to call in any state."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception:
+                traceback.print_exc()  # a dead peer cannot be released; the memory still goes
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                traceback.print_exc()
+        self.tp_rank, self.tp_size = 0, 1
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def reply(self, command_id: int, **fields) -> None:
+        self.send(
+            CommandDone(
+                worker_id=self.args.worker_id,
+                command_id=command_id,
+                memory_used_bytes=self.memory_used(),
+                **fields,
+            )
+        )
