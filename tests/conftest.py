@@ -59,6 +59,18 @@ class RunningServer:
             timeout=120,
         )
 
+    def metric_samples(self) -> dict[tuple[str, tuple], float]:
+        """Every sample of /metrics by (name, sorted labels)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with self.http() as http:
+            text = http.get("/metrics").text
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 

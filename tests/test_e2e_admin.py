@@ -7,23 +7,12 @@ import sys
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO_ROOT, free_port, subprocess_env
 
 pytestmark = pytest.mark.slow
 
 OTHER_CHECKPOINT = "tiny-qwen3"
-
-
-def metric_samples(server) -> dict[tuple[str, tuple], float]:
-    with server.http() as http:
-        text = http.get("/metrics").text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def test_health_and_workers(server, shared_model):
@@ -74,9 +63,9 @@ def test_reload_comes_from_the_host_cache(server, shared_model):
 
 
 def test_metrics_parse_and_move(server, shared_model):
-    before = metric_samples(server)
+    before = server.metric_samples()
     server.openai().completions.create(model=shared_model, prompt="Count", max_tokens=4)
-    after = metric_samples(server)
+    after = server.metric_samples()
     assert all(name.startswith("warmserve_") for name, _ in after)
 
     def delta(name: str, **labels: str) -> float:

@@ -115,10 +115,19 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         sock = bind_socket(config.host, config.port)
     except OSError as exc:
-        print(f"warmserve: error: cannot listen on {config.host}:{config.port}: {exc.strerror}")
+        print(
+            f"warmserve: error: cannot listen on {config.host}:{config.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 1
-    with sock:
-        asyncio.run(_serve(config, sock))
+    from warmserve.controller.pool import StartupError
+
+    try:
+        with sock:
+            asyncio.run(_serve(config, sock))
+    except StartupError as exc:
+        print(f"warmserve: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

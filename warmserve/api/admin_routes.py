@@ -63,7 +63,7 @@ def admin_router(services: Services) -> APIRouter:
             "port": body.port,
         }
 
-    @router.delete("/models/{name:path}")
+    @router.delete("/models/{name}")
     async def unload_model(name: str, request: Request) -> dict:
         unload_seconds = await controller.unload(name)
         request.state.model = name

@@ -61,10 +61,10 @@ def error_response(
 
 
 def controller_error_body(exc: ControllerError) -> tuple[int, dict]:
-    """The status and body for a controller refusal; a 500 hides its message (it is logged)."""
+    """The status and body for a controller refusal. Its messages are written for clients; a
+    server-side failure among them is logged too."""
     if exc.status >= 500 and exc.status != 503:
-        logger.error("controller error: %r", exc)
-        return exc.status, error_body(exc.status, INTERNAL_ERROR_MESSAGE, exc.code)
+        logger.error("%s: %s", type(exc).__name__, exc)
     return exc.status, error_body(exc.status, str(exc) or exc.code, exc.code)
 
 
