@@ -16,7 +16,7 @@ class LoadModelRequest(BaseModel):
     # A misspelt option must fail loudly rather than load the model with its default.
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=256)
+    name: str = Field(min_length=1)
     path: str = Field(min_length=1)
     tensor_parallel_size: int = Field(1, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -99,7 +99,7 @@ class GenerationRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stop: str | list[str] | None = Field(None)
+    stop: str | list[str] | None = None
     n: int | None = None
     # vLLM extensions.
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
