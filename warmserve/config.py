@@ -86,6 +86,7 @@ class ServerConfig:
     device: str = "auto"  # auto | cuda | cpu
     workers: int | None = None  # None: one per GPU, or 2 on CPU
     model_root: str | None = None
+    models_file: str | None = None  # the registry (--models models.yaml)
     host_cache_gb: float = 16.0
     api_key: str | None = None
     # Memory each CPU worker may use for weights + KV cache (stands in for a GPU's memory).

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from warmserve.config import DTYPES, ServerConfig
+from warmserve.config import DTYPES, ModelSpec, SamplingParams, ServerConfig
 from warmserve.controller.errors import (
     CheckpointInvalid,
     ControllerError,
@@ -33,12 +33,14 @@ from warmserve.controller.errors import (
     PromptTooLong,
 )
 from warmserve.controller.placement import choose_workers
+from warmserve.controller.policies import KEEP_ALIVE_CHECK_S, eviction_candidate, expired
 from warmserve.controller.pool import StartupError, WorkerPool, default_num_threads
+from warmserve.controller.registry import load_registry
 from warmserve.controller.types import GenerationChunk, LoadResult, ModelInfo, WorkerInfo
 from warmserve.engine import client as engine_client
 from warmserve.engine.engine import TORCH_DTYPES, RequestRejected
 from warmserve.engine.tokenizer import ModelTokenizer
-from warmserve.loader.checkpoint import Checkpoint, CheckpointError
+from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_model_config
 from warmserve.loader.weight_store import HostWeightStore
 from warmserve.models.config import ModelConfig
 from warmserve.models.registry import UnsupportedArchitecture, model_class
@@ -72,7 +74,11 @@ class Deployment:
     last_used: float | None = None
     memory_bytes: int = 0
     error: str | None = None
+    keep_alive: float = -1.0  # seconds idle before an automatic unload; -1 = never
+    pinned: bool = False  # never evicted
+    evictable: bool = False  # registered models make room for others; explicit loads stay
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when loading ends
+    removed: asyncio.Event = field(default_factory=asyncio.Event)  # set when it leaves
 
     @property
     def lead(self) -> int:
@@ -94,6 +100,13 @@ class Controller:
         self._next_command_id = 0
         self._listeners: list[Callable[[str, str], None]] = []
         self._replacements: set[asyncio.Task] = set()
+        self.registry: dict[str, ModelSpec] = {}
+        if self.config.models_file:
+            for spec in load_registry(self.config.models_file):
+                self.registry[spec.name] = spec
+        self.counters = {"auto_loads": 0, "evictions": 0, "idle_unloads": 0}
+        self._auto_loads: dict[str, asyncio.Task] = {}
+        self._background: set[asyncio.Task] = set()
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -126,6 +139,19 @@ class Controller:
         except BaseException:
             await self.close()
             raise
+        self._spawn(self._keep_alive_loop())
+        for spec in self.registry.values():
+            if spec.preload:
+                try:
+                    await self._auto_load(spec.name)
+                except ControllerError as exc:
+                    log.error("preloading %s failed: %s", spec.name, exc)
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     def _devices(self) -> list[str]:
         device = self.config.device
@@ -147,7 +173,7 @@ class Controller:
         for deployment in self.deployments.values():
             if deployment.client is not None:
                 deployment.client.fail_all("the server is shutting down")
-        for task in self._replacements:
+        for task in [*self._replacements, *self._background]:
             task.cancel()
         if self.pool is not None:
             await self.pool.close()
@@ -272,24 +298,45 @@ class Controller:
         tensor_parallel_size: int = 1,
         dtype: str = "auto",
         max_model_len: int | None = None,
+        keep_alive: float = -1.0,
     ) -> LoadResult:
-        started = time.perf_counter()
+        """Loads a model under `name`. Models loaded this way stay until unloaded (or until
+        `keep_alive` seconds without a request) and are never evicted for another model."""
         _validate_load(name, tensor_parallel_size, dtype, max_model_len)
+        spec = ModelSpec(
+            name=name,
+            path=path,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            keep_alive=keep_alive,
+        )
+        return await self._load(spec, evictable=False)
+
+    async def _load(self, spec: ModelSpec, evictable: bool) -> LoadResult:
+        started = time.perf_counter()
+        name = spec.name
         existing = self.deployments.get(name)
         if existing is not None and existing.state != "failed":
             raise ModelExists(f"model {name!r} is already {existing.state}")
-        resolved = self.resolve_path(path)
+        resolved = self.resolve_path(spec.path)
         checkpoint, tokenizer = await asyncio.to_thread(_open_checkpoint, resolved)
-        needed = _bytes_per_worker(checkpoint, dtype, tensor_parallel_size)
-        worker_ids = choose_workers(self.pool.handles, tensor_parallel_size, needed)
+        needed = _bytes_per_worker(checkpoint, spec.dtype, spec.tensor_parallel_size)
+        worker_ids = await self._place(spec.tensor_parallel_size, needed)
+        existing = self.deployments.get(name)
+        if existing is not None and existing.state != "failed":
+            raise ModelExists(f"model {name!r} is already {existing.state}")
         deployment = Deployment(
             name=name,
             path=str(resolved),
-            tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype,
-            requested_max_model_len=max_model_len,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            dtype=spec.dtype,
+            requested_max_model_len=spec.max_model_len,
             workers=worker_ids,
             tokenizer=tokenizer,
+            keep_alive=spec.keep_alive,
+            pinned=spec.pinned,
+            evictable=evictable,
         )
         self.deployments[name] = deployment
         for worker_id in worker_ids:
@@ -300,8 +347,7 @@ class Controller:
             source, replies = await self._load_on_workers(deployment, checkpoint)
         except BaseException as exc:
             await self._release_workers(deployment)
-            if self.deployments.get(name) is deployment:
-                del self.deployments[name]
+            self._remove(deployment)
             deployment.state, deployment.error = "failed", str(exc)
             deployment.settled.set()
             raise
@@ -323,6 +369,25 @@ class Controller:
         deployment.settled.set()
         self._notify("loaded", name)
         return LoadResult(name, worker_ids, deployment.load_seconds, source)
+
+    async def _place(self, tp: int, bytes_per_worker: int) -> list[int]:
+        """Idle workers for a new model; evicts least recently used idle models to make room."""
+        while True:
+            try:
+                return choose_workers(self.pool.handles, tp, bytes_per_worker)
+            except NoCapacity:
+                victim = eviction_candidate(self.deployments.values())
+                if victim is None:
+                    raise
+                log.info("evicting %s to make room", victim.name)
+                self.counters["evictions"] += 1
+                with contextlib.suppress(ModelNotFound, ModelExists):
+                    await self.unload(victim.name)
+
+    def _remove(self, deployment: Deployment) -> None:
+        if self.deployments.get(deployment.name) is deployment:
+            del self.deployments[deployment.name]
+        deployment.removed.set()
 
     async def _load_on_workers(self, deployment: Deployment, checkpoint: Checkpoint):
         key = deployment.path
@@ -384,7 +449,7 @@ class Controller:
         if deployment.state == "unloading":
             raise ModelExists(f"model {name!r} is already being unloaded")
         if deployment.state == "failed":
-            del self.deployments[name]
+            self._remove(deployment)
             return time.perf_counter() - started
         deployment.state = "unloading"
         for worker_id in deployment.workers:
@@ -394,8 +459,7 @@ class Controller:
         if deployment.client is not None:
             deployment.client.fail_all(f"model {name!r} was unloaded")
         await self._release_workers(deployment)
-        if self.deployments.get(name) is deployment:
-            del self.deployments[name]
+        self._remove(deployment)
         self._notify("unloaded", name)
         return time.perf_counter() - started
 
@@ -408,22 +472,49 @@ class Controller:
     # ---- requests -------------------------------------------------------------------------
 
     async def _serving(self, name: str) -> Deployment:
-        deployment = self.deployments.get(name)
-        if deployment is None:
-            raise ModelNotFound(f"model {name!r} is not loaded")
-        if deployment.state == "loading":
-            try:
-                await asyncio.wait_for(deployment.settled.wait(), self.config.load_timeout_s)
-            except TimeoutError:
-                raise ModelUnavailable(f"model {name!r} is still loading") from None
-        if deployment.state != "loaded":
-            raise ModelUnavailable(f"model {name!r} is {deployment.state}")
-        return deployment
+        """The loaded deployment for `name`, loading a registered model on demand."""
+        deadline = time.monotonic() + self.config.load_timeout_s
+        while time.monotonic() < deadline:
+            deployment = self.deployments.get(name)
+            if deployment is None:
+                if name not in self.registry:
+                    raise ModelNotFound(f"model {name!r} is neither loaded nor registered")
+                await self._auto_load(name)
+                continue
+            if deployment.state == "loaded":
+                return deployment
+            if deployment.state == "loading":
+                await _wait(deployment.settled, deadline)
+            elif deployment.state == "unloading" and name in self.registry:
+                await _wait(deployment.removed, deadline)
+            else:
+                raise ModelUnavailable(f"model {name!r} is {deployment.state}")
+        raise ModelUnavailable(f"model {name!r} did not become ready in time")
+
+    async def _auto_load(self, name: str) -> None:
+        """Loads a registered model; concurrent callers share one load."""
+        task = self._auto_loads.get(name)
+        if task is None:
+            self.counters["auto_loads"] += 1
+            task = asyncio.ensure_future(self._load(self.registry[name], evictable=True))
+            self._auto_loads[name] = task
+            task.add_done_callback(lambda _: self._auto_loads.pop(name, None))
+        # ModelExists: loaded by someone else in the meantime; the caller looks again.
+        with contextlib.suppress(ModelExists):
+            await asyncio.shield(task)
 
     async def generate(
-        self, name: str, prompt: str | list[int], params
+        self,
+        name: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        keep_alive: float | None = None,
     ) -> AsyncIterator[GenerationChunk]:
+        """Streams a generation; `keep_alive` (seconds, -1 = never) overrides how long the
+        model stays loaded once idle, as Ollama's request field does."""
         deployment = await self._serving(name)
+        if keep_alive is not None:
+            deployment.keep_alive = keep_alive
         try:
             async for chunk in deployment.client.generate(prompt, params):
                 yield chunk
@@ -435,23 +526,84 @@ class Controller:
             raise ModelUnavailable(str(exc)) from None
         finally:
             deployment.last_used = time.time()
+            if deployment.keep_alive == 0 and deployment.client.in_flight == 0:
+                self._spawn(self._unload_idle(deployment))
+
+    async def _keep_alive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KEEP_ALIVE_CHECK_S)
+            for deployment in expired(self.deployments.values(), time.time()):
+                await self._unload_idle(deployment)
+
+    async def _unload_idle(self, deployment: Deployment) -> None:
+        if self.deployments.get(deployment.name) is not deployment:
+            return
+        if deployment.state != "loaded" or deployment.client.in_flight:
+            return
+        self.counters["idle_unloads"] += 1
+        with contextlib.suppress(ModelNotFound, ModelExists):
+            await self.unload(deployment.name)
+
+    # ---- registry -------------------------------------------------------------------------
+
+    async def register(self, spec: ModelSpec) -> None:
+        if spec.name in self.registry or spec.name in self.deployments:
+            raise ModelExists(f"model {spec.name!r} is already registered or loaded")
+        _validate_load(spec.name, spec.tensor_parallel_size, spec.dtype, spec.max_model_len)
+        self.resolve_path(spec.path)
+        self.registry[spec.name] = spec
+        if spec.preload:
+            await self._auto_load(spec.name)
+
+    async def unregister(self, name: str) -> None:
+        if name not in self.registry:
+            raise ModelNotFound(f"model {name!r} is not registered")
+        if name in self.deployments:
+            await self.unload(name)
+        self.registry.pop(name, None)
 
     def tokenizer(self, name: str) -> ModelTokenizer:
         deployment = self.deployments.get(name)
-        if deployment is None or deployment.tokenizer is None:
-            raise ModelNotFound(f"model {name!r} is not loaded")
-        return deployment.tokenizer
+        if deployment is not None and deployment.tokenizer is not None:
+            return deployment.tokenizer
+        spec = self.registry.get(name)
+        if spec is None:
+            raise ModelNotFound(f"model {name!r} is neither loaded nor registered")
+        try:
+            return ModelTokenizer(self.resolve_path(spec.path))
+        except CheckpointError as exc:
+            raise CheckpointInvalid(str(exc)) from None
 
     # ---- views ----------------------------------------------------------------------------
 
     def model(self, name: str) -> ModelInfo:
-        deployment = self.deployments.get(name)
-        if deployment is None:
-            raise ModelNotFound(f"model {name!r} is not loaded")
-        return _model_info(deployment)
+        for info in self.models():
+            if info.name == name:
+                return info
+        raise ModelNotFound(f"model {name!r} is neither loaded nor registered")
 
     def models(self) -> list[ModelInfo]:
-        return [_model_info(d) for d in self.deployments.values()]
+        infos = [_model_info(d) for d in self.deployments.values()]
+        for spec in self.registry.values():
+            if spec.name not in self.deployments:
+                infos.append(self._registered_info(spec))
+        return infos
+
+    def _registered_info(self, spec: ModelSpec) -> ModelInfo:
+        try:
+            in_host_cache = str(self.resolve_path(spec.path)) in self.store
+        except PathForbidden:
+            in_host_cache = False
+        return ModelInfo(
+            name=spec.name,
+            path=spec.path,
+            state="host-cache" if in_host_cache else "disk",
+            tensor_parallel_size=spec.tensor_parallel_size,
+            dtype=spec.dtype,
+            max_model_len=spec.max_model_len,
+            keep_alive=spec.keep_alive,
+            pinned=spec.pinned,
+        )
 
     def workers(self) -> list[WorkerInfo]:
         return [
@@ -488,11 +640,17 @@ def _validate_load(name: str, tp: int, dtype: str, max_model_len: int | None) ->
         raise InvalidRequest("max_model_len must be an integer of at least 2")
 
 
+async def _wait(event: asyncio.Event, deadline: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), max(0.0, deadline - time.monotonic()))
+
+
 def _open_checkpoint(path: Path) -> tuple[Checkpoint, ModelTokenizer]:
     try:
-        checkpoint = Checkpoint(path)
-        model_class(ModelConfig.from_dict(checkpoint.config))
-        return checkpoint, ModelTokenizer(path)
+        _, config = read_model_config(path)
+        model_class(config)
+        ModelConfig.from_dict(config)
+        return Checkpoint(path), ModelTokenizer(path)
     except CheckpointError as exc:
         raise CheckpointInvalid(str(exc)) from None
     except UnsupportedArchitecture as exc:
@@ -537,4 +695,6 @@ def _model_info(deployment: Deployment) -> ModelInfo:
         last_used=deployment.last_used,
         requests_in_flight=client.in_flight if client else 0,
         memory_bytes=deployment.memory_bytes,
+        keep_alive=deployment.keep_alive,
+        pinned=deployment.pinned,
     )

@@ -32,6 +32,8 @@ class ModelInfo:
     requests_in_flight: int = 0
     port: int | None = None
     memory_bytes: int = 0
+    keep_alive: float = -1.0  # seconds idle before an automatic unload; -1 = never
+    pinned: bool = False
 
 
 @dataclass

@@ -95,8 +95,8 @@ class Engine:
         """Builds the model on `device`, copies `tensors` into it (random weights when None: the
         worker's warm-up model) and sizes the KV cache."""
         device = torch.device(device)
+        architecture = model_class(raw_config)
         config = ModelConfig.from_dict(raw_config)
-        architecture = model_class(config)
         torch_dtype = resolve_dtype(dtype, config.torch_dtype)
         with torch.device(device), default_dtype(torch_dtype):
             model = architecture(config)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from warmserve.models.config import ModelConfig
 from warmserve.models.llama import (
     LlamaForCausalLM,
     MistralForCausalLM,
@@ -26,11 +25,15 @@ class UnsupportedArchitecture(ValueError):
     pass
 
 
-def model_class(config: ModelConfig) -> type[nn.Module]:
+def model_class(raw_config: dict) -> type[nn.Module]:
+    """The class for config.json's first architecture."""
+    architectures = raw_config.get("architectures") or []
+    if not architectures:
+        raise UnsupportedArchitecture("config.json names no 'architectures'")
     try:
-        return ARCHITECTURES[config.architecture]
-    except KeyError:
+        return ARCHITECTURES[architectures[0]]
+    except (KeyError, TypeError):
         supported = ", ".join(sorted(ARCHITECTURES))
         raise UnsupportedArchitecture(
-            f"architecture {config.architecture!r} is not supported (supported: {supported})"
+            f"architecture {architectures[0]!r} is not supported (supported: {supported})"
         ) from None

@@ -1,0 +1,48 @@
+"""Helpers shared by the end-to-end tests: checkpoints and the transformers reference."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from warmserve.testing.checkpoints import ensure_checkpoint
+
+PROMPTS = [
+    "Hello there, how are",
+    "The quick brown fox",
+    "Once upon a time in a land far away, there lived",
+    "a",
+]
+
+
+def tiny_checkpoints(root: Path) -> dict[str, Path]:
+    """Three small models of different families, built once per folder."""
+    return {
+        "qwen3": ensure_checkpoint(root / "qwen3-tiny", "qwen3"),
+        "opt": ensure_checkpoint(root / "opt-tiny", "opt"),
+        "llama": ensure_checkpoint(root / "llama-tiny", "llama"),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of `prompt_ids` (EOS ignored, as with ignore_eos)."""
+    model = _hf_model(str(path))
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return out[0, len(prompt_ids) :].tolist()

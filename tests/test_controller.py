@@ -1,0 +1,170 @@
+"""The worker pool and controller with real worker processes (CPU, two workers): the seeds'
+three scenarios, capacity, tensor parallelism and the host weight store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from support import PROMPTS, hf_greedy, tiny_checkpoints
+
+from warmserve import Controller, SamplingParams, ServerConfig
+from warmserve.controller.errors import CheckpointInvalid, ModelExists, NoCapacity, PathForbidden
+from warmserve.engine.tokenizer import ModelTokenizer
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+def run(scenario, **config):
+    async def main():
+        async with Controller(ServerConfig(device="cpu", workers=2, **config)) as controller:
+            return await scenario(controller)
+
+    return asyncio.run(main())
+
+
+async def generate_ids(controller, name, prompt, params=GREEDY) -> list[int]:
+    tokens = []
+    async for chunk in controller.generate(name, prompt, params):
+        tokens.extend(chunk.token_ids)
+    return tokens
+
+
+def pids(controller) -> list[int]:
+    return [worker.pid for worker in controller.workers()]
+
+
+def test_workers_start_warm_and_idle():
+    async def scenario(controller):
+        workers = controller.workers()
+        assert [w.state for w in workers] == ["idle", "idle"]
+        assert all(w.pid and w.pid != os.getpid() for w in workers)
+        assert all(w.device == "cpu" and w.memory_total_bytes > 0 for w in workers)
+        assert all(w.memory_used_bytes == w.memory_idle_bytes for w in workers)
+
+    run(scenario)
+
+
+def test_lifecycle_load_generate_unload_reload(checkpoints):
+    async def scenario(controller):
+        before = pids(controller)
+        first = await controller.load("a", str(checkpoints["qwen3"]))
+        assert first.source == "disk" and first.workers == [0]
+        output = await generate_ids(controller, "a", PROMPTS[0])
+        worker = controller.workers()[0]
+        assert worker.state == "loaded" and worker.memory_used_bytes > worker.memory_idle_bytes
+        await controller.unload("a")
+        worker = controller.workers()[0]
+        assert worker.state == "idle" and worker.memory_used_bytes == worker.memory_idle_bytes
+        again = await controller.load("a", str(checkpoints["qwen3"]))
+        assert again.source == "host-cache"
+        assert await generate_ids(controller, "a", PROMPTS[0]) == output
+        assert pids(controller) == before
+
+    run(scenario)
+
+
+def test_parallel_models_match_transformers(checkpoints):
+    async def scenario(controller):
+        await controller.load("a", str(checkpoints["qwen3"]))
+        await controller.load("b", str(checkpoints["opt"]))
+        jobs = [(name, prompt) for name in ("a", "b") for prompt in PROMPTS]
+        outputs = await asyncio.gather(*(generate_ids(controller, n, p) for n, p in jobs))
+        return jobs, outputs
+
+    jobs, outputs = run(scenario)
+    paths = {"a": checkpoints["qwen3"], "b": checkpoints["opt"]}
+    for (name, prompt), output in zip(jobs, outputs, strict=True):
+        prompt_ids = ModelTokenizer(paths[name]).encode(prompt)
+        assert output == hf_greedy(paths[name], prompt_ids, GREEDY.max_tokens), (name, prompt)
+
+
+def test_dynamic_allocation_and_no_capacity(checkpoints):
+    async def scenario(controller):
+        before = pids(controller)
+        await controller.load("a", str(checkpoints["qwen3"]))
+        await controller.load("b", str(checkpoints["opt"]))
+        reference_b = await generate_ids(controller, "b", PROMPTS[1])
+        with pytest.raises(NoCapacity):
+            await controller.load("c", str(checkpoints["llama"]))
+        with pytest.raises(ModelExists):
+            await controller.load("a", str(checkpoints["qwen3"]))
+        # The refused loads broke nothing.
+        assert await generate_ids(controller, "b", PROMPTS[1]) == reference_b
+        await controller.unload("a")
+        loaded_c = await controller.load("c", str(checkpoints["llama"]))
+        assert loaded_c.workers == [0]
+        await controller.unload("b")
+        reloaded_b = await controller.load("b", str(checkpoints["opt"]))
+        assert reloaded_b.source == "host-cache" and reloaded_b.workers == [1]
+        assert await generate_ids(controller, "b", PROMPTS[1]) == reference_b
+        assert len(await generate_ids(controller, "c", PROMPTS[2])) == GREEDY.max_tokens
+        assert pids(controller) == before
+        assert {m.name: m.state for m in controller.models()} == {"c": "loaded", "b": "loaded"}
+
+    run(scenario)
+
+
+def test_tensor_parallel_two_workers_equals_one(checkpoints):
+    path = str(checkpoints["llama"])
+
+    async def scenario(controller):
+        before = pids(controller)
+        await controller.load("solo", path)
+        solo = [await generate_ids(controller, "solo", p) for p in PROMPTS]
+        await controller.unload("solo")
+        loaded = await controller.load("sharded", path, tensor_parallel_size=2)
+        assert loaded.workers == [0, 1]
+        sharded = await asyncio.gather(*(generate_ids(controller, "sharded", p) for p in PROMPTS))
+        await controller.unload("sharded")
+        # The same workers take single-worker models again after the group is gone.
+        await controller.load("solo", path)
+        again = await generate_ids(controller, "solo", PROMPTS[0])
+        assert pids(controller) == before
+        return solo, sharded, again
+
+    solo, sharded, again = run(scenario)
+    assert sharded == solo
+    assert again == solo[0]
+
+
+def test_bad_checkpoint_and_forbidden_path_leave_workers_idle(checkpoints):
+    root = checkpoints["qwen3"].parent
+    broken = root / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "config.json").write_text('{"architectures": ["NoSuchModel"]}')
+
+    async def scenario(controller):
+        with pytest.raises(CheckpointInvalid, match="NoSuchModel"):
+            await controller.load("x", str(broken))
+        with pytest.raises(PathForbidden):
+            await controller.load("y", "/etc")
+        assert [w.state for w in controller.workers()] == ["idle", "idle"]
+        await controller.load("a", checkpoints["qwen3"].name)
+        assert len(await generate_ids(controller, "a", PROMPTS[0])) == GREEDY.max_tokens
+
+    run(scenario, model_root=str(root))
+
+
+def test_host_cache_evicts_least_recently_used_and_cleans_up(checkpoints):
+    size = checkpoints["qwen3"].joinpath("model.safetensors").stat().st_size
+
+    async def scenario(controller):
+        await controller.load("qwen3", str(checkpoints["qwen3"]))
+        await controller.load("opt", str(checkpoints["opt"]))
+        await controller.unload("qwen3")
+        await controller.load("llama", str(checkpoints["llama"]))
+        # Budget holds two copies: the least recently used (qwen3) went.
+        assert controller.host_cache_bytes <= controller.host_cache_capacity_bytes
+        assert len(controller.store.keys()) == 2
+        assert str(checkpoints["qwen3"]) not in controller.store
+        return controller.instance
+
+    instance = run(scenario, host_cache_gb=2.5 * size / 2**30)
+    assert not [f for f in os.listdir("/dev/shm") if instance in f]

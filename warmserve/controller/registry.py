@@ -1,0 +1,130 @@
+"""The model registry file (`--models models.yaml`): the models a server knows by name.
+
+A malformed file or entry is refused with a message that names the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from warmserve.config import ConfigError, ModelSpec
+
+FIELDS = {
+    "name",
+    "path",
+    "tensor_parallel_size",
+    "dtype",
+    "max_model_len",
+    "keep_alive",
+    "pinned",
+    "preload",
+}
+DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class RegistryError(ValueError):
+    pass
+
+
+def parse_keep_alive(value) -> float:
+    """Seconds from a number (seconds) or a duration such as "30s", "5m", "1h"; -1 = never."""
+    if isinstance(value, bool):
+        raise ConfigError("keep_alive must be a duration such as 30s, 5m, 1h, 0 or -1")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = DURATION.match(str(value))
+        if not match:
+            raise ConfigError(
+                f"keep_alive must be a duration such as 30s, 5m, 1h, 0 or -1, not {value!r}"
+            )
+        seconds = float(match.group(1)) * UNIT_SECONDS[match.group(2)]
+    if seconds < 0:
+        return -1.0
+    return seconds
+
+
+def spec_from_fields(fields: dict) -> ModelSpec:
+    """A ModelSpec from user-given fields (a registry entry or an admin request)."""
+    unknown = set(fields) - FIELDS
+    if unknown:
+        raise ConfigError(f"unknown field {sorted(unknown)[0]!r}")
+    for required in ("name", "path"):
+        if not isinstance(fields.get(required), str) or not fields[required]:
+            raise ConfigError(f"{required} is required and must be a string")
+    values = dict(fields)
+    if "keep_alive" in values:
+        values["keep_alive"] = parse_keep_alive(values["keep_alive"])
+    for flag in ("pinned", "preload"):
+        if flag in values and not isinstance(values[flag], bool):
+            raise ConfigError(f"{flag} must be true or false")
+    for number in ("tensor_parallel_size", "max_model_len"):
+        if (
+            number in values
+            and values[number] is not None
+            and (isinstance(values[number], bool) or not isinstance(values[number], int))
+        ):
+            raise ConfigError(f"{number} must be an integer")
+    return ModelSpec(**values)
+
+
+def load_registry(path: str | Path) -> list[ModelSpec]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{path}: cannot read ({exc})") from exc
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: not valid YAML ({exc})") from exc
+    if root is None:
+        return []
+    models = _mapping_value(root, "models")
+    if not isinstance(root, yaml.MappingNode) or models is None:
+        raise RegistryError(
+            f"{path}:{root.start_mark.line + 1}: expected a top-level 'models:' list"
+        )
+    if not isinstance(models, yaml.SequenceNode):
+        raise RegistryError(f"{path}:{models.start_mark.line + 1}: 'models' must be a list")
+    specs: list[ModelSpec] = []
+    for index, entry in enumerate(models.value):
+        where = f"{path}:{entry.start_mark.line + 1}: models[{index}]"
+        if not isinstance(entry, yaml.MappingNode):
+            raise RegistryError(f"{where}: each model must be a mapping with name and path")
+        fields = {}
+        for key_node, value_node in entry.value:
+            try:
+                fields[key_node.value] = yaml.safe_load(yaml.serialize(value_node))
+            except yaml.YAMLError as exc:
+                raise RegistryError(f"{where}.{key_node.value}: {exc}") from exc
+        try:
+            spec = spec_from_fields(fields)
+        except (ConfigError, TypeError) as exc:
+            line = _field_line(entry, str(exc)) or entry.start_mark.line + 1
+            raise RegistryError(f"{path}:{line}: models[{index}]: {exc}") from None
+        if any(existing.name == spec.name for existing in specs):
+            raise RegistryError(f"{where}.name: {spec.name!r} is listed twice")
+        specs.append(spec)
+    return specs
+
+
+def _mapping_value(node, key: str):
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    for key_node, value_node in node.value:
+        if key_node.value == key:
+            return value_node
+    return None
+
+
+def _field_line(entry: yaml.MappingNode, message: str) -> int | None:
+    """The line of the field a validation message is about, when it names one."""
+    for key_node, _ in entry.value:
+        if re.search(rf"\b{re.escape(key_node.value)}\b", message):
+            return key_node.start_mark.line + 1
+    return None
