@@ -8,8 +8,8 @@ import contextlib
 
 import httpx
 import pytest
+from fake_controller import FakeController
 
-from tests.fake_controller import FakeController
 from warmserve.api.gateway import serve_gateway
 from warmserve.api.server import bind_socket
 from warmserve.config import ServerConfig

@@ -7,10 +7,10 @@ import json
 import math
 
 import pytest
+from fake_controller import FakeController
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fake_controller import FakeController
 from warmserve.api import create_app
 from warmserve.api.limits import MAX_BODY_BYTES
 from warmserve.api.openai_schemas import (

@@ -7,8 +7,7 @@ import sys
 
 import httpx
 import pytest
-
-from tests.conftest import REPO_ROOT, free_port, subprocess_env
+from server_process import REPO_ROOT, free_port, subprocess_env
 
 pytestmark = pytest.mark.slow
 

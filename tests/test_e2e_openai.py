@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from server_process import REGISTERED_MODEL, SHARED_MODEL
 from tokenizers import Tokenizer
-
-from tests.conftest import SHARED_MODEL
 
 pytestmark = pytest.mark.slow
 
@@ -20,6 +19,15 @@ def test_models_list_shows_the_loaded_model(server, shared_model):
     assert card.object == "model"
     assert card.owned_by == "warmserve"
     assert card.model_extra["state"] == "loaded"
+
+
+def test_registered_model_is_listed_and_loads_on_demand(server, shared_model):
+    client = server.openai()
+    listed = {model.id: model for model in client.models.list().data}
+    assert listed[REGISTERED_MODEL].model_extra["state"] in ("disk", "host-cache")
+    completion = client.completions.create(model=REGISTERED_MODEL, prompt="Hi", max_tokens=3)
+    assert completion.model == REGISTERED_MODEL
+    assert completion.usage.completion_tokens >= 1
 
 
 def test_completion_with_a_text_prompt(server, shared_model):

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=_positive_int, help="worker processes (default: one per GPU, 2 on CPU)"
     )
+    serve.add_argument(
+        "--models", metavar="MODELS_YAML", help="registry of models to load on demand by name"
+    )
     serve.add_argument("--model-root", help="directory that model paths are resolved against")
     serve.add_argument(
         "--host-cache-gb", type=float, default=16.0, help="host memory for unloaded weights"
@@ -96,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from warmserve.api.server import bind_socket
-    from warmserve.config import ServerConfig
+    from warmserve.config import ConfigError, ServerConfig
+    from warmserve.controller.pool import StartupError
+    from warmserve.controller.registry import RegistryError
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -107,6 +112,7 @@ def run_serve(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         model_root=args.model_root,
+        models_file=args.models,
         host_cache_gb=args.host_cache_gb,
         api_key=args.api_key or None,
     )
@@ -120,12 +126,10 @@ def run_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    from warmserve.controller.pool import StartupError
-
     try:
         with sock:
             asyncio.run(_serve(config, sock))
-    except StartupError as exc:
+    except (StartupError, RegistryError, ConfigError) as exc:
         print(f"warmserve: error: {exc}", file=sys.stderr)
         return 1
     return 0
