@@ -85,6 +85,7 @@ class FakeController:
     async def unload(self, name: str) -> float:
         if name not in self._models:
             raise ModelNotFound(f"model {name!r} is not loaded")
+        self._emit("unloading", name)
         del self._models[name]
         for worker in self._workers:
             if worker.model == name:

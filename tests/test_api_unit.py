@@ -289,8 +289,10 @@ def test_models_and_admin_listings(client):
     assert {"id", "pid", "device", "state", "model", "memory_used_bytes"} <= set(workers[0])
 
 
-def test_metrics_count_requests_tokens_and_pool(client):
+def test_metrics_count_requests_tokens_swaps_and_pool(client, controller):
     client.post("/v1/completions", json={"model": MODEL, "prompt": "a b", "max_tokens": 4})
+    client.post("/admin/models", json={"name": "other", "path": "o"}).raise_for_status()
+    client.delete("/admin/models/other").raise_for_status()
     client.post("/v1/completions", json={"model": "ghost", "prompt": "a"})
     text = client.get("/metrics").text
     samples = {
@@ -307,6 +309,8 @@ def test_metrics_count_requests_tokens_and_pool(client):
     assert samples[("warmserve_generation_tokens_total", (("model", MODEL),))] == 4
     assert samples[("warmserve_time_to_first_token_seconds_count", (("model", MODEL),))] == 1
     assert samples[("warmserve_model_load_seconds_count", (("source", "disk"),))] == 1
+    assert samples[("warmserve_model_load_seconds_count", (("source", "host-cache"),))] == 1
+    assert samples[("warmserve_model_unload_seconds_count", ())] == 1
     assert samples[("warmserve_worker_state", (("state", "loaded"), ("worker", "0")))] == 1
     assert samples[("warmserve_worker_state", (("state", "idle"), ("worker", "0")))] == 0
     assert ("warmserve_host_cache_bytes", ()) in samples

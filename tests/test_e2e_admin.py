@@ -64,6 +64,10 @@ def test_reload_comes_from_the_host_cache(server, shared_model):
 def test_metrics_parse_and_move(server, shared_model):
     before = server.metric_samples()
     server.openai().completions.create(model=shared_model, prompt="Count", max_tokens=4)
+    with server.http() as http:
+        loaded = http.post("/admin/models", json={"name": "metered", "path": OTHER_CHECKPOINT})
+        assert loaded.status_code == 200, loaded.text
+        http.delete("/admin/models/metered").raise_for_status()
     after = server.metric_samples()
     assert all(name.startswith("warmserve_") for name, _ in after)
 
@@ -76,12 +80,14 @@ def test_metrics_parse_and_move(server, shared_model):
     assert delta("warmserve_prompt_tokens_total", model=shared_model) > 0
     assert 1 <= delta("warmserve_generation_tokens_total", model=shared_model) <= 4
     assert delta("warmserve_time_to_first_token_seconds_count", model=shared_model) == 1
+    source = loaded.json()["source"]
+    assert delta("warmserve_model_load_seconds_count", source=source) == 1
+    assert delta("warmserve_model_unload_seconds_count") == 1
     states = {
         labels: value for (name, labels), value in after.items() if name == "warmserve_worker_state"
     }
     assert sum(states.values()) == 2  # each worker is in exactly one state
     assert after[("warmserve_host_cache_bytes", ())] > 0
-    assert sum(v for (n, _), v in after.items() if n == "warmserve_model_load_seconds_count") >= 1
 
 
 def run_cli(server, *args: str, api_key: str | None = None) -> subprocess.CompletedProcess:

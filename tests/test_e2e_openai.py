@@ -28,6 +28,14 @@ def test_registered_model_is_listed_and_loads_on_demand(server, shared_model):
     completion = client.completions.create(model=REGISTERED_MODEL, prompt="Hi", max_tokens=3)
     assert completion.model == REGISTERED_MODEL
     assert completion.usage.completion_tokens >= 1
+    # keep_alive 0: unloaded again once idle, back to a registered entry in the host cache.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        listed = {model.id: model for model in client.models.list().data}
+        if listed[REGISTERED_MODEL].model_extra["state"] == "host-cache":
+            return
+        time.sleep(0.05)
+    pytest.fail("the keep_alive 0 model stayed loaded")
 
 
 def test_completion_with_a_text_prompt(server, shared_model):

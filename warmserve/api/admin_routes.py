@@ -52,7 +52,6 @@ def admin_router(services: Services) -> APIRouter:
                 reservation.release()
             raise
         request.state.model = result.name
-        services.metrics.load_duration.labels(result.source).observe(result.load_seconds)
         if reservation is not None:
             await services.listeners.open(result.name, reservation)
         return {
@@ -67,7 +66,6 @@ def admin_router(services: Services) -> APIRouter:
     async def unload_model(name: str, request: Request) -> dict:
         unload_seconds = await controller.unload(name)
         request.state.model = name
-        services.metrics.unload_duration.observe(unload_seconds)
         # The "unloaded" event closes the port too; waiting here means that once this answers,
         # the port is closed.
         await services.listeners.close(name)

@@ -1,10 +1,14 @@
 """Prometheus metrics: one registry per gateway app, so several servers can live in one process.
 
-Request figures are recorded as requests finish; pool figures (worker states, memory, host
-cache) are read from the controller at scrape time so they can never go stale.
+Request figures are recorded as requests finish; load and unload durations from the
+controller's events, so loads on demand, idle unloads and evictions count as well as admin
+requests; pool figures (worker states, memory, host cache) are read from the controller at
+scrape time so they can never go stale.
 """
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -115,6 +119,22 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(PoolCollector(controller))
+        self.controller = controller
+        self._unloads_started: dict[str, float] = {}
+
+    def on_model_event(self, event: str, name: str) -> None:
+        """Controller listener: times every load and unload, whatever asked for it."""
+        if event == "loaded":
+            info = self.controller.model(name)
+            if info.load_seconds is not None:
+                source = info.load_source or "unknown"
+                self.load_duration.labels(source).observe(info.load_seconds)
+        elif event == "unloading":
+            self._unloads_started[name] = time.perf_counter()
+        elif event == "unloaded" and name in self._unloads_started:
+            self.unload_duration.observe(time.perf_counter() - self._unloads_started.pop(name))
+        elif event == "failed":
+            self._unloads_started.pop(name, None)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -29,4 +29,5 @@ class Services:
         listeners = ModelListeners(config.host, lambda name: app_for_model(name, services))
         services = cls(controller, config, Metrics(controller), listeners)
         controller.add_listener(services.listeners.on_model_event)
+        controller.add_listener(services.metrics.on_model_event)
         return services
