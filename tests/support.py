@@ -30,7 +30,11 @@ def tiny_checkpoints(root: Path) -> dict[str, Path]:
 def _hf_model(path: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # No end-of-sequence token: generation runs its full length and, unlike min_new_tokens,
+    # never masks the EOS ids out of the choice (the engine runs with ignore_eos).
+    model.generation_config.eos_token_id = None
+    return model
 
 
 def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -42,7 +46,6 @@ def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[in
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
             do_sample=False,
         )
     return out[0, len(prompt_ids) :].tolist()

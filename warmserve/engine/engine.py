@@ -126,7 +126,7 @@ class Engine:
                 - activation_reserve(config, engine_config, limit, torch_dtype)
             )
         if kv_budget is not None:
-            num_blocks = min(num_blocks, kv_budget // block_bytes)
+            num_blocks = min(num_blocks, kv_budget // block_bytes - 1)  # less the scratch block
         if num_blocks < 1:
             raise InsufficientMemory(
                 f"no memory left for the KV cache: weights take {weights_bytes / 2**20:.0f} MiB "
@@ -141,6 +141,8 @@ class Engine:
             attention.num_kv_heads,
             attention.head_dim,
             torch_dtype,
+            engine_config.max_num_seqs,
+            limit,
         )
         limits = SchedulerLimits(
             max_num_seqs=engine_config.max_num_seqs,
@@ -156,6 +158,11 @@ class Engine:
         file and the problem."""
         checkpoint = Checkpoint(path)
         try:
+            model_class(checkpoint.config)
+            ModelConfig.from_dict(checkpoint.config)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{checkpoint.path / 'config.json'}: {exc}") from None
+        try:
             return cls.create(
                 checkpoint.config,
                 checkpoint.iter_tensors(),
@@ -166,8 +173,6 @@ class Engine:
             info = checkpoint.tensors.get(exc.tensor_name) if exc.tensor_name else None
             where = info.file if info else str(checkpoint.path)
             raise CheckpointError(f"{where}: {exc}") from None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{checkpoint.path / 'config.json'}: {exc}") from None
         finally:
             gc.collect()
 
@@ -229,8 +234,7 @@ class Engine:
     def close(self) -> None:
         """Frees the weights and the KV cache (and releases the other ranks)."""
         self.runner.release_followers()
-        self.runner.model = None
-        self.runner.kv_cache = None
+        self.runner.close()
         self.runner = None
         self.sequences.clear()
         self.generators.clear()

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from warmserve.config import SamplingParams
+from warmserve.engine.cuda_graphs import DecodeGraphs
 from warmserve.engine.sequence import Sequence
 from warmserve.layers.attention import AttentionMetadata
 from warmserve.layers.parallel import tp_rank, tp_world_size
@@ -44,17 +45,20 @@ class ModelRunner:
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
+        max_num_seqs: int,
+        max_model_len: int,
     ):
         self.model = model
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
         layers = model.attention_layers()
-        # One allocation for the whole cache: [layers, k/v, blocks, block_size, kv heads, head dim].
+        # One allocation for the whole cache: [layers, k/v, blocks, block_size, kv heads, head dim],
+        # plus one scratch block that padded rows of a CUDA-graph batch write into.
         self.kv_cache = torch.empty(
             len(layers),
             2,
-            num_blocks,
+            num_blocks + 1,
             block_size,
             num_kv_heads,
             head_dim,
@@ -66,10 +70,20 @@ class ModelRunner:
             attention.v_cache = self.kv_cache[index, 1]
         self.tp_size = tp_world_size()
         self.is_lead = tp_rank() == 0
+        self.decode_graphs = None
+        if device.type == "cuda" and self.tp_size == 1:
+            self.decode_graphs = DecodeGraphs(
+                model, device, max_num_seqs, -(-max_model_len // block_size), block_size, num_blocks
+            )
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    def close(self) -> None:
+        self.decode_graphs = None
+        self.model = None
+        self.kv_cache = None
 
     def build_inputs(self, seqs: list[Sequence]) -> StepInputs:
         inputs = StepInputs([], [], [], [], [], [])
@@ -96,7 +110,11 @@ class ModelRunner:
         inputs = self.build_inputs(seqs)
         if self.tp_size > 1:
             dist.broadcast_object_list([inputs], src=0)
-        logits = self._forward(inputs)
+        decode = all(n == 1 for n in inputs.query_lens)
+        if decode and self.decode_graphs is not None:
+            logits = self.decode_graphs.run(inputs)
+        else:
+            logits = self._forward(inputs)
         params: list[SamplingParams] = [seq.params for seq in seqs]
         return sample(logits, params, generators).tolist()
 

@@ -43,38 +43,52 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return cache[blocks].flatten(0, 1)[:length]
 
 
-def paged_prefill_reference(
+def attend_one_sequence(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """queries [q, heads, dim] are the last q positions of keys/values [k, kv_heads, dim]."""
+    query_len, context_len = queries.shape[0], keys.shape[0]
+    queries, keys, values = (t.transpose(0, 1) for t in (queries, keys, values))
+    if query_len == context_len:
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, is_causal=True, scale=scale, enable_gqa=True
+        )
+    else:
+        query_pos = torch.arange(context_len - query_len, context_len, device=queries.device)
+        key_pos = torch.arange(context_len, device=queries.device)
+        mask = key_pos[None, :] <= query_pos[:, None]
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    return out.transpose(0, 1)
+
+
+def paged_prefill(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    from_cache: bool,
 ) -> torch.Tensor:
-    """q: [tokens, heads, head_dim]; each sequence's queries are its last `query_len` positions."""
-    heads = q.shape[1]
+    """q, k, v: [tokens, heads, head_dim] of this step; each sequence's queries are its last
+    `query_len` positions. A sequence whose whole context is in this step attends over this
+    step's keys directly (the fast path on GPU); with `from_cache`, or a cached prefix, keys come
+    from the paged cache (the reference path)."""
     out = torch.empty_like(q)
     start = 0
     for i, query_len in enumerate(meta.query_lens):
         context_len = int(meta.context_lens[i])
-        keys = gather_kv(k_cache, meta.block_tables[i], context_len)
-        values = gather_kv(v_cache, meta.block_tables[i], context_len)
-        groups = heads // keys.shape[1]
-        keys = keys.repeat_interleave(groups, dim=1).transpose(0, 1)
-        values = values.repeat_interleave(groups, dim=1).transpose(0, 1)
-        queries = q[start : start + query_len].transpose(0, 1)
-        if query_len == context_len:
-            attended = F.scaled_dot_product_attention(
-                queries, keys, values, is_causal=True, scale=scale
-            )
+        end = start + query_len
+        if from_cache or query_len != context_len:
+            keys = gather_kv(k_cache, meta.block_tables[i], context_len)
+            values = gather_kv(v_cache, meta.block_tables[i], context_len)
         else:
-            query_pos = torch.arange(context_len - query_len, context_len, device=q.device)
-            key_pos = torch.arange(context_len, device=q.device)
-            mask = key_pos[None, :] <= query_pos[:, None]
-            attended = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=mask, scale=scale
-            )
-        out[start : start + query_len] = attended.transpose(0, 1)
-        start += query_len
+            keys, values = k[start:end], v[start:end]
+        out[start:end] = attend_one_sequence(q[start:end], keys, values, scale)
+        start = end
     return out
 
 
@@ -122,6 +136,17 @@ class PagedAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
-        attend = paged_decode_reference if meta.decode_only else paged_prefill_reference
-        out = attend(q, self.k_cache, self.v_cache, meta, self.scale)
+        on_gpu = q.is_cuda
+        if not meta.decode_only:
+            out = paged_prefill(
+                q, k, v, self.k_cache, self.v_cache, meta, self.scale, from_cache=not on_gpu
+            )
+        elif on_gpu:
+            from warmserve.layers.triton_attention import paged_decode  # triton: GPU hosts only
+
+            out = paged_decode(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
+            )
+        else:
+            out = paged_decode_reference(q, self.k_cache, self.v_cache, meta, self.scale)
         return out.reshape(-1, self.num_heads * self.head_dim)

@@ -1,0 +1,188 @@
+"""GPU correctness check (run on a GPU machine, not in CI): every GPU kernel against the CPU
+reference path, and float32 greedy output on the GPU against transformers.
+
+    python scripts/gpu_check.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from warmserve.config import EngineConfig, SamplingParams
+from warmserve.engine.engine import Engine
+from warmserve.layers.attention import AttentionMetadata, paged_decode_reference, paged_prefill
+from warmserve.layers.triton_attention import paged_decode
+from warmserve.testing.checkpoints import build_checkpoint
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert not torch.isnan(out).any(), "NaN in output"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def random_paged_batch(seqs, heads, kv_heads, head_dim, block_size, dtype, device, generator):
+    context_lens = torch.randint(1, 700, (seqs,), generator=generator)
+    blocks_per_seq = [-(-int(n) // block_size) for n in context_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    tables = torch.zeros(seqs, max(blocks_per_seq), dtype=torch.int32)
+    cursor = 0
+    for row, count in enumerate(blocks_per_seq):
+        tables[row, :count] = torch.tensor(order[cursor : cursor + count])
+        cursor += count
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=generator).to(device, dtype)
+    v_cache = torch.randn(shape, generator=generator).to(device, dtype)
+    q = torch.randn(seqs, heads, head_dim, generator=generator).to(device, dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(seqs, dtype=torch.long, device=device),
+        query_lens=[1] * seqs,
+        context_lens=context_lens.to(device),
+        block_tables=tables.to(device),
+        max_context_len=int(context_lens.max()),
+        decode_only=True,
+    )
+    return q, k_cache, v_cache, meta
+
+
+def check_decode_kernel(report: dict) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for heads, kv_heads, head_dim in ((32, 8, 128), (16, 16, 64), (14, 2, 64), (4, 2, 16)):
+            q, k_cache, v_cache, meta = random_paged_batch(
+                37, heads, kv_heads, head_dim, 16, dtype, "cuda", generator
+            )
+            out = torch.full_like(q, float("nan"))
+            out.copy_(paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.1))
+            ref = paged_decode_reference(
+                q.double().cpu(),
+                k_cache.double().cpu(),
+                v_cache.double().cpu(),
+                _cpu_meta(meta),
+                0.1,
+            )
+            key = f"decode {str(dtype)[6:]} h{heads}/kv{kv_heads}/d{head_dim}"
+            report[key] = relative_error(out, ref)
+
+
+def _cpu_meta(meta: AttentionMetadata) -> AttentionMetadata:
+    return AttentionMetadata(
+        slot_mapping=meta.slot_mapping.cpu(),
+        query_lens=meta.query_lens,
+        context_lens=meta.context_lens.cpu().long(),
+        block_tables=meta.block_tables.cpu().long(),
+        max_context_len=meta.max_context_len,
+        decode_only=meta.decode_only,
+    )
+
+
+def check_prefill_fast_path(report: dict) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        query_lens = [5, 130, 1, 64]
+        tokens = sum(query_lens)
+        heads, kv_heads, head_dim, block_size = 16, 8, 128, 16
+        blocks = [-(-n // block_size) for n in query_lens]
+        tables = torch.zeros(len(query_lens), max(blocks), dtype=torch.long)
+        slots, cursor = [], 0
+        for row, (n, count) in enumerate(zip(query_lens, blocks, strict=True)):
+            tables[row, :count] = torch.arange(cursor, cursor + count)
+            slots += [
+                int(tables[row, p // block_size]) * block_size + p % block_size for p in range(n)
+            ]
+            cursor += count
+        q = torch.randn(tokens, heads, head_dim, generator=generator).cuda().to(dtype)
+        k = torch.randn(tokens, kv_heads, head_dim, generator=generator).cuda().to(dtype)
+        v = torch.randn(tokens, kv_heads, head_dim, generator=generator).cuda().to(dtype)
+        cache_shape = (cursor, block_size, kv_heads, head_dim)
+        k_cache = torch.zeros(cache_shape, dtype=dtype, device="cuda")
+        v_cache = torch.zeros(cache_shape, dtype=dtype, device="cuda")
+        slot_mapping = torch.tensor(slots, device="cuda")
+        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+        meta = AttentionMetadata(
+            slot_mapping,
+            query_lens,
+            torch.tensor(query_lens, device="cuda"),
+            tables.cuda(),
+            max(query_lens),
+            False,
+        )
+        fast = paged_prefill(q, k, v, k_cache, v_cache, meta, 0.088, from_cache=False)
+        ref = paged_prefill(
+            q.double().cpu(),
+            k.double().cpu(),
+            v.double().cpu(),
+            k_cache.double().cpu(),
+            v_cache.double().cpu(),
+            _cpu_meta(meta),
+            0.088,
+            from_cache=True,
+        )
+        report[f"prefill {str(dtype)[6:]}"] = relative_error(fast, ref)
+
+
+def check_greedy_against_transformers(report: dict, root: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    prompts = [[5, 9, 200, 31], list(range(40, 140)), [7], list(range(300, 317))]
+    for family in ("qwen3", "llama", "opt"):
+        path = build_checkpoint(
+            root / family,
+            family,
+            {"hidden_size": 256, "num_hidden_layers": 4} if family != "qwen3" else "tiny",
+        )
+        engine = Engine.from_checkpoint(
+            path, device="cuda", dtype="float32", engine_config=EngineConfig(max_num_seqs=8)
+        )
+        greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+        for index, prompt in enumerate(prompts):
+            engine.add_request(str(index), prompt, greedy)
+        outputs = {str(i): [] for i in range(len(prompts))}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                outputs[output.request_id].append(output.token_id)
+        reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+        reference.generation_config.eos_token_id = None  # as ignore_eos: EOS ids stay choosable
+        equal = 0
+        for index, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt], device="cuda")
+            expected = reference.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=24,
+                do_sample=False,
+            )[0, len(prompt) :].tolist()
+            equal += expected == outputs[str(index)]
+        report[f"greedy float32 {family} (prompts equal to transformers)"] = (
+            f"{equal}/{len(prompts)}"
+        )
+        report[f"graphs captured {family}"] = sorted(engine.runner.decode_graphs.graphs)
+        engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    report: dict = {"device": torch.cuda.get_device_name()}
+    check_decode_kernel(report)
+    check_prefill_fast_path(report)
+    with tempfile.TemporaryDirectory() as root:
+        check_greedy_against_transformers(report, Path(root))
+    for key, value in report.items():
+        print(f"{key:60s} {value}")
+    if args.out:
+        Path(args.out, "gpu_check.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
