@@ -1,0 +1,133 @@
+"""An in-memory stand-in for the Controller, for fast tests of the HTTP layer alone.
+
+It produces one token per "word" ("w0 w1 ..."), and can be told to fail a model's streams
+mid-way, which the real controller does only when a worker dies or the model is unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from warmserve.config import SamplingParams
+from warmserve.controller.errors import (
+    InvalidRequest,
+    ModelExists,
+    ModelNotFound,
+    ModelUnavailable,
+    NoCapacity,
+    PathForbidden,
+)
+from warmserve.controller.types import GenerationChunk, LoadResult, ModelInfo, WorkerInfo
+
+VOCAB_SIZE = 100
+
+
+class FakeTokenizer:
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        lines = [f"{message['role']}: {message['content']}" for message in messages]
+        return "\n".join([*lines, "assistant:"])
+
+    def encode(self, text: str) -> list[int]:
+        return [len(word) % VOCAB_SIZE for word in text.split()]
+
+
+class FakeController:
+    def __init__(self, workers: int = 2):
+        self._workers = [
+            WorkerInfo(i, 1000 + i, "cpu", "idle", None, 4 << 30, 0, 0) for i in range(workers)
+        ]
+        self._models: dict[str, ModelInfo] = {}
+        self._listeners = []
+        self.loads_seen = 0
+        self.failing_models: set[str] = set()
+        self.token_delay_s = 0.0
+        self.aborted: list[str] = []
+        self.last_prompt: str | list[int] | None = None
+        self.last_params: SamplingParams | None = None
+        self.host_cache_bytes = 0
+        self.host_cache_capacity_bytes = 1 << 30
+
+    def add_listener(self, callback) -> None:
+        self._listeners.append(callback)
+
+    def _emit(self, event: str, name: str) -> None:
+        for callback in self._listeners:
+            callback(event, name)
+
+    async def load(self, name, path, tensor_parallel_size=1, dtype="auto", max_model_len=None):
+        if path.startswith("/"):
+            raise PathForbidden(f"{path} is outside the model root")
+        if name in self._models:
+            raise ModelExists(f"model {name!r} is already loaded")
+        idle = [worker for worker in self._workers if worker.state == "idle"]
+        if len(idle) < tensor_parallel_size:
+            raise NoCapacity("no idle workers")
+        chosen = idle[:tensor_parallel_size]
+        for worker in chosen:
+            worker.state, worker.model, worker.memory_used_bytes = "loaded", name, 1 << 20
+        self.loads_seen += 1
+        source = "host-cache" if self.loads_seen > 1 else "disk"
+        self._models[name] = ModelInfo(
+            name,
+            path,
+            "loaded",
+            [worker.id for worker in chosen],
+            tensor_parallel_size,
+            dtype,
+            max_model_len or 512,
+            source,
+            0.01,
+        )
+        self._emit("loaded", name)
+        return LoadResult(name, [worker.id for worker in chosen], 0.01, source)
+
+    async def unload(self, name: str) -> float:
+        if name not in self._models:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        self._emit("unloading", name)
+        del self._models[name]
+        for worker in self._workers:
+            if worker.model == name:
+                worker.state, worker.model, worker.memory_used_bytes = "idle", None, 0
+        self._emit("unloaded", name)
+        return 0.002
+
+    def model(self, name: str) -> ModelInfo:
+        if name not in self._models:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        return self._models[name]
+
+    def models(self) -> list[ModelInfo]:
+        return list(self._models.values())
+
+    def workers(self) -> list[WorkerInfo]:
+        return list(self._workers)
+
+    def tokenizer(self, name: str) -> FakeTokenizer:
+        self.model(name)
+        return FakeTokenizer()
+
+    async def generate(
+        self, name: str, prompt: str | list[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        info = self.model(name)
+        if isinstance(prompt, list) and any(token >= VOCAB_SIZE for token in prompt):
+            raise InvalidRequest(f"token ids must be below {VOCAB_SIZE}")
+        self.last_prompt, self.last_params = prompt, params
+        prompt_tokens = len(prompt) if isinstance(prompt, list) else len(prompt.split())
+        info.requests_in_flight += 1
+        try:
+            for index in range(params.max_tokens):
+                if index and name in self.failing_models:
+                    raise ModelUnavailable(f"model {name!r} was unloaded")
+                await asyncio.sleep(self.token_delay_s)
+                last = index == params.max_tokens - 1
+                yield GenerationChunk(
+                    f" w{index}", [index], "length" if last else None, prompt_tokens, index + 1
+                )
+        except (GeneratorExit, asyncio.CancelledError):
+            self.aborted.append(name)
+            raise
+        finally:
+            info.requests_in_flight -= 1

@@ -1,0 +1,334 @@
+"""The HTTP layer over an in-memory controller: validation, error bodies, SSE framing, auth,
+metrics. Fast; the same behaviour against real workers is in the test_e2e_* modules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from fake_controller import FakeController
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from warmserve.api import create_app
+from warmserve.api.limits import MAX_BODY_BYTES
+from warmserve.api.openai_schemas import (
+    CHAT_DEFAULT_MAX_TOKENS,
+    COMPLETION_DEFAULT_MAX_TOKENS,
+)
+from warmserve.config import ServerConfig
+
+MODEL = "m"
+API_KEY = "secret"
+
+
+@pytest.fixture
+def controller() -> FakeController:
+    fake = FakeController()
+    return fake
+
+
+@pytest.fixture
+def client(controller):
+    app = create_app(controller, ServerConfig(device="cpu"))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        test_client.post("/admin/models", json={"name": MODEL, "path": "m"}).raise_for_status()
+        yield test_client
+
+
+def sse_payloads(text: str) -> list:
+    """Parses a body as the openai client does; asserts the framing on the way."""
+    assert text.endswith("data: [DONE]\n\n")
+    events = text.split("\n\n")
+    assert events[-1] == ""
+    payloads = []
+    for event in events[:-2]:
+        assert event.startswith("data: ") and "\n" not in event
+        payloads.append(json.loads(event.removeprefix("data: ")))
+    return payloads
+
+
+def assert_error(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "code"}
+    assert error["code"] == code
+    assert "Traceback" not in error["message"]
+    return error
+
+
+def test_completion_fills_usage_and_uses_openai_default_max_tokens(client, controller):
+    response = client.post("/v1/completions", json={"model": MODEL, "prompt": "a b c"})
+    body = response.json()
+    assert response.status_code == 200
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": COMPLETION_DEFAULT_MAX_TOKENS,
+        "total_tokens": 3 + COMPLETION_DEFAULT_MAX_TOKENS,
+    }
+    assert controller.last_params.max_tokens == COMPLETION_DEFAULT_MAX_TOKENS
+
+
+def test_sampling_fields_reach_the_controller(client, controller):
+    client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": [[1, 2, 3]],
+            "max_tokens": 3,
+            "temperature": 0,
+            "top_p": 0.5,
+            "top_k": 4,
+            "seed": 7,
+            "stop": "x",
+            "ignore_eos": True,
+        },
+    ).raise_for_status()
+    params = controller.last_params
+    assert controller.last_prompt == [1, 2, 3]
+    assert (params.max_tokens, params.temperature, params.top_p, params.top_k) == (3, 0, 0.5, 4)
+    assert (params.seed, params.stop, params.ignore_eos) == (7, ("x",), True)
+
+
+def test_chat_renders_text_parts_and_prefers_max_completion_tokens(client, controller):
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "you"}],
+        },
+    ]
+    body = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": 9, "max_completion_tokens": 2},
+    ).json()
+    assert controller.last_prompt == "system: be brief\nuser: hi\nyou\nassistant:"
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": " w0 w1"}
+    assert body["usage"]["completion_tokens"] == 2
+
+
+def test_chat_default_max_tokens(client, controller):
+    client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]},
+    ).raise_for_status()
+    assert controller.last_params.max_tokens == CHAT_DEFAULT_MAX_TOKENS
+
+
+def test_chat_stream_framing_role_first_finish_last_then_usage(client):
+    response = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert response.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_payloads(response.text)
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    contents = [chunk["choices"][0]["delta"].get("content") for chunk in chunks[1:-2]]
+    assert "".join(contents) == " w0 w1 w2"
+    assert chunks[-2]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+
+
+def test_completion_stream_carries_finish_reason_on_last_text_chunk(client):
+    response = client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2, "stream": True}
+    )
+    chunks = sse_payloads(response.text)
+    assert [chunk["choices"][0]["text"] for chunk in chunks] == [" w0", " w1"]
+    assert [chunk["choices"][0]["finish_reason"] for chunk in chunks] == [None, "length"]
+
+
+def test_failure_mid_stream_becomes_an_error_event_then_done(client, controller):
+    controller.failing_models.add(MODEL)
+    response = client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 5, "stream": True}
+    )
+    assert response.status_code == 200
+    chunks = sse_payloads(response.text)
+    assert chunks[-1]["error"]["code"] == "model_unavailable"
+    assert chunks[-1]["error"]["type"] == "service_unavailable_error"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("temperature", 2.5, "temperature"),
+        ("temperature", -0.1, "temperature"),
+        ("temperature", math.nan, "temperature"),
+        ("temperature", math.inf, "temperature"),
+        ("top_p", 0, "top_p"),
+        ("top_p", 1.5, "top_p"),
+        ("max_tokens", 0, "max_tokens"),
+        ("max_tokens", 10**12, "max_tokens"),
+        ("max_tokens", "many", "max_tokens"),
+        ("top_k", -2, "top_k"),
+        ("n", 2, "n must be 1"),
+        ("seed", 2**70, "seed"),
+        ("prompt", [[1], [2]], "batched prompts"),
+        ("prompt", ["a", "b"], "batched prompts"),
+        ("prompt", [], "non-empty"),
+        ("prompt", [1, -1], "non-negative"),
+        ("prompt", {"text": "a"}, "prompt"),
+        ("stop", ["s"] * 17, "stop"),
+        ("echo", True, "echo is not supported"),
+        ("logprobs", 2, "logprobs is not supported"),
+        ("stream_options", {"include_usage": True}, "stream: true"),
+    ],
+)
+def test_invalid_completion_fields_are_400_naming_the_field(client, field, value, fragment):
+    body = {"model": MODEL, "prompt": "a", field: value}
+    # allow_nan: the json module writes NaN/Infinity literals, as some clients do.
+    response = client.post(
+        "/v1/completions",
+        content=json.dumps(body, allow_nan=True),
+        headers={"content-type": "application/json"},
+    )
+    error = assert_error(response, 400, "invalid_request")
+    assert error["type"] == "invalid_request_error"
+    assert fragment in error["message"]
+
+
+def test_chat_refuses_images_and_empty_messages(client):
+    image = {"type": "image_url", "image_url": {"url": "http://x"}}
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": [image]}]},
+    )
+    assert "image_url" in assert_error(response, 400, "invalid_request")["message"]
+    response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert "messages" in assert_error(response, 400, "invalid_request")["message"]
+
+
+def test_malformed_json_missing_model_and_controller_refusals(client):
+    response = client.post(
+        "/v1/completions", content=b'{"model": ', headers={"content-type": "application/json"}
+    )
+    assert "not valid JSON" in assert_error(response, 400, "invalid_request")["message"]
+    response = client.post("/v1/completions", json={"prompt": "a"})
+    assert "model" in assert_error(response, 400, "invalid_request")["message"]
+    response = client.post("/v1/completions", json={"model": MODEL, "prompt": [5, 100]})
+    assert_error(response, 400, "invalid_request")
+    response = client.post("/v1/completions", json={"model": "nope", "prompt": "a"})
+    assert_error(response, 404, "model_not_found")
+
+
+def test_http_level_errors(client):
+    assert_error(client.get("/v1/nothing"), 404, "not_found")
+    assert_error(client.get("/v1/completions"), 405, "method_not_allowed")
+    too_big = b"x" * (MAX_BODY_BYTES + 1)
+    response = client.post(
+        "/v1/completions", content=too_big, headers={"content-type": "application/json"}
+    )
+    assert_error(response, 413, "request_too_large")
+
+
+def test_admin_errors_and_retry_after(client):
+    response = client.post("/admin/models", json={"name": MODEL, "path": "m"})
+    assert_error(response, 409, "model_exists")
+    response = client.post("/admin/models", json={"name": "x", "path": "/etc"})
+    assert_error(response, 403, "path_outside_model_root")
+    response = client.post("/admin/models", json={"name": "x", "path": "m", "tensor_paralel": 2})
+    assert "tensor_paralel" in assert_error(response, 400, "invalid_request")["message"]
+    response = client.post(
+        "/admin/models", json={"name": "x", "path": "m", "tensor_parallel_size": 2}
+    )
+    assert_error(response, 503, "no_capacity")
+    assert response.headers["retry-after"] == "5"
+    assert_error(client.delete("/admin/models/nope"), 404, "model_not_found")
+
+
+def test_unexpected_exception_is_a_generic_500(client, controller):
+    def broken_models():
+        raise RuntimeError("secret internals")
+
+    controller.models = broken_models
+    error = assert_error(client.get("/v1/models"), 500, "internal_error")
+    assert "secret" not in error["message"]
+
+
+def test_api_key_guards_everything_but_health(controller):
+    app = create_app(controller, ServerConfig(device="cpu", api_key=API_KEY))
+    with TestClient(app) as client:
+        assert client.get("/health").json() == {"status": "ok", "workers": 2}
+        assert_error(client.get("/v1/models"), 401, "invalid_api_key")
+        wrong = {"Authorization": "Bearer nope"}
+        assert_error(client.get("/metrics", headers=wrong), 401, "invalid_api_key")
+        right = {"Authorization": f"Bearer {API_KEY}"}
+        assert client.get("/v1/models", headers=right).status_code == 200
+
+
+def test_models_and_admin_listings(client):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    card = models["data"][0]
+    assert {card["id"], card["object"], card["owned_by"], card["state"]} == {
+        MODEL,
+        "model",
+        "warmserve",
+        "loaded",
+    }
+    assert client.get("/admin/models").json()[0]["name"] == MODEL
+    workers = client.get("/admin/workers").json()
+    assert {"id", "pid", "device", "state", "model", "memory_used_bytes"} <= set(workers[0])
+
+
+def test_metrics_count_requests_tokens_swaps_and_pool(client, controller):
+    client.post("/v1/completions", json={"model": MODEL, "prompt": "a b", "max_tokens": 4})
+    client.post("/admin/models", json={"name": "other", "path": "o"}).raise_for_status()
+    client.delete("/admin/models/other").raise_for_status()
+    client.post("/v1/completions", json={"model": "ghost", "prompt": "a"})
+    text = client.get("/metrics").text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert all(name.startswith("warmserve_") for name, _ in samples)
+    ok = (("model", MODEL), ("route", "/v1/completions"), ("status", "200"))
+    assert samples[("warmserve_requests_total", ok)] == 1
+    unknown = (("model", ""), ("route", "/v1/completions"), ("status", "404"))
+    assert samples[("warmserve_requests_total", unknown)] == 1
+    assert samples[("warmserve_prompt_tokens_total", (("model", MODEL),))] == 2
+    assert samples[("warmserve_generation_tokens_total", (("model", MODEL),))] == 4
+    assert samples[("warmserve_time_to_first_token_seconds_count", (("model", MODEL),))] == 1
+    assert samples[("warmserve_model_load_seconds_count", (("source", "disk"),))] == 1
+    assert samples[("warmserve_model_load_seconds_count", (("source", "host-cache"),))] == 1
+    assert samples[("warmserve_model_unload_seconds_count", ())] == 1
+    assert samples[("warmserve_worker_state", (("state", "loaded"), ("worker", "0")))] == 1
+    assert samples[("warmserve_worker_state", (("state", "idle"), ("worker", "0")))] == 0
+    assert ("warmserve_host_cache_bytes", ()) in samples
+
+
+def test_only_model_app_serves_one_model(controller):
+    app = create_app(controller, ServerConfig(device="cpu"), only_model=MODEL)
+    with TestClient(app) as client:
+        assert_error(client.get("/admin/workers"), 404, "not_found")
+        assert_error(client.post("/v1/completions", json={"prompt": "a"}), 404, "model_not_found")
+        controller._models[MODEL] = controller._models.get(MODEL) or _model_info()
+        assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 200
+        response = client.post("/v1/completions", json={"model": "other", "prompt": "a"})
+        assert "serves only" in assert_error(response, 404, "model_not_found")["message"]
+        assert [card["id"] for card in client.get("/v1/models").json()["data"]] == [MODEL]
+
+
+def _model_info():
+    from warmserve.controller.types import ModelInfo
+
+    return ModelInfo(MODEL, "m", "loaded", [0])

@@ -1,0 +1,87 @@
+"""Admin routes: load and unload models, list models and workers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from warmserve.api.services import Services
+
+
+class LoadModelRequest(BaseModel):
+    # A misspelt option must fail loudly rather than load the model with its default.
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(None, ge=1)
+    port: int | None = Field(None, ge=1, le=65535)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_not_padded(cls, name: str) -> str:
+        # Clients put the name in "model" verbatim; stray spaces would make it unreachable.
+        if name != name.strip():
+            raise PydanticCustomError("name", "name must not start or end with spaces")
+        return name
+
+
+def admin_router(services: Services) -> APIRouter:
+    router = APIRouter(prefix="/admin")
+    controller = services.controller
+
+    @router.post("/models")
+    async def load_model(body: LoadModelRequest, request: Request) -> dict:
+        reservation = services.listeners.reserve(body.port) if body.port is not None else None
+        try:
+            result = await controller.load(
+                body.name,
+                body.path,
+                tensor_parallel_size=body.tensor_parallel_size,
+                dtype=body.dtype,
+                max_model_len=body.max_model_len,
+            )
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
+        request.state.model = result.name
+        if reservation is not None:
+            await services.listeners.open(result.name, reservation)
+        return {
+            "name": result.name,
+            "workers": result.workers,
+            "load_seconds": result.load_seconds,
+            "source": result.source,
+            "port": body.port,
+        }
+
+    @router.delete("/models/{name}")
+    async def unload_model(name: str, request: Request) -> dict:
+        unload_seconds = await controller.unload(name)
+        request.state.model = name
+        # The "unloaded" event closes the port too; waiting here means that once this answers,
+        # the port is closed.
+        await services.listeners.close(name)
+        return {"name": name, "unload_seconds": unload_seconds}
+
+    @router.get("/models")
+    async def list_models() -> list[dict]:
+        models = []
+        for info in controller.models():
+            model = asdict(info)
+            model["port"] = info.port or services.listeners.port_of(info.name)
+            models.append(model)
+        return models
+
+    @router.get("/workers")
+    async def list_workers() -> list[dict]:
+        return [asdict(worker) for worker in controller.workers()]
+
+    return router

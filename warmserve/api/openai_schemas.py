@@ -1,0 +1,247 @@
+"""OpenAI request and response bodies for /v1/completions, /v1/chat/completions and /v1/models.
+
+Requests are validated here so that a bad field is a 400 naming that field; anything warmserve
+cannot honour (several choices, log-probabilities, tools, ...) is refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from warmserve.config import SamplingParams
+
+# OpenAI's default for /v1/completions.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+# OpenAI's chat default is "up to the context window"; a runaway default answer would hold a
+# worker for minutes, so warmserve stops at this many tokens unless asked for more.
+CHAT_DEFAULT_MAX_TOKENS = 256
+# No model's context is this long: a larger max_tokens is a client bug, not a request.
+MAX_TOKENS_LIMIT = 1 << 20
+MAX_STOP_SEQUENCES = 16
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+# OpenAI fields warmserve does not implement, with the values that ask for nothing.
+UNSUPPORTED_UNLESS = {
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def _single_prompt(value: Any) -> Any:
+    """A string or a list of token ids; OpenAI's batch forms are accepted with one element."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value:
+        raise PydanticCustomError(
+            "prompt", "prompt must be a non-empty string or a non-empty list of token ids"
+        )
+    if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        if any(item < 0 for item in value):
+            raise PydanticCustomError("prompt", "token ids must be non-negative integers")
+        return value
+    if all(isinstance(item, (str, list)) for item in value):
+        if len(value) != 1:
+            raise PydanticCustomError(
+                "prompt", "batched prompts are not supported: send one prompt per request"
+            )
+        return _single_prompt(value[0])
+    raise PydanticCustomError(
+        "prompt", "prompt must be a string, a list of token ids, or a list of one of those"
+    )
+
+
+def _text_content(value: Any) -> Any:
+    """Message content as one string; a list of text parts is joined with newlines."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if not isinstance(value, list):
+        raise PydanticCustomError("content", "content must be a string or a list of text parts")
+    texts = []
+    for part in value:
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise PydanticCustomError(
+                "content", "only text content parts are supported, got '{kind}'", {"kind": kind}
+            )
+        if not isinstance(part.get("text"), str):
+            raise PydanticCustomError("content", "a text content part needs a string 'text'")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationRequest(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    # Unknown fields are kept so UNSUPPORTED_UNLESS can refuse the ones that matter.
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: str | list[str] | None = None
+    n: int | None = None
+    # vLLM extensions.
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    ignore_eos: bool = False
+
+    @model_validator(mode="after")
+    def _refuse_what_is_not_implemented(self) -> GenerationRequest:
+        if self.n not in (None, 1):
+            raise PydanticCustomError("n", "n must be 1: warmserve returns one choice per request")
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError("stream_options", "stream_options needs stream: true")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_SEQUENCES:
+            raise PydanticCustomError(
+                "stop", "at most {limit} stop sequences", {"limit": MAX_STOP_SEQUENCES}
+            )
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED_UNLESS and value not in UNSUPPORTED_UNLESS[name]:
+                raise PydanticCustomError(
+                    "unsupported", "{name} is not supported by warmserve", {"name": name}
+                )
+        return self
+
+    @property
+    def include_usage_chunk(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=self.requested_max_tokens() or default_max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            stop=stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: Annotated[str | list[int], BeforeValidator(_single_prompt)]
+
+
+class ChatMessage(BaseModel):
+    role: str = Field(min_length=1)
+    content: Annotated[str, BeforeValidator(_text_content)] = ""
+    name: str | None = None
+
+    def template_message(self) -> dict[str, str]:
+        message = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+
+    def requested_max_tokens(self) -> int | None:
+        # OpenAI deprecated max_tokens for chat in favour of max_completion_tokens.
+        return self.max_completion_tokens or self.max_tokens
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    """A whole completion, and also each streamed chunk of one (OpenAI uses one shape for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    # Only the keys that changed: {"role": ...} first, then {"content": ...}, {} at the end.
+    delta: dict[str, str]
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "warmserve"
+    state: str
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    workers: list[int] = Field(default_factory=list)
+    port: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,264 @@
+"""`warmserve serve | load | unload | ps | demo`.
+
+Only `serve` and `demo` import the server side (torch among it), so the client commands start
+in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from warmserve.client import AdminClient, ServerError
+from warmserve.text_tables import format_bytes, format_table
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+API_KEY_ENV = "WARMSERVE_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="warmserve",
+        description="Serve many LLMs from one pool of pre-warmed workers.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    serve.add_argument(
+        "--workers", type=_positive_int, help="worker processes (default: one per GPU, 2 on CPU)"
+    )
+    serve.add_argument(
+        "--models", metavar="MODELS_YAML", help="registry of models to load on demand by name"
+    )
+    serve.add_argument("--model-root", help="directory that model paths are resolved against")
+    serve.add_argument(
+        "--host-cache-gb", type=float, default=16.0, help="host memory for unloaded weights"
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})",
+    )
+    serve.set_defaults(run=run_serve)
+
+    load = commands.add_parser("load", help="load a model into the running server")
+    load.add_argument("name", help="the name clients put in 'model'")
+    load.add_argument("path", help="checkpoint directory, relative to the server's --model-root")
+    load.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size")
+    load.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    load.add_argument("--max-model-len", type=_positive_int)
+    load.add_argument("--port", type=int, help="also serve this model alone on this port")
+    load.set_defaults(run=run_load)
+
+    unload = commands.add_parser("unload", help="unload a model from the running server")
+    unload.add_argument("name")
+    unload.set_defaults(run=run_unload)
+
+    ps = commands.add_parser("ps", help="list the running server's models and workers")
+    ps.set_defaults(run=run_ps)
+
+    for client_command in (load, unload, ps):
+        client_command.add_argument("--url", default=DEFAULT_URL, help="the server's address")
+        client_command.add_argument(
+            "--api-key",
+            default=os.environ.get(API_KEY_ENV),
+            help=f"the server's API key (default: ${API_KEY_ENV})",
+        )
+
+    demo = commands.add_parser(
+        "demo", help="load, swap and reload two tiny models and print the timings"
+    )
+    demo.add_argument("--dir", default=".checkpoints", help="where the demo checkpoints live")
+    demo.set_defaults(run=run_demo)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ServerError as exc:
+        print(f"warmserve: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from warmserve.api.server import bind_socket
+    from warmserve.config import ConfigError, ServerConfig
+    from warmserve.controller.pool import StartupError
+    from warmserve.controller.registry import RegistryError
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        workers=args.workers,
+        model_root=args.model_root,
+        models_file=args.models,
+        host_cache_gb=args.host_cache_gb,
+        api_key=args.api_key or None,
+    )
+    # Bound before the workers start, so a taken port fails at once; connections are refused
+    # until the pool is warm and the gateway listens.
+    try:
+        sock = bind_socket(config.host, config.port)
+    except OSError as exc:
+        print(
+            f"warmserve: error: cannot listen on {config.host}:{config.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        with sock:
+            asyncio.run(_serve(config, sock))
+    except (StartupError, RegistryError, ConfigError) as exc:
+        print(f"warmserve: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(config, sock) -> None:
+    from warmserve.api.gateway import serve_gateway
+    from warmserve.controller.controller import Controller
+
+    logger = logging.getLogger("warmserve")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signal_number, stop.set)
+
+    controller = Controller(config)
+    try:
+        logger.info("starting the worker pool (device %s)", config.device)
+        if await _until_stopped(controller.start(), stop):
+            await serve_gateway(controller, config, sock, stop)
+    finally:
+        logger.info("stopping the worker pool")
+        await controller.close()
+
+
+async def _until_stopped(work, stop: asyncio.Event) -> bool:
+    """Runs `work` unless `stop` is set first (then cancels it); True if `work` finished."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
+
+
+def run_load(args: argparse.Namespace) -> int:
+    with AdminClient(args.url, args.api_key) as client:
+        result = client.load(
+            args.name,
+            args.path,
+            tensor_parallel_size=args.tp,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            port=args.port,
+        )
+    workers = ", ".join(str(worker) for worker in result["workers"])
+    line = (
+        f"loaded {result['name']} on worker(s) {workers} in {result['load_seconds']:.3f} s "
+        f"(from {result['source']})"
+    )
+    if result.get("port"):
+        line += f"; also serving it on port {result['port']}"
+    print(line)
+    return 0
+
+
+def run_unload(args: argparse.Namespace) -> int:
+    with AdminClient(args.url, args.api_key) as client:
+        result = client.unload(args.name)
+    print(f"unloaded {result['name']} in {result['unload_seconds']:.3f} s")
+    return 0
+
+
+def run_ps(args: argparse.Namespace) -> int:
+    with AdminClient(args.url, args.api_key) as client:
+        models, workers = client.models(), client.workers()
+    if models:
+        print(
+            format_table(
+                [
+                    "MODEL",
+                    "STATE",
+                    "WORKERS",
+                    "TP",
+                    "DTYPE",
+                    "SOURCE",
+                    "LOAD S",
+                    "PORT",
+                    "IN FLIGHT",
+                ],
+                [
+                    [
+                        model["name"],
+                        model["state"],
+                        ",".join(str(worker) for worker in model["workers"]) or "-",
+                        model["tensor_parallel_size"],
+                        model["dtype"],
+                        model["load_source"] or "-",
+                        _seconds(model["load_seconds"]),
+                        model["port"] or "-",
+                        model["requests_in_flight"],
+                    ]
+                    for model in models
+                ],
+            )
+        )
+    else:
+        print("no models")
+    print()
+    print(
+        format_table(
+            ["WORKER", "PID", "DEVICE", "STATE", "MODEL", "MEMORY USED", "MEMORY TOTAL"],
+            [
+                [
+                    worker["id"],
+                    worker["pid"] or "-",
+                    worker["device"],
+                    worker["state"],
+                    worker["model"] or "-",
+                    format_bytes(worker["memory_used_bytes"]),
+                    format_bytes(worker["memory_total_bytes"]),
+                ]
+                for worker in workers
+            ],
+        )
+    )
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from warmserve.demo import run_demo_in_process
+
+    return run_demo_in_process(args.dir)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
