@@ -78,7 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--dir", default=".checkpoints", help="where the demo checkpoints live")
     demo.set_defaults(run=run_demo)
+
+    bench = commands.add_parser(
+        "bench", help="measure swap, load and decode against baselines; write BENCHMARKS.md"
+    )
+    from warmserve.bench.swap import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(run=run_bench)
     return parser
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from warmserve.bench.swap import run
+
+    return run(args)
 
 
 def _positive_int(text: str) -> int:

@@ -1,8 +1,10 @@
 """Linear layers sharded for tensor parallelism (Megatron style).
 
-Each parameter carries a `weight_loader(param, loaded)` that takes the full checkpoint tensor,
+A sharded layer has a `weight_loader(param, loaded)` method that takes the full checkpoint tensor,
 checks its shape and copies this rank's slice, so the model's loader never needs to know how a
-layer is sharded.
+layer is sharded. (A method of the layer, not an attribute of the parameter: a parameter that
+pointed back at its layer would make a reference cycle, and an unloaded model would then wait for
+the garbage collector to give its memory back.)
 """
 
 from __future__ import annotations
@@ -34,10 +36,8 @@ class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from warmserve.layers.linear import copy_full
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
-        self.weight.weight_loader = copy_full
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -31,10 +28,9 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """torch's LayerNorm whose parameters load from a checkpoint like every other layer."""
+    """torch's LayerNorm with frozen parameters, like every other layer here."""
 
     def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
         super().__init__(dim, eps=eps, bias=bias)
         for param in self.parameters():
             param.requires_grad_(False)
-            param.weight_loader = copy_full

@@ -21,7 +21,6 @@ class VocabParallelEmbedding(nn.Module):
         self.rows_per_rank = -(-vocab_size // self.tp_size)
         self.start = self.tp_rank * self.rows_per_rank
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, dim), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         check_shape(loaded, (self.vocab_size, param.shape[1]))

@@ -14,7 +14,6 @@ from warmserve.layers.linear import (
     ColumnParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
-    copy_full,
 )
 from warmserve.layers.norm import LayerNorm
 from warmserve.layers.parallel import divide, tp_world_size
@@ -79,7 +78,6 @@ class OPTDecoder(nn.Module):
         self.embed_positions = nn.Embedding(
             config.max_position_embeddings + POSITION_OFFSET, config.hidden_size
         ).requires_grad_(False)
-        self.embed_positions.weight.weight_loader = copy_full
         projected = word_dim != config.hidden_size
         self.project_in = (
             ReplicatedLinear(word_dim, config.hidden_size, False) if projected else None

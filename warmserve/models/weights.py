@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from warmserve.layers.linear import ShapeMismatch
+from warmserve.layers.linear import ShapeMismatch, copy_full
 
 
 class WeightLoadError(ValueError):
@@ -31,8 +31,10 @@ def load_parameters(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]
         param = params.get(target)
         if param is None:
             raise WeightLoadError(name, "tensor not used by this architecture")
+        module_name, _, _ = target.rpartition(".")
+        weight_loader = getattr(model.get_submodule(module_name), "weight_loader", copy_full)
         try:
-            param.weight_loader(param, tensor)
+            weight_loader(param, tensor)
         except ShapeMismatch as exc:
             raise WeightLoadError(name, str(exc)) from exc
         missing.discard(target)

@@ -251,6 +251,7 @@ class Worker:
             self.engine = self.build_engine(command)
         except Exception as exc:
             self.drop_model()
+            gc.collect()  # a failed build may leave tensors in the traceback's frames
             bad_checkpoint = isinstance(exc, (CheckpointError, WeightLoadError))
             error_type = "CheckpointError" if bad_checkpoint else type(exc).__name__
             self.reply(command.command_id, error=str(exc), error_type=error_type)
@@ -318,7 +319,6 @@ class Worker:
             except Exception:
                 traceback.print_exc()
         self.tp_rank, self.tp_size = 0, 1
-        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
