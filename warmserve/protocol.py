@@ -139,6 +139,9 @@ class ModelLost(msgspec.Struct, tag=True, frozen=True):
 
     worker_id: int
     error: str
+    # The LoadModel that built the lost model: the server may already have given this worker
+    # to another model by the time this arrives.
+    load_command_id: int
 
 
 class SegmentRegistered(msgspec.Struct, tag=True, frozen=True):

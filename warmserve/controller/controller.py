@@ -75,6 +75,7 @@ class Deployment:
     # same id, which this deployment never owns.
     handles: list[WorkerHandle] = field(default_factory=list)
     workers_released: bool = False  # its workers went back to the pool (happens once)
+    load_command_ids: dict[int, int] = field(default_factory=dict)  # worker id -> its LoadModel
     tokenizer: ModelTokenizer | None = None
     client: engine_client.EngineClient | None = None
     load_source: str | None = None
@@ -264,7 +265,8 @@ class Controller:
             self.registered_segments.setdefault(event.shm_name, set()).add(event.worker_id)
         elif isinstance(event, ModelLost):
             deployment = self._deployment_on(event.worker_id)
-            if deployment is not None:
+            loaded_by = deployment.load_command_ids.get(event.worker_id) if deployment else None
+            if loaded_by == event.load_command_id:
                 self._fail_deployment(deployment, f"worker {event.worker_id}: {event.error}")
 
     def _deployment_on(self, worker_id: int) -> Deployment | None:
@@ -533,6 +535,7 @@ class Controller:
         engine = self.config.engine
 
         def build(rank: int, command_id: int) -> LoadModel:
+            deployment.load_command_ids[deployment.handles[rank].id] = command_id
             return LoadModel(
                 command_id=command_id,
                 name=deployment.name,

@@ -202,8 +202,12 @@ class WorkerPool:
                     reader.recv()
                 elif not self.closing:
                     process = watched[item].process
-                    reported[id(process)] = process
-                    self.loop.call_soon_threadsafe(self._died, watched[item].id)
+                    # The sentinel fires as the process closes its files, a moment before it
+                    # can be reaped; until then is_alive() is still true.
+                    process.join(timeout=1.0)
+                    if process.exitcode is not None:
+                        reported[id(process)] = process
+                        self.loop.call_soon_threadsafe(self._died, watched[item].id)
 
     def _wake_monitor(self) -> None:
         if self._monitor is not None:

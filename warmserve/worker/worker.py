@@ -95,6 +95,7 @@ class Worker:
         self.events = events
         self.device = torch.device(args.device)
         self.engine: Engine | None = None
+        self.load_command_id = 0  # of the LoadModel that built `engine`
         self.tp_rank = 0
         self.tp_size = 1
         # Host-store segments mapped and registered for DMA, kept across loads.
@@ -237,7 +238,7 @@ class Worker:
         except Exception as exc:  # a dead peer or a fault in the model: the model is lost
             traceback.print_exc()
             self.drop_model()
-            self.send(ModelLost(self.args.worker_id, f"{type(exc).__name__}: {exc}"))
+            self.model_lost(exc)
             return
         if outputs:
             self.send(
@@ -267,6 +268,7 @@ class Worker:
                 )
             self.tp_rank, self.tp_size = command.tp_rank, command.tp_size
             self.engine = self.build_engine(command)
+            self.load_command_id = command.command_id
         except Exception as exc:
             self.drop_model()
             gc.collect()  # a failed build may leave tensors in the traceback's frames
@@ -316,7 +318,12 @@ class Worker:
             self.engine.follow()
         except Exception as exc:
             self.drop_model()
-            self.send(ModelLost(self.args.worker_id, f"{type(exc).__name__}: {exc}"))
+            self.model_lost(exc)
+
+    def model_lost(self, exc: Exception) -> None:
+        self.send(
+            ModelLost(self.args.worker_id, f"{type(exc).__name__}: {exc}", self.load_command_id)
+        )
 
     def unload(self, command: UnloadModel) -> None:
         started = time.perf_counter()
