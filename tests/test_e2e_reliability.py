@@ -200,7 +200,7 @@ def test_racing_loads_unloads_and_generations_leave_the_controller_consistent(se
         with server.http() as client:
             while time.monotonic() < deadline:
                 name = rng.choice(list(MODELS))
-                action = rng.choice(["load", "unload", "generate", "stream"])
+                action = rng.choice(["load", "unload", "generate", "stream", "hang up"])
                 try:
                     act(client, rng, action, name, record)
                 except httpx.HTTPError as exc:
@@ -263,12 +263,19 @@ def act(client: httpx.Client, rng: random.Random, action: str, name: str, record
         check_answer(response, {200, 404, 409}, action, record)
     elif action == "generate":
         body = {"model": name, "prompt": "Hello", "max_tokens": rng.randint(1, 24)}
+        if rng.random() < 0.2:  # unloads itself once idle: races the next load
+            body["keep_alive"] = 0
         response = client.post("/v1/completions", json=body)
         check_answer(response, {200, 503}, action, record)
         if response.status_code == 200:
             usage = response.json()["usage"]
             if not 1 <= usage["completion_tokens"] <= body["max_tokens"]:
                 record(action, 599, f"usage {usage} for {body}")
+    elif action == "hang up":
+        with client.stream("POST", "/v1/completions", json=long_body(name, 200)) as response:
+            for _ in response.iter_lines():
+                break  # the client goes away mid-stream
+        record(action, response.status_code, "")
     else:
         body = long_body(name, rng.randint(1, 24))
         outcome = stream_completion(client, body)
