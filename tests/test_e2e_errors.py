@@ -55,6 +55,111 @@ def test_nan_and_malformed_json_are_400(server, shared_model):
         assert "JSON" in assert_error(response, 400, "invalid_request")["message"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"temperature": -1},
+        {"top_p": -0.5},
+        {"top_k": -5},
+        {"max_tokens": -1},
+        {"top_k": 2**70},
+        {"stop_token_ids": [2**70]},
+        {"stop_token_ids": [-1]},
+        {"seed": 2**64},
+        {"prompt": [2**70]},
+        {"keep_alive": "eventually"},
+    ],
+)
+def test_negative_absurd_and_unencodable_values_are_400(server, shared_model, body):
+    with server.http() as http:
+        response = http.post(
+            "/v1/completions", json={"model": shared_model, "prompt": "Hi", **body}
+        )
+    assert_error(response, 400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        '"prompt": "\\ud800"',
+        '"prompt": "Hi", "stop": ["\\udfff"]',
+        '"messages": [{"role": "user", "content": "\\ud800"}]',
+    ],
+)
+def test_lone_surrogates_are_400(server, shared_model, fields):
+    """Valid JSON escapes that are not Unicode text: no tokenizer can take them."""
+    route = "/v1/chat/completions" if "messages" in fields else "/v1/completions"
+    with server.http() as http:
+        response = http.post(
+            route,
+            content=f'{{"model": "{shared_model}", {fields}}}',
+            headers={"content-type": "application/json"},
+        )
+    assert "surrogate" in assert_error(response, 400, "invalid_request")["message"]
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "keep_alive", "max_tokens", "top_k"])
+def test_nan_and_infinity_are_400(server, shared_model, field):
+    with server.http() as http:
+        for literal in ("NaN", "Infinity", "-Infinity"):
+            content = f'{{"model": "{shared_model}", "prompt": "Hi", "{field}": {literal}}}'
+            response = http.post(
+                "/v1/completions", content=content, headers={"content-type": "application/json"}
+            )
+            assert_error(response, 400, "invalid_request")
+
+
+def test_token_ids_outside_the_vocabulary_are_400(server, shared_model):
+    vocab_size = json.loads((server.model_root / shared_model / "config.json").read_text())[
+        "vocab_size"
+    ]
+    with server.http() as http:
+        response = http.post(
+            "/v1/completions", json={"model": shared_model, "prompt": [1, vocab_size]}
+        )
+        error = assert_error(response, 400, "invalid_request")
+        assert str(vocab_size) in error["message"]
+        response = http.post(
+            "/v1/completions", json={"model": shared_model, "prompt": [vocab_size - 1]}
+        )
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"model": "tiny-llama", "prompt": "caf\xe9"}',  # Latin-1, not UTF-8
+        b'{"model": "tiny-llama", "prompt": "\xff\xfe"}',
+        b"\xff\xfe\x00\x00",
+        b"[" * 100_000,  # deeper than any JSON parser recurses
+        b'{"model": "tiny-llama", "prompt": "a", "max_tokens": 1' + b"0" * 5000 + b"}",
+        b"[]",
+        b"null",
+        b"",
+    ],
+)
+def test_bodies_that_are_not_a_json_object_in_utf8_are_400(server, shared_model, content):
+    with server.http() as http:
+        for route in ("/v1/completions", "/v1/chat/completions", "/admin/models"):
+            response = http.post(
+                route, content=content, headers={"content-type": "application/json"}
+            )
+            assert_error(response, 400, "invalid_request")
+
+
+def test_unusable_admin_paths_are_400(server):
+    with server.http() as http:
+        for route in ("/admin/models", "/admin/registry"):
+            response = http.post(route, json={"name": "x", "path": "a\u0000b"})
+            assert_error(response, 400, "invalid_request")
+            response = http.post(route, json={"name": "x", "path": "a" * 5000})
+            assert (
+                "File name too long" in assert_error(response, 400, "invalid_checkpoint")["message"]
+            )
+            response = http.post(route, json={"name": "x", "path": "tiny-llama", "keep_alive": [1]})
+            assert_error(response, 400, "invalid_request")
+
+
 def test_prompt_beyond_the_context_is_400(server, shared_model):
     with server.http() as http:
         response = http.post(

@@ -47,7 +47,7 @@ def test_keep_alive_durations(value, seconds):
     assert parse_keep_alive(value) == seconds
 
 
-@pytest.mark.parametrize("value", [float("nan"), "soon", "1e400", True, [30]])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "soon", "1e400", True, [30]])
 def test_keep_alive_refuses_what_is_not_a_duration(value):
     with pytest.raises(ConfigError, match="keep_alive"):
         parse_keep_alive(value)

@@ -36,6 +36,8 @@ HTTP_ERROR_CODES = {
     413: "request_too_large",
 }
 INTERNAL_ERROR_MESSAGE = "internal server error; the server log has the details"
+# What FastAPI says of a body it cannot decode (invalid UTF-8, nesting too deep, ...).
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
 
 
 class APIError(Exception):
@@ -109,6 +111,8 @@ async def _handle_validation_error(request: Request, exc: RequestValidationError
 async def _handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = HTTP_ERROR_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if message == FASTAPI_BODY_ERROR:
+        message = "request body could not be parsed: send JSON encoded in UTF-8"
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}"
     return error_response(exc.status_code, message, code, headers=exc.headers)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from warmserve.config import ConfigError, SamplingParams
@@ -23,6 +30,8 @@ CHAT_DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_SEQUENCES = 16
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+# Token ids and top_k travel to the workers as 32-bit integers at most; no vocabulary is larger.
+TOKEN_ID_MAX = 2**31 - 1
 
 # OpenAI fields warmserve does not implement, with the values that ask for nothing.
 UNSUPPORTED_UNLESS = {
@@ -40,10 +49,24 @@ UNSUPPORTED_UNLESS = {
 }
 
 
+def _encodable(text: str) -> str:
+    """JSON may escape lone surrogates ("\\ud800"), which no tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError(
+            "text", "text must be valid Unicode (no lone surrogates)"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 def _single_prompt(value: Any) -> Any:
     """A string or a list of token ids; OpenAI's batch forms are accepted with one element."""
     if isinstance(value, str):
-        return value
+        return _encodable(value)
     if not isinstance(value, list) or not value:
         raise PydanticCustomError(
             "prompt", "prompt must be a non-empty string or a non-empty list of token ids"
@@ -66,7 +89,7 @@ def _single_prompt(value: Any) -> Any:
 def _text_content(value: Any) -> Any:
     """Message content as one string; a list of text parts is joined with newlines."""
     if value is None or isinstance(value, str):
-        return value or ""
+        return _encodable(value or "")
     if not isinstance(value, list):
         raise PydanticCustomError("content", "content must be a string or a list of text parts")
     texts = []
@@ -78,7 +101,7 @@ def _text_content(value: Any) -> Any:
             )
         if not isinstance(part.get("text"), str):
             raise PydanticCustomError("content", "a text content part needs a string 'text'")
-        texts.append(part["text"])
+        texts.append(_encodable(part["text"]))
     return "\n".join(texts)
 
 
@@ -115,12 +138,12 @@ class GenerationRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=TOKEN_ID_MAX)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     n: int | None = None
     # vLLM extensions.
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]] | None = None
     ignore_eos: bool = False
     # Ollama extension.
     keep_alive: KeepAlive = None
@@ -168,9 +191,9 @@ class CompletionRequest(GenerationRequest):
 
 
 class ChatMessage(BaseModel):
-    role: str = Field(min_length=1)
+    role: Text = Field(min_length=1)
     content: Annotated[str, BeforeValidator(_text_content)] = ""
-    name: str | None = None
+    name: Text | None = None
 
     def template_message(self) -> dict[str, str]:
         message = {"role": self.role, "content": self.content}

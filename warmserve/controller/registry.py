@@ -37,9 +37,10 @@ def parse_keep_alive(value) -> float:
     """Seconds from a number (seconds) or a duration such as "30s", "5m", "1h"; -1 = never."""
     if isinstance(value, bool):
         raise ConfigError("keep_alive must be a duration such as 30s, 5m, 1h, 0 or -1")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"keep_alive must be a finite number of seconds, not {value!r}")
     if isinstance(value, (int, float)):
-        # Every negative value means "never"; NaN passes through to be refused below.
-        seconds = float(max(min(value, MAX_KEEP_ALIVE_S), -1))
+        seconds = value
     else:
         match = DURATION.match(str(value))
         if not match:
@@ -47,11 +48,8 @@ def parse_keep_alive(value) -> float:
                 f"keep_alive must be a duration such as 30s, 5m, 1h, 0 or -1, not {value!r}"
             )
         seconds = float(match.group(1)) * UNIT_SECONDS[match.group(2)]
-    if not math.isfinite(seconds):
-        raise ConfigError(f"keep_alive must be a finite number of seconds, not {value!r}")
-    if seconds < 0:
-        return -1.0
-    return seconds
+    # Every negative value means "never"; the cap keeps huge values from overflowing a float.
+    return float(max(min(seconds, MAX_KEEP_ALIVE_S), -1))
 
 
 def spec_from_fields(fields: dict) -> ModelSpec:
