@@ -16,7 +16,9 @@ from warmserve.api.limits import MAX_BODY_BYTES
 from warmserve.api.openai_schemas import (
     CHAT_DEFAULT_MAX_TOKENS,
     COMPLETION_DEFAULT_MAX_TOKENS,
+    CompletionChoice,
 )
+from warmserve.api.sse import sse_event
 from warmserve.config import ServerConfig
 
 MODEL = "m"
@@ -404,3 +406,11 @@ def test_policy_counters_are_prometheus_counters(client, controller):
     assert samples["warmserve_auto_loads_total"] == 3
     assert samples["warmserve_evictions_total"] == 2
     assert samples["warmserve_idle_unloads_total"] == 1
+
+
+def test_sse_events_survive_clients_that_split_lines_like_splitlines():
+    text = "a\u2028b\u2029c\x85d\re\nf"
+    event = sse_event(CompletionChoice(text=text))
+    lines = event.splitlines()
+    assert lines == [lines[0], ""] and lines[0].startswith("data: ")
+    assert json.loads(lines[0].removeprefix("data: "))["text"] == text

@@ -17,6 +17,10 @@ logger = logging.getLogger("warmserve.api")
 
 DONE_EVENT = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Characters that JSON leaves as they are but str.splitlines() breaks lines at, as clients that
+# read a stream with requests' or httpx's iter_lines() do: generated text may hold them. They
+# can only occur inside JSON strings, where their escapes mean the same.
+LINE_BREAKS_TO_ESCAPE = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 def sse_event(payload: BaseModel | dict) -> str:
@@ -24,7 +28,7 @@ def sse_event(payload: BaseModel | dict) -> str:
         data = payload.model_dump_json()
     else:
         data = json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n"
+    return f"data: {data.translate(LINE_BREAKS_TO_ESCAPE)}\n\n"
 
 
 async def sse_events(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
