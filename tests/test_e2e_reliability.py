@@ -360,18 +360,28 @@ def test_worker_killed_mid_request(server, http):
             lambda: models_by_name(http)["victim"]["state"] == "failed", 5, "the failure"
         )
         failed = models_by_name(http)["victim"]
-        for thread in victims:
-            thread.join(timeout=30)
+
+        def load_again() -> None:
+            # At once: the load waits for the replacement, the only worker that can take it.
+            with server.http() as client:
+                results["reload"] = client.post(
+                    "/admin/models", json={"name": "victim", "path": "tiny-llama"}
+                )
+
+        reload = threading.Thread(target=load_again)
+        reload.start()
+        # Warmed up once it has left "starting" (the waiting load may take it at once).
         replaced_at = wait_until(
             lambda: (
                 (w := workers_by_id(http)[victim_worker])["pid"] != victim_pid
-                and w["state"] == "idle"
+                and w["state"] != "starting"
             ),
             120,
             "the replacement",
             interval_s=0.05,
         )
-        reloaded = http.post("/admin/models", json={"name": "victim", "path": "tiny-llama"})
+        for thread in [*victims, reload]:
+            thread.join(timeout=60)
         after_reload = http.post("/v1/completions", json={"model": "victim", "prompt": "Hi"})
     finally:
         stop.set()
@@ -383,7 +393,7 @@ def test_worker_killed_mid_request(server, http):
         f"\nworker crash: model marked failed {detect_s * 1000:.0f} ms after SIGKILL, "
         f"stream error event after {(stream.ended_at - killed_at) * 1000:.0f} ms, "
         f"non-streaming 503 after {(results['whole_at'] - killed_at) * 1000:.0f} ms, "
-        f"replacement worker idle after {replaced_at - killed_at:.1f} s; "
+        f"replacement worker warm after {replaced_at - killed_at:.1f} s; "
         f"survivor requests: {dict(survivor_results)}"
     )
     assert detect_s < 1.0
@@ -392,7 +402,9 @@ def test_worker_killed_mid_request(server, http):
     assert whole.status_code == 503 and whole.json()["error"]["code"] == "model_unavailable"
     assert "died" in whole.json()["error"]["message"] and whole.headers["retry-after"]
     assert failed["workers"] == [victim_worker] and "died" in failed["error"]
+    reloaded = results["reload"]
     assert reloaded.status_code == 200, reloaded.text
+    assert reloaded.json()["workers"] == [victim_worker]
     assert after_reload.status_code == 200, after_reload.text
     assert survivor_results["failed"] == 0 and survivor_results["ok"] > 0
     assert models_by_name(http)["survivor"]["state"] == "loaded"

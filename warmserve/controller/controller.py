@@ -490,9 +490,13 @@ class Controller:
                     await self._evict(victim)
                     continue
                 coming = self._room_on_its_way()
-                if not coming or time.monotonic() >= deadline:
-                    raise
-                await asyncio.wait(coming, timeout=max(0.0, deadline - time.monotonic()))
+                try:
+                    if not coming or time.monotonic() >= deadline:
+                        raise
+                    await asyncio.wait(coming, timeout=deadline - time.monotonic())
+                finally:
+                    for waiter in coming:
+                        waiter.cancel()
 
     async def _evict(self, victim: Deployment) -> None:
         log.info("evicting %s to make room", victim.name)
@@ -502,17 +506,12 @@ class Controller:
             return  # someone else is unloading it: its workers come free all the same
         self.counters["evictions"] += 1
 
-    def _room_on_its_way(self) -> set[asyncio.Future]:
-        """What to wait for before a worker may come free: unloads under way, replacement
-        workers still warming up."""
-        coming: set[asyncio.Future] = set()
-        for deployment in self.deployments.values():
-            if deployment.state == "unloading":
-                coming.add(asyncio.ensure_future(deployment.removed.wait()))
-        for handle in self.pool.handles:
-            if handle.state == "starting":
-                coming.add(handle.ready)
-        return coming
+    def _room_on_its_way(self) -> list[asyncio.Task]:
+        """Waiters for what may free a worker soon: unloads under way, replacement workers
+        still warming up. The caller cancels them."""
+        waits = [d.removed.wait() for d in self.deployments.values() if d.state == "unloading"]
+        waits += [_settled(h.ready) for h in self.pool.handles if h.state == "starting"]
+        return [asyncio.ensure_future(wait) for wait in waits]
 
     def _remove(self, deployment: Deployment) -> None:
         if self.deployments.get(deployment.name) is deployment:
@@ -816,6 +815,13 @@ def _validate_load(name: str, tp: int, dtype: str, max_model_len: int | None) ->
         raise InvalidRequest(f"dtype must be one of {sorted(DTYPES)}")
     if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
         raise InvalidRequest("max_model_len must be an integer of at least 2")
+
+
+async def _settled(future: asyncio.Future) -> None:
+    """Waits for a future that is not ours to end, however it ends; cancelling the wait leaves
+    the future alone."""
+    with contextlib.suppress(Exception):
+        await asyncio.shield(future)
 
 
 async def _wait(event: asyncio.Event, deadline: float) -> None:
