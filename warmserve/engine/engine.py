@@ -133,8 +133,10 @@ class Engine:
                 - weights_bytes
                 - activation_reserve(config, engine_config, limit, torch_dtype)
             )
-        if kv_budget is not None:
-            num_blocks = min(num_blocks, kv_budget // block_bytes - 1)  # less the scratch block
+        if kv_budget is None:
+            kv_budget = engine_config.max_kv_cache_bytes
+        kv_budget = min(kv_budget, engine_config.max_kv_cache_bytes)
+        num_blocks = min(num_blocks, kv_budget // block_bytes - 1)  # less the scratch block
         if num_blocks < 1:
             raise InsufficientMemory(
                 f"no memory left for the KV cache: weights take {weights_bytes / 2**20:.0f} MiB "
