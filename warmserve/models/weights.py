@@ -50,6 +50,17 @@ def load_parameters(
         except ShapeMismatch as exc:
             raise WeightLoadError(name, str(exc)) from exc
         needed[target].discard(shard)
-    missing = sorted(name for name, shards in needed.items() if shards)
+    missing = sorted(
+        checkpoint_name(name, shard, fused) for name, shards in needed.items() for shard in shards
+    )
     if missing:
-        raise WeightLoadError(None, f"missing tensors for parameters {', '.join(missing[:5])}")
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise WeightLoadError(None, f"missing tensors {', '.join(missing[:5])}{more}")
+
+
+def checkpoint_name(param_name: str, shard: object, fused: FusedMapping) -> str:
+    """The checkpoint's name for one shard of a (possibly fused) parameter."""
+    for ckpt_part, param_part, shard_id in fused:
+        if shard_id == shard and param_part in param_name:
+            return param_name.replace(param_part, ckpt_part)
+    return param_name
