@@ -80,6 +80,7 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:bucket],
             query_lens=[1] * bucket,
             context_lens=self.context_lens[:bucket],
+            context_lens_host=[],  # decode never reads it
             block_tables=self.block_tables[:bucket],
             max_context_len=self.max_blocks * self.block_size,
             decode_only=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,37 @@ class Engine:
     ) -> Engine:
         """Builds the model on `device` with `weights` (checkpoint tensors, a host-store segment,
         or None for random weights: the worker's warm-up model) and sizes the KV cache."""
+        try:
+            return cls._build(
+                raw_config,
+                weights,
+                device=device,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                engine_config=engine_config,
+                memory_budget_bytes=memory_budget_bytes,
+                eos_token_ids=eos_token_ids,
+            )
+        except BaseException as error:
+            # The frames in the error's traceback hold the half-built model: its weights would
+            # stay allocated for as long as anyone holds the error (the worker holds it while it
+            # frees memory and reports the failure).
+            traceback.clear_frames(error.__traceback__)
+            raise
+
+    @classmethod
+    def _build(
+        cls,
+        raw_config: dict,
+        weights: SegmentWeights | Iterable[tuple[str, torch.Tensor]] | None,
+        *,
+        device: torch.device | str,
+        dtype: str,
+        max_model_len: int | None,
+        engine_config: EngineConfig,
+        memory_budget_bytes: int | None,
+        eos_token_ids: Iterable[int],
+    ) -> Engine:
         device = torch.device(device)
         architecture = model_class(raw_config)
         config = ModelConfig.from_dict(raw_config)
@@ -136,7 +168,7 @@ class Engine:
         if kv_budget is None:
             kv_budget = engine_config.max_kv_cache_bytes
         kv_budget = min(kv_budget, engine_config.max_kv_cache_bytes)
-        num_blocks = min(num_blocks, kv_budget // block_bytes - 1)  # less the scratch block
+        num_blocks = min(num_blocks, kv_budget // block_bytes)
         if num_blocks < 1:
             raise InsufficientMemory(
                 f"no memory left for the KV cache: weights take {weights_bytes / 2**20:.0f} MiB "

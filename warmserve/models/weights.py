@@ -68,5 +68,6 @@ def bind_parameters(model: nn.Module, views: dict[str, torch.Tensor]) -> None:
 
 def _check_complete(missing: set[str]) -> None:
     if missing:
-        names = ", ".join(sorted(missing)[:5])
-        raise WeightLoadError(None, f"missing tensors for parameters {names}")
+        names = sorted(missing)
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        raise WeightLoadError(None, f"missing tensors {', '.join(names[:5])}{more}")
