@@ -108,6 +108,7 @@ class CommandDone(msgspec.Struct, tag=True, frozen=True):
     memory_used_bytes: int = 0
     max_model_len: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = {}  # where a load's time went (weights, KV cache)
 
 
 class TokenOutput(msgspec.Struct, array_like=True, frozen=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import time
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -129,6 +130,7 @@ class Engine:
         memory_budget_bytes: int | None,
         eos_token_ids: Iterable[int],
     ) -> Engine:
+        started = time.perf_counter()
         device = torch.device(device)
         architecture = model_class(raw_config)
         config = ModelConfig.from_dict(raw_config)
@@ -145,6 +147,7 @@ class Engine:
                 tensors = weights.tensors() if isinstance(weights, SegmentWeights) else weights
                 model.load_weights(tensors)
             model.to(device)  # buffers built on the CPU (rotary frequencies)
+        weights_done = time.perf_counter()
         weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         attention = model.attention_layers()[0]
         block_size = engine_config.block_size
@@ -192,7 +195,12 @@ class Engine:
             max_model_len=limit,
         )
         scheduler = Scheduler(limits, BlockManager(num_blocks, block_size), eos_token_ids)
-        return cls(config, runner, scheduler, weights_bytes)
+        engine = cls(config, runner, scheduler, weights_bytes)
+        engine.load_phases = {
+            "weights_s": weights_done - started,
+            "kv_cache_s": time.perf_counter() - weights_done,
+        }
+        return engine
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> Engine:

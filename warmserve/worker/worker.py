@@ -82,6 +82,13 @@ def worker_main(args: WorkerArgs) -> None:
         context.term()
 
 
+def release_cached_gpu_memory() -> None:
+    """Returns the caching allocator's free blocks and cuBLAS's per-stream workspaces (the graph
+    capture stream has its own) to the driver."""
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+
+
 class Worker:
     def __init__(self, args: WorkerArgs, commands: zmq.Socket, events: zmq.Socket):
         self.args = args
@@ -107,8 +114,8 @@ class Worker:
         return self.args.memory_budget_bytes or 0
 
     def memory_used(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device)
+        if self.device.type == "cuda":  # reserved, not allocated: what other processes can't use
+            return torch.cuda.memory_reserved(self.device)
         return self.engine.memory_bytes if self.engine is not None else 0
 
     def memory_budget(self) -> int | None:
@@ -124,6 +131,8 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         warm_up(self.device, "bfloat16" if self.device.type == "cuda" else "float32")
+        if self.device.type == "cuda":
+            release_cached_gpu_memory()  # the idle figure is then what an unload returns to
         self.send(
             WorkerReady(
                 worker_id=self.args.worker_id,
@@ -260,6 +269,7 @@ class Worker:
             command.command_id,
             max_model_len=self.engine.max_model_len,
             seconds=time.perf_counter() - started,
+            phases=self.engine.load_phases,
         )
         if self.tp_rank > 0:
             self.follow()
@@ -320,7 +330,7 @@ class Worker:
                 traceback.print_exc()
         self.tp_rank, self.tp_size = 0, 1
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            release_cached_gpu_memory()
 
     def reply(self, command_id: int, **fields) -> None:
         self.send(
