@@ -109,12 +109,13 @@ def check_prefill_fast_path(report: dict) -> None:
         k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
         meta = AttentionMetadata(
-            slot_mapping,
-            query_lens,
-            torch.tensor(query_lens, device="cuda"),
-            tables.cuda(),
-            max(query_lens),
-            False,
+            slot_mapping=slot_mapping,
+            query_lens=query_lens,
+            context_lens=torch.tensor(query_lens, device="cuda"),
+            context_lens_host=query_lens,
+            block_tables=tables.cuda(),
+            max_context_len=max(query_lens),
+            decode_only=False,
         )
         fast = paged_prefill(q, k, v, k_cache, v_cache, meta, 0.088, from_cache=False)
         ref = paged_prefill(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,8 @@ class Engine:
         self.max_model_len = scheduler.limits.max_model_len
         self.generators: dict[str, torch.Generator] = {}
         self.sequences: dict[str, Sequence] = {}
+        self.skeleton_key: tuple | None = None  # set when the model may be kept as a skeleton
+        self.load_phases: dict[str, float] = {}
 
     @classmethod
     def create(
@@ -135,8 +139,17 @@ class Engine:
         architecture = model_class(raw_config)
         config = ModelConfig.from_dict(raw_config)
         torch_dtype = resolve_dtype(dtype, config.torch_dtype)
+        skeleton_key = None
+        phases: dict[str, float] = {}
         if isinstance(weights, SegmentWeights) and _bindable(weights, torch_dtype):
-            model = _model_on_arena(architecture, config, weights, device, torch_dtype)
+            skeleton_key = (
+                architecture.__name__,
+                json.dumps(raw_config, sort_keys=True),
+                str(torch_dtype),
+            )
+            model = _model_on_arena(
+                architecture, config, weights, device, torch_dtype, skeleton_key, phases
+            )
         else:
             with torch.device(device), default_dtype(torch_dtype):
                 model = architecture(config)
@@ -196,7 +209,9 @@ class Engine:
         )
         scheduler = Scheduler(limits, BlockManager(num_blocks, block_size), eos_token_ids)
         engine = cls(config, runner, scheduler, weights_bytes)
+        engine.skeleton_key = skeleton_key
         engine.load_phases = {
+            **phases,
             "weights_s": weights_done - started,
             "kv_cache_s": time.perf_counter() - weights_done,
         }
@@ -284,7 +299,10 @@ class Engine:
     def close(self) -> None:
         """Frees the weights and the KV cache (and releases the other ranks)."""
         self.runner.release_followers()
+        model = self.runner.model
         self.runner.close()
+        if self.skeleton_key is not None:
+            keep_skeleton(self.skeleton_key, model)
         self.runner = None
         self.sequences.clear()
         self.generators.clear()
@@ -299,17 +317,53 @@ def _bindable(weights: SegmentWeights, dtype: torch.dtype) -> bool:
     return tp_world_size() == 1 and weights.dtypes == {str(dtype).removeprefix("torch.")}
 
 
-def _model_on_arena(architecture, config, weights: SegmentWeights, device, dtype) -> nn.Module:
+# Module trees of unloaded models, their parameters on the meta device: a reload of the same
+# architecture and config rebinds parameters instead of building some thousand modules again.
+_SKELETONS: OrderedDict[tuple, nn.Module] = OrderedDict()
+SKELETONS_KEPT = 4
+
+
+def keep_skeleton(key: tuple, model: nn.Module) -> None:
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                module._parameters[name] = nn.Parameter(
+                    torch.empty_like(param, device="meta"), requires_grad=False
+                )
+    for attention in model.attention_layers():
+        attention.k_cache = attention.v_cache = None
+    _SKELETONS[key] = model
+    _SKELETONS.move_to_end(key)
+    while len(_SKELETONS) > SKELETONS_KEPT:
+        _SKELETONS.popitem(last=False)
+
+
+def _model_on_arena(
+    architecture, config, weights: SegmentWeights, device, dtype, key: tuple, phases: dict
+) -> nn.Module:
     """A reload without per-tensor work: one device allocation, one bulk copy of the segment
     (asynchronous from registered host memory), parameters bound as views of it."""
-    with torch.device("meta"), default_dtype(dtype):
-        model = architecture(config)
+    started = time.perf_counter()
+    model = _SKELETONS.pop(key, None)
+    if model is None:
+        with torch.device("meta"), default_dtype(dtype):
+            model = architecture(config)
+    built = time.perf_counter()
     arena = torch.empty(weights.segment.size, dtype=torch.uint8, device=device)
     arena.copy_(weights.buffer, non_blocking=weights.registered)
+    issued = time.perf_counter()
     bind_parameters(model, weights.views_into(arena))
     model.to(device)  # buffers built on the CPU (rotary frequencies)
+    bound = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # the host pages may go after this
+    phases.update(
+        build_s=built - started,
+        copy_issue_s=issued - built,
+        bind_s=bound - issued,
+        copy_wait_s=time.perf_counter() - bound,
+        registered=float(weights.registered),
+    )
     return model
 
 
