@@ -353,7 +353,10 @@ def _model_on_arena(
     arena.copy_(weights.buffer, non_blocking=weights.registered)
     issued = time.perf_counter()
     bind_parameters(model, weights.views_into(arena))
-    model.to(device)  # buffers built on the CPU (rotary frequencies)
+    for module in model.modules():  # buffers built on the CPU (rotary frequencies), once
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
     bound = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # the host pages may go after this

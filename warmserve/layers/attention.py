@@ -86,6 +86,12 @@ def paged_prefill(
     step's keys directly (the fast path on GPU); with `from_cache`, or a cached prefix, keys come
     from the paged cache (the reference path). With a sliding window, each query sees only the
     last `sliding_window` positions (its own included)."""
+    if (
+        not from_cache
+        and len(meta.query_lens) == 1
+        and meta.query_lens[0] == q.shape[0] == (meta.context_lens_host[0])
+    ):  # one whole prompt (a first token): no per-sequence slicing
+        return attend_one_sequence(q, k, v, scale, sliding_window)
     out = torch.empty_like(q)
     start = 0
     for i, query_len in enumerate(meta.query_lens):

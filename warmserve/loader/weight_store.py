@@ -226,8 +226,16 @@ class SegmentWeights:
         return [(entry.name, self._view(self.buffer, entry)) for entry in self.segment.tensors]
 
     def views_into(self, arena: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The tensors as views of `arena`, a same-size copy of the whole segment."""
-        return {entry.name: self._view(arena, entry) for entry in self.segment.tensors}
+        """The tensors as views of `arena`, a same-size copy of the whole segment (two view
+        operations a tensor: this runs on the swap path)."""
+        typed = {dtype: arena.view(getattr(torch, dtype)) for dtype in self.dtypes}
+        views = {}
+        for entry in self.segment.tensors:
+            flat = typed[entry.dtype]
+            start = entry.offset // flat.element_size()
+            count = entry.nbytes // flat.element_size()
+            views[entry.name] = flat[start : start + count].view(entry.shape)
+        return views
 
     @staticmethod
     def _view(base: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
