@@ -240,7 +240,10 @@ def decode_timings(
         checkpoint,
         device=device,
         max_model_len=max_len,
-        engine_config=EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=8192),
+        # Room for every sequence's whole context: the step time of a full batch is measured.
+        engine_config=EngineConfig(
+            max_num_seqs=max(batches), max_num_batched_tokens=8192, max_kv_cache_bytes=64 * GIB
+        ),
     )
     attention = engine.runner.model.attention_layers()
     kv_per_token = 2 * len(attention) * attention[0].num_kv_heads * attention[0].head_dim
