@@ -66,6 +66,8 @@ class WorkerArgs:
 def worker_main(args: WorkerArgs) -> None:
     # Ctrl-C goes to the whole process group; the server decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # NVLink multicast (NVLS) stays off: the GPU hosts this runs on require it.
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     context = zmq.Context()
