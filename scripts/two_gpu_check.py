@@ -62,10 +62,11 @@ async def outputs(controller, name) -> list[list[int]]:
 async def decode_step_ms(controller, name: str, batch: int) -> float:
     """Median gap between a stream's tokens with `batch` streams in flight (512-token prompts)."""
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    context = min(512, controller.model(name).max_model_len - 48)
     gaps: list[float] = []
 
     async def one(index: int) -> None:
-        prompt = [(index * 7 + i) % 1000 for i in range(512)]
+        prompt = [(index * 7 + i) % 500 for i in range(context)]
         last = None
         async for _ in controller.generate(name, prompt, params):
             now = time.perf_counter()
@@ -82,18 +83,27 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
 
 
-async def run(out: Path) -> dict:
-    root = Path("/tmp/two-gpu-checkpoints")
-    opt = ensure_checkpoint(root / "opt", "opt", "opt-125m", dtype="bfloat16", seed=1)
-    qwen = ensure_checkpoint(root / "qwen", "qwen3", "qwen3-0.6b", dtype="bfloat16", seed=1)
+async def run(out: Path, rehearsal: bool) -> dict:
+    """`rehearsal`: the same steps on two CPU workers with tiny shapes, to catch mistakes before
+    a GPU machine is spent on them."""
+    root = Path("/tmp/two-gpu-checkpoints" + ("-rehearsal" if rehearsal else ""))
+    dtype = "float32" if rehearsal else "bfloat16"
+
+    def shape(real: str) -> str:
+        return "tiny" if rehearsal else real
+
+    opt = ensure_checkpoint(root / "opt", "opt", shape("opt-125m"), dtype=dtype, seed=1)
+    qwen = ensure_checkpoint(root / "qwen", "qwen3", shape("qwen3-0.6b"), dtype=dtype, seed=1)
     llama = ensure_checkpoint(
-        root / "llama", "llama", "llama-3.1-8b", dtype="bfloat16", seed=1, sharded=True
+        root / "llama", "llama", shape("llama-3.1-8b"), dtype=dtype, seed=1, sharded=True
     )
     llama_bytes = sum(f.stat().st_size for f in llama.glob("*.safetensors"))
-    report: dict = {"two_gpu_copy_floor_gbps": two_gpu_copy_floor_gbps()}
+    report: dict = {"two_gpu_copy_floor_gbps": 1.0 if rehearsal else two_gpu_copy_floor_gbps()}
     # KV room for 64 sequences of 552 tokens of the 8B shape on one GPU.
     engine = EngineConfig(max_kv_cache_bytes=16 * GIB)
-    config = ServerConfig(device="cuda", workers=2, host_cache_gb=64, engine=engine)
+    config = ServerConfig(
+        device="cpu" if rehearsal else "cuda", workers=2, host_cache_gb=64, engine=engine
+    )
     async with Controller(config) as controller:
         pids = [w.pid for w in controller.workers()]
         report["workers"] = [(w.id, w.pid, w.device) for w in controller.workers()]
@@ -178,8 +188,9 @@ async def run(out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="two-gpu-out")
+    parser.add_argument("--rehearsal", action="store_true", help="CPU workers, tiny shapes")
     args = parser.parse_args()
-    report = asyncio.run(run(Path(args.out)))
+    report = asyncio.run(run(Path(args.out), args.rehearsal))
     for key, value in report.items():
         print(f"{key:40s} {value}")
 
