@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from server_process import CHECKPOINTS, SHARED_MODEL, RunningServer
+from server_process import CHECKPOINTS, SHARED_MODEL, serving
 
 from warmserve.testing.checkpoints import ensure_checkpoint
 
@@ -50,14 +50,8 @@ def model_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(model_root, tmp_path_factory):
-    running = RunningServer.start(model_root, tmp_path_factory.mktemp("server"))
-    try:
-        running.wait_until_healthy()
-        worker_pids = running.worker_pids()
+    with serving(model_root, tmp_path_factory.mktemp("server")) as running:
         yield running
-        running.stop_and_check(worker_pids)
-    finally:
-        running.kill()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from warmserve.config import SamplingParams
+from warmserve.config import ModelSpec, SamplingParams
 from warmserve.controller.errors import (
     InvalidRequest,
     ModelExists,
@@ -45,6 +45,9 @@ class FakeController:
         self.aborted: list[str] = []
         self.last_prompt: str | list[int] | None = None
         self.last_params: SamplingParams | None = None
+        self.last_keep_alive: float | None = None
+        self.registry: dict[str, ModelSpec] = {}
+        self.counters = {"auto_loads": 0, "evictions": 0, "idle_unloads": 0}
         self.host_cache_bytes = 0
         self.host_cache_capacity_bytes = 1 << 30
 
@@ -55,7 +58,9 @@ class FakeController:
         for callback in self._listeners:
             callback(event, name)
 
-    async def load(self, name, path, tensor_parallel_size=1, dtype="auto", max_model_len=None):
+    async def load(
+        self, name, path, tensor_parallel_size=1, dtype="auto", max_model_len=None, keep_alive=-1.0
+    ):
         if path.startswith("/"):
             raise PathForbidden(f"{path} is outside the model root")
         if name in self._models:
@@ -78,6 +83,7 @@ class FakeController:
             max_model_len or 512,
             source,
             0.01,
+            keep_alive=keep_alive,
         )
         self._emit("loaded", name)
         return LoadResult(name, [worker.id for worker in chosen], 0.01, source)
@@ -93,13 +99,30 @@ class FakeController:
         self._emit("unloaded", name)
         return 0.002
 
+    async def register(self, spec: ModelSpec) -> None:
+        if spec.path.startswith("/"):
+            raise PathForbidden(f"{spec.path} is outside the model root")
+        if spec.name in self.registry or spec.name in self._models:
+            raise ModelExists(f"model {spec.name!r} is already registered or loaded")
+        self.registry[spec.name] = spec
+
+    async def unregister(self, name: str) -> None:
+        if self.registry.pop(name, None) is None:
+            raise ModelNotFound(f"model {name!r} is not registered")
+
     def model(self, name: str) -> ModelInfo:
-        if name not in self._models:
-            raise ModelNotFound(f"model {name!r} is not loaded")
-        return self._models[name]
+        for info in self.models():
+            if info.name == name:
+                return info
+        raise ModelNotFound(f"model {name!r} is not loaded")
 
     def models(self) -> list[ModelInfo]:
-        return list(self._models.values())
+        registered = [
+            ModelInfo(spec.name, spec.path, "disk", keep_alive=spec.keep_alive, pinned=spec.pinned)
+            for spec in self.registry.values()
+            if spec.name not in self._models
+        ]
+        return [*self._models.values(), *registered]
 
     def workers(self) -> list[WorkerInfo]:
         return list(self._workers)
@@ -109,12 +132,17 @@ class FakeController:
         return FakeTokenizer()
 
     async def generate(
-        self, name: str, prompt: str | list[int], params: SamplingParams
+        self,
+        name: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        keep_alive: float | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         info = self.model(name)
         if isinstance(prompt, list) and any(token >= VOCAB_SIZE for token in prompt):
             raise InvalidRequest(f"token ids must be below {VOCAB_SIZE}")
         self.last_prompt, self.last_params = prompt, params
+        self.last_keep_alive = keep_alive
         prompt_tokens = len(prompt) if isinstance(prompt, list) else len(prompt.split())
         info.requests_in_flight += 1
         try:

@@ -332,3 +332,75 @@ def _model_info():
     from warmserve.controller.types import ModelInfo
 
     return ModelInfo(MODEL, "m", "loaded", [0])
+
+
+@pytest.mark.parametrize(
+    ("keep_alive", "seconds"), [("5m", 300.0), ("30s", 30.0), (0, 0.0), (-1, -1.0), (12.5, 12.5)]
+)
+def test_keep_alive_reaches_the_controller_in_seconds(client, controller, keep_alive, seconds):
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 1, "keep_alive": keep_alive}
+    client.post("/v1/completions", json=body).raise_for_status()
+    assert controller.last_keep_alive == seconds
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    client.post("/v1/chat/completions", json={**chat, "keep_alive": keep_alive}).raise_for_status()
+    assert controller.last_keep_alive == seconds
+
+
+def test_no_keep_alive_leaves_the_model_s_own(client, controller):
+    client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1})
+    assert controller.last_keep_alive is None
+
+
+@pytest.mark.parametrize("keep_alive", ["soon", "5 minutes", True, math.nan, [1], {"s": 1}])
+def test_invalid_keep_alive_is_400(client, keep_alive):
+    body = {"model": MODEL, "prompt": "a", "keep_alive": keep_alive}
+    response = client.post(
+        "/v1/completions",
+        content=json.dumps(body, allow_nan=True),
+        headers={"content-type": "application/json"},
+    )
+    assert "keep_alive" in assert_error(response, 400, "invalid_request")["message"]
+
+
+def test_admin_load_takes_keep_alive(client):
+    response = client.post("/admin/models", json={"name": "k", "path": "k", "keep_alive": "1h"})
+    response.raise_for_status()
+    listed = {model["name"]: model for model in client.get("/admin/models").json()}
+    assert listed["k"]["keep_alive"] == 3600.0
+    response = client.post("/admin/models", json={"name": "j", "path": "j", "keep_alive": "x"})
+    assert_error(response, 400, "invalid_request")
+
+
+def test_registry_routes(client, controller):
+    entry = {"name": "r", "path": "r", "keep_alive": "2m", "pinned": True}
+    registered = client.post("/admin/registry", json=entry)
+    assert registered.status_code == 200, registered.text
+    assert registered.json()["state"] == "disk"
+    spec = controller.registry["r"]
+    assert (spec.keep_alive, spec.pinned, spec.preload) == (120.0, True, False)
+    card = next(card for card in client.get("/v1/models").json()["data"] if card["id"] == "r")
+    assert (card["state"], card["keep_alive"], card["pinned"]) == ("disk", 120.0, True)
+    assert_error(client.post("/admin/registry", json=entry), 409, "model_exists")
+    outside = client.post("/admin/registry", json={"name": "o", "path": "/etc"})
+    assert_error(outside, 403, "path_outside_model_root")
+    for bad in (
+        {"name": "b", "path": "b", "colour": "red"},
+        {"name": "b"},
+        {**entry, "name": " r"},
+    ):
+        assert_error(client.post("/admin/registry", json=bad), 400, "invalid_request")
+    assert client.delete("/admin/registry/r").json() == {"name": "r"}
+    assert "r" not in controller.registry
+    assert_error(client.delete("/admin/registry/r"), 404, "model_not_found")
+
+
+def test_policy_counters_are_prometheus_counters(client, controller):
+    controller.counters.update(auto_loads=3, evictions=2, idle_unloads=1)
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for sample in family.samples
+    }
+    assert samples["warmserve_auto_loads_total"] == 3
+    assert samples["warmserve_evictions_total"] == 2
+    assert samples["warmserve_idle_unloads_total"] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from warmserve.config import ConfigError
 from warmserve.controller.registry import RegistryError, load_registry, parse_keep_alive
 
 
@@ -31,10 +32,25 @@ def test_entries_parse_with_defaults_and_durations(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "value, seconds", [("5m", 300.0), ("1h", 3600.0), ("250ms", 0.25), (0, 0.0), ("-1", -1.0)]
+    "value, seconds",
+    [
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("250ms", 0.25),
+        (0, 0.0),
+        ("-1", -1.0),
+        (-(10**400), -1.0),
+        (10**400, 1e12),
+    ],
 )
 def test_keep_alive_durations(value, seconds):
     assert parse_keep_alive(value) == seconds
+
+
+@pytest.mark.parametrize("value", [float("nan"), "soon", "1e400", True, [30]])
+def test_keep_alive_refuses_what_is_not_a_duration(value):
+    with pytest.raises(ConfigError, match="keep_alive"):
+        parse_keep_alive(value)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from warmserve.client import AdminClient, ServerError
 from warmserve.text_tables import format_bytes, format_table
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
         help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})",
+    )
+    serve.add_argument(
+        "--max-queued-requests",
+        type=_non_negative_int,
+        default=256,
+        help="requests a model may hold waiting beyond its running batch; more get 503",
     )
     serve.set_defaults(run=run_serve)
 
@@ -102,6 +109,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -129,6 +143,7 @@ def run_serve(args: argparse.Namespace) -> int:
         models_file=args.models,
         host_cache_gb=args.host_cache_gb,
         api_key=args.api_key or None,
+        max_queued_requests=args.max_queued_requests,
     )
     # Bound before the workers start, so a taken port fails at once; connections are refused
     # until the pool is warm and the gateway listens.
@@ -136,7 +151,8 @@ def run_serve(args: argparse.Namespace) -> int:
         sock = bind_socket(config.host, config.port)
     except OSError as exc:
         print(
-            f"warmserve: error: cannot listen on {config.host}:{config.port}: {exc.strerror}",
+            f"warmserve: error: cannot listen on {config.host}:{config.port}: {exc.strerror}; "
+            "stop what uses that port or choose another with --port",
             file=sys.stderr,
         )
         return 1
@@ -215,6 +231,7 @@ def run_unload(args: argparse.Namespace) -> int:
 def run_ps(args: argparse.Namespace) -> int:
     with AdminClient(args.url, args.api_key) as client:
         models, workers = client.models(), client.workers()
+    now = time.time()
     if models:
         print(
             format_table(
@@ -226,8 +243,11 @@ def run_ps(args: argparse.Namespace) -> int:
                     "DTYPE",
                     "SOURCE",
                     "LOAD S",
-                    "PORT",
+                    "LAST USED",
                     "IN FLIGHT",
+                    "KEEP ALIVE",
+                    "PINNED",
+                    "PORT",
                 ],
                 [
                     [
@@ -238,13 +258,19 @@ def run_ps(args: argparse.Namespace) -> int:
                         model["dtype"],
                         model["load_source"] or "-",
                         _seconds(model["load_seconds"]),
-                        model["port"] or "-",
+                        _ago(model["last_used"], now),
                         model["requests_in_flight"],
+                        _keep_alive(model["keep_alive"]),
+                        "yes" if model["pinned"] else "no",
+                        model["port"] or "-",
                     ]
                     for model in models
                 ],
             )
         )
+        for model in models:
+            if model.get("error"):
+                print(f"{model['name']} failed: {model['error']}")
     else:
         print("no models")
     print()
@@ -276,3 +302,24 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _ago(unix_time: float | None, now: float) -> str:
+    if unix_time is None:
+        return "-"
+    seconds = max(0, round(now - unix_time))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def _keep_alive(seconds: float) -> str:
+    if seconds < 0:
+        return "forever"
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"

@@ -98,4 +98,7 @@ class ServerConfig:
     load_timeout_s: float = 600.0
     # How long an unload lets requests in flight finish before it ends them with an error.
     unload_grace_s: float = 10.0
+    # Requests one model may hold waiting beyond the batch its engine runs (max_num_seqs);
+    # more are refused at once with 503 and Retry-After.
+    max_queued_requests: int = 256
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -100,6 +100,13 @@ class WorkerReady(msgspec.Struct, tag=True, frozen=True):
     warmup_seconds: float
 
 
+class WorkerFailed(msgspec.Struct, tag=True, frozen=True):
+    """The worker could not finish its warm-up and is about to exit."""
+
+    worker_id: int
+    error: str  # "ExceptionType: message"
+
+
 class CommandDone(msgspec.Struct, tag=True, frozen=True):
     worker_id: int
     command_id: int
@@ -144,7 +151,13 @@ class SegmentRegistered(msgspec.Struct, tag=True, frozen=True):
 
 
 WorkerEvent = (
-    WorkerReady | CommandDone | StepOutputs | RequestFailed | ModelLost | SegmentRegistered
+    WorkerReady
+    | WorkerFailed
+    | CommandDone
+    | StepOutputs
+    | RequestFailed
+    | ModelLost
+    | SegmentRegistered
 )
 
 command_encoder = msgspec.msgpack.Encoder()

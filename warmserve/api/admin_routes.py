@@ -1,4 +1,4 @@
-"""Admin routes: load and unload models, list models and workers."""
+"""Admin routes: load and unload models, register and unregister them, list models and workers."""
 
 from __future__ import annotations
 
@@ -9,19 +9,25 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from warmserve.api.openai_schemas import KeepAlive
 from warmserve.api.services import Services
+from warmserve.controller.registry import spec_from_fields
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-class LoadModelRequest(BaseModel):
+class ModelRequest(BaseModel):
+    """Fields shared by a load and a registration."""
+
     # A misspelt option must fail loudly rather than load the model with its default.
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
     path: str = Field(min_length=1)
     tensor_parallel_size: int = Field(1, ge=1)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Dtype = "auto"
     max_model_len: int | None = Field(None, ge=1)
-    port: int | None = Field(None, ge=1, le=65535)
+    keep_alive: KeepAlive = None
 
     @field_validator("name")
     @classmethod
@@ -30,6 +36,15 @@ class LoadModelRequest(BaseModel):
         if name != name.strip():
             raise PydanticCustomError("name", "name must not start or end with spaces")
         return name
+
+
+class LoadModelRequest(ModelRequest):
+    port: int | None = Field(None, ge=1, le=65535)
+
+
+class RegisterModelRequest(ModelRequest):
+    pinned: bool = False
+    preload: bool = False
 
 
 def admin_router(services: Services) -> APIRouter:
@@ -46,6 +61,7 @@ def admin_router(services: Services) -> APIRouter:
                 tensor_parallel_size=body.tensor_parallel_size,
                 dtype=body.dtype,
                 max_model_len=body.max_model_len,
+                keep_alive=-1.0 if body.keep_alive is None else body.keep_alive,
             )
         except BaseException:
             if reservation is not None:
@@ -79,6 +95,19 @@ def admin_router(services: Services) -> APIRouter:
             model["port"] = info.port or services.listeners.port_of(info.name)
             models.append(model)
         return models
+
+    @router.post("/registry")
+    async def register_model(body: RegisterModelRequest, request: Request) -> dict:
+        """Registers a model that loads on its first request (at once with `preload`)."""
+        await controller.register(spec_from_fields(body.model_dump(exclude_none=True)))
+        request.state.model = body.name
+        return asdict(controller.model(body.name))
+
+    @router.delete("/registry/{name}")
+    async def unregister_model(name: str, request: Request) -> dict:
+        """Forgets a registered model, unloading it first if it is loaded."""
+        await controller.unregister(name)
+        return {"name": name}
 
     @router.get("/workers")
     async def list_workers() -> list[dict]:

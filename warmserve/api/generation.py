@@ -26,12 +26,14 @@ class Generation:
         model: str,
         prompt: str | list[int],
         params: SamplingParams,
+        keep_alive: float | None = None,
     ):
         self.controller = controller
         self.metrics = metrics
         self.model = model
         self.prompt = prompt
         self.params = params
+        self.keep_alive = keep_alive
         self.first: GenerationChunk | None = None
         self.last: GenerationChunk | None = None
         self._source: AsyncIterator[GenerationChunk] | None = None
@@ -42,7 +44,9 @@ class Generation:
         self._finished = False
 
     async def start(self) -> None:
-        self._source = self.controller.generate(self.model, self.prompt, self.params)
+        self._source = self.controller.generate(
+            self.model, self.prompt, self.params, keep_alive=self.keep_alive
+        )
         try:
             self.first = await anext(self._source)
         except BaseException:

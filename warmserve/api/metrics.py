@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 WORKER_STATES = ("starting", "idle", "loading", "loaded", "unloading", "dead")
@@ -20,10 +20,17 @@ TOKEN_INTERVAL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 SWAP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # Requests that matched no route share one label value, so probing random paths adds no series.
 UNMATCHED_ROUTE = "unmatched"
+# The controller's policy counters, exposed as warmserve_<name>_total.
+POLICY_COUNTERS = {
+    "auto_loads": "Registered models loaded on demand by a request",
+    "evictions": "Idle models unloaded to make room for another model",
+    "idle_unloads": "Models unloaded after their keep-alive expired (keep_alive 0 included)",
+}
 
 
 class PoolCollector:
-    """Reads the worker pool and the host weight store from the controller on every scrape."""
+    """Reads the worker pool, the host weight store and the policy counters from the controller
+    on every scrape."""
 
     def __init__(self, controller):
         self.controller = controller
@@ -71,6 +78,10 @@ class PoolCollector:
             "Capacity of the host-memory weight store",
             value=self.controller.host_cache_capacity_bytes,
         )
+        for name, documentation in POLICY_COUNTERS.items():
+            yield CounterMetricFamily(
+                f"warmserve_{name}", documentation, value=self.controller.counters[name]
+            )
 
 
 class Metrics:

@@ -88,6 +88,8 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
             tensor_parallel_size=info.tensor_parallel_size,
             workers=info.workers,
             port=info.port or services.listeners.port_of(info.name),
+            keep_alive=info.keep_alive,
+            pinned=info.pinned,
         )
 
     def requested_model(request: Request, name: str | None) -> ModelInfo:
@@ -117,7 +119,9 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
     ) -> Completion | StreamingResponse:
         info = requested_model(request, body.model)
         params = body.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS)
-        generation = Generation(controller, services.metrics, info.name, body.prompt, params)
+        generation = Generation(
+            controller, services.metrics, info.name, body.prompt, params, body.keep_alive
+        )
         await generation.start()
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
@@ -141,7 +145,9 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         tokenizer = controller.tokenizer(info.name)
         prompt = tokenizer.apply_chat_template([m.template_message() for m in body.messages])
         params = body.sampling_params(CHAT_DEFAULT_MAX_TOKENS)
-        generation = Generation(controller, services.metrics, info.name, prompt, params)
+        generation = Generation(
+            controller, services.metrics, info.name, prompt, params, body.keep_alive
+        )
         await generation.start()
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:

@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from warmserve.config import SamplingParams
+from warmserve.config import ConfigError, SamplingParams
+from warmserve.controller.registry import parse_keep_alive
 
 # OpenAI's default for /v1/completions.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -81,6 +82,23 @@ def _text_content(value: Any) -> Any:
     return "\n".join(texts)
 
 
+def _keep_alive_seconds(value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        return parse_keep_alive(value)
+    except ConfigError as exc:
+        raise PydanticCustomError("keep_alive", str(exc)) from None
+
+
+# Ollama's keep_alive: seconds, or a duration such as "30s", "5m", "1h"; 0 unloads the model
+# right after the request, -1 (any negative) keeps it loaded.
+KeepAlive = Annotated[
+    float | None,
+    BeforeValidator(_keep_alive_seconds, json_schema_input_type=float | str | None),
+]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -104,6 +122,8 @@ class GenerationRequest(BaseModel):
     # vLLM extensions.
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool = False
+    # Ollama extension.
+    keep_alive: KeepAlive = None
 
     @model_validator(mode="after")
     def _refuse_what_is_not_implemented(self) -> GenerationRequest:
@@ -240,6 +260,8 @@ class ModelCard(BaseModel):
     tensor_parallel_size: int = 1
     workers: list[int] = Field(default_factory=list)
     port: int | None = None
+    keep_alive: float | None = None
+    pinned: bool = False
 
 
 class ModelList(BaseModel):

@@ -29,12 +29,13 @@ from warmserve.controller.errors import (
     ModelNotFound,
     ModelUnavailable,
     NoCapacity,
+    Overloaded,
     PathForbidden,
     PromptTooLong,
 )
 from warmserve.controller.placement import choose_workers
 from warmserve.controller.policies import KEEP_ALIVE_CHECK_S, eviction_candidate, expired
-from warmserve.controller.pool import StartupError, WorkerPool, default_num_threads
+from warmserve.controller.pool import StartupError, WorkerHandle, WorkerPool, default_num_threads
 from warmserve.controller.registry import load_registry
 from warmserve.controller.types import GenerationChunk, LoadResult, ModelInfo, WorkerInfo
 from warmserve.engine import client as engine_client
@@ -54,6 +55,7 @@ from warmserve.protocol import (
     SegmentRegistered,
     StepOutputs,
     UnloadModel,
+    WorkerReady,
 )
 from warmserve.worker.worker import WorkerArgs
 
@@ -69,7 +71,10 @@ class Deployment:
     dtype: str
     requested_max_model_len: int | None
     state: str = "loading"  # loading | loaded | unloading | failed
-    workers: list[int] = field(default_factory=list)
+    # The worker processes it was placed on. A dead worker's replacement is a new handle at the
+    # same id, which this deployment never owns.
+    handles: list[WorkerHandle] = field(default_factory=list)
+    workers_released: bool = False  # its workers went back to the pool (happens once)
     tokenizer: ModelTokenizer | None = None
     client: engine_client.EngineClient | None = None
     load_source: str | None = None
@@ -84,8 +89,12 @@ class Deployment:
     removed: asyncio.Event = field(default_factory=asyncio.Event)  # set when it leaves
 
     @property
-    def lead(self) -> int:
-        return self.workers[0]
+    def workers(self) -> list[int]:
+        return [handle.id for handle in self.handles]
+
+    @property
+    def lead(self) -> WorkerHandle:
+        return self.handles[0]
 
 
 class WorkerDied(Exception):
@@ -116,6 +125,9 @@ class Controller:
         self._auto_loads: dict[str, asyncio.Task] = {}
         self._checkpoints: dict[Path, tuple[tuple, tuple[Checkpoint, ModelTokenizer]]] = {}
         self._background: set[asyncio.Task] = set()
+        self._admitted: dict[str, int] = {}  # model name -> generations running or waiting
+        self._last_used: dict[str, float] = {}  # of models no longer loaded
+        self._closed = False
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -143,7 +155,15 @@ class Controller:
                 parent_pid=os.getpid(),
             )
 
-        self.pool = WorkerPool(devices, worker_args, self._on_event, self._on_death)
+        self.pool = WorkerPool(
+            devices, worker_args, self._on_event, self._on_death, instance=self.instance
+        )
+        log.info(
+            "instance %s: shared memory /dev/shm/warmserve-%s-*, worker sockets in %s",
+            self.instance,
+            self.instance,
+            self.pool.launcher.socket_dir,
+        )
         try:
             await self.pool.start(self.config.load_timeout_s)
         except BaseException:
@@ -160,8 +180,22 @@ class Controller:
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
         return task
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        # A controller error reached whoever awaited the task (if anyone still did).
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, ControllerError):
+            log.error("background task failed", exc_info=exc)
+
+    async def _shielded(self, coroutine):
+        """Runs a load or unload to its end even if the caller stops waiting (an HTTP client
+        that hangs up), so that no model is left half loaded or half unloaded."""
+        return await asyncio.shield(self._spawn(coroutine))
 
     def _devices(self) -> list[str]:
         device = self.config.device
@@ -180,6 +214,9 @@ class Controller:
         return ["cpu"] * (self.config.workers or 2)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for deployment in self.deployments.values():
             if deployment.client is not None:
                 deployment.client.fail_all("the server is shutting down")
@@ -205,7 +242,11 @@ class Controller:
     # ---- worker events --------------------------------------------------------------------
 
     def _on_event(self, event) -> None:
-        if isinstance(event, CommandDone):
+        if isinstance(event, WorkerReady):
+            # A replacement worker maps the host store's segments like the others did.
+            for segment in self.store.segments():
+                self.pool.send(event.worker_id, RegisterSegment(segment))
+        elif isinstance(event, CommandDone):
             future = self._pending.pop((event.worker_id, event.command_id), None)
             if future is not None and not future.done():
                 future.set_result(event)
@@ -231,7 +272,7 @@ class Controller:
         name = self.pool.handles[worker_id].model
         return self.deployments.get(name) if name else None
 
-    def _on_death(self, worker_id: int) -> None:
+    def _on_death(self, worker_id: int, warmed_up: bool) -> None:
         log.error("worker %d died", worker_id)
         for (owner, _), future in list(self._pending.items()):
             if owner == worker_id and not future.done():
@@ -239,31 +280,52 @@ class Controller:
         for deployment in list(self.deployments.values()):
             if worker_id in deployment.workers and deployment.state in ("loaded", "unloading"):
                 self._fail_deployment(deployment, f"worker {worker_id} died")
+        if not warmed_up:
+            # It would most likely fail again: no restart loop; the log says why it died.
+            log.error("worker %d died before finishing its warm-up; not replacing it", worker_id)
+            return
         task = asyncio.ensure_future(self._replace_worker(worker_id))
         self._replacements.add(task)
         task.add_done_callback(self._replacements.discard)
 
     def _fail_deployment(self, deployment: Deployment, reason: str) -> None:
+        if deployment.state == "failed":
+            return
         deployment.state = "failed"
         deployment.error = reason
         if deployment.client is not None:
             deployment.client.fail_all(f"model {deployment.name!r} failed: {reason}")
-        for worker_id in deployment.workers:
-            handle = self.pool.handles[worker_id]
-            if handle.state != "dead":
-                # The surviving ranks drop their shard; the reply is not waited for.
-                self.pool.send(worker_id, UnloadModel(self._command_id()))
+        if not deployment.workers_released:
+            deployment.workers_released = True
+            for handle in self._owned_handles(deployment):
+                # The surviving ranks drop their shard. Commands to one worker run in order, so
+                # the next model placed there is built only after this unload: no need to wait.
+                self.pool.send_to(handle, UnloadModel(self._command_id()))
                 handle.state, handle.model = "idle", None
         deployment.settled.set()
         self._notify("failed", deployment.name)
 
+    def _owned_handles(self, deployment: Deployment) -> list[WorkerHandle]:
+        """The deployment's workers that are still the same live processes."""
+        return [
+            handle
+            for handle in deployment.handles
+            if self.pool.handles[handle.id] is handle and handle.state != "dead"
+        ]
+
     async def _replace_worker(self, worker_id: int) -> None:
         if self.pool.closing:
             return
+        started = time.perf_counter()
         handle = self.pool.spawn(worker_id)
         try:
             await asyncio.wait_for(handle.ready, self.config.load_timeout_s)
-            log.info("worker %d replaced (pid %s)", worker_id, handle.pid)
+            log.info(
+                "worker %d replaced (pid %s) in %.1f s",
+                worker_id,
+                handle.pid,
+                time.perf_counter() - started,
+            )
         except Exception:
             log.exception("worker %d could not be replaced", worker_id)
 
@@ -289,34 +351,46 @@ class Controller:
         self._next_command_id += 1
         return self._next_command_id
 
-    async def _command(self, worker_ids: list[int], build: Callable[[int, int], object]):
-        """Sends one command to each worker (built per rank) and waits for every reply."""
-        futures = []
+    async def _command(self, handles: list[WorkerHandle], build: Callable[[int, int], object]):
+        """Sends one command to each worker (built per rank) and waits for every reply (or the
+        WorkerDied of a worker that is gone)."""
         loop = asyncio.get_running_loop()
-        for rank, worker_id in enumerate(worker_ids):
+        keys, futures = [], []
+        for rank, handle in enumerate(handles):
             command_id = self._command_id()
             future = loop.create_future()
-            self._pending[(worker_id, command_id)] = future
+            if self.pool.handles[handle.id] is not handle or handle.state == "dead":
+                future.set_exception(WorkerDied(f"worker {handle.id} died"))
+            else:
+                self._pending[(handle.id, command_id)] = future
+                keys.append((handle.id, command_id))
+                self.pool.send_to(handle, build(rank, command_id))
             futures.append(future)
-            self.pool.send(worker_id, build(rank, command_id))
         try:
             return await asyncio.wait_for(
                 asyncio.gather(*futures, return_exceptions=True), self.config.load_timeout_s
             )
         except TimeoutError:
+            workers = [handle.id for handle in handles]
             raise LoadFailed(
-                f"workers {worker_ids} did not answer within {self.config.load_timeout_s:.0f} s"
+                f"workers {workers} did not answer within {self.config.load_timeout_s:.0f} s"
             ) from None
+        finally:
+            for key in keys:
+                self._pending.pop(key, None)
 
     # ---- load and unload ------------------------------------------------------------------
 
     def resolve_path(self, path: str) -> Path:
         root = self.config.model_root
-        candidate = Path(path).expanduser()
-        if root is None:
-            return candidate.resolve()
-        root_path = Path(root).expanduser().resolve()
-        resolved = (candidate if candidate.is_absolute() else root_path / candidate).resolve()
+        try:
+            candidate = Path(path).expanduser()
+            if root is None:
+                return candidate.resolve()
+            root_path = Path(root).expanduser().resolve()
+            resolved = (candidate if candidate.is_absolute() else root_path / candidate).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte, a symlink loop, ...
+            raise InvalidRequest(f"path {path!r} is not usable: {exc}") from None
         if not resolved.is_relative_to(root_path):
             raise PathForbidden(f"{path!r} lies outside the model root")
         return resolved
@@ -341,40 +415,37 @@ class Controller:
             max_model_len=max_model_len,
             keep_alive=keep_alive,
         )
-        return await self._load(spec, evictable=False)
+        return await self._shielded(self._load(spec, evictable=False))
 
     async def _load(self, spec: ModelSpec, evictable: bool) -> LoadResult:
         started = time.perf_counter()
         name = spec.name
-        existing = self.deployments.get(name)
-        if existing is not None and existing.state != "failed":
-            raise ModelExists(f"model {name!r} is already {existing.state}")
+        self._refuse_if_present(name)
         resolved = self.resolve_path(spec.path)
         checkpoint, tokenizer = await self._checkpoint(resolved)
         needed = _bytes_per_worker(checkpoint, spec.dtype, spec.tensor_parallel_size)
         worker_ids = await self._place(spec.tensor_parallel_size, needed)
-        existing = self.deployments.get(name)
-        if existing is not None and existing.state != "failed":
-            raise ModelExists(f"model {name!r} is already {existing.state}")
+        self._refuse_if_present(name)
         deployment = Deployment(
             name=name,
             path=str(resolved),
             tensor_parallel_size=spec.tensor_parallel_size,
             dtype=spec.dtype,
             requested_max_model_len=spec.max_model_len,
-            workers=worker_ids,
+            handles=[self.pool.handles[worker_id] for worker_id in worker_ids],
             tokenizer=tokenizer,
             keep_alive=spec.keep_alive,
             pinned=spec.pinned,
             evictable=evictable,
         )
         self.deployments[name] = deployment
-        for worker_id in worker_ids:
-            handle = self.pool.handles[worker_id]
+        for handle in deployment.handles:
             handle.state, handle.model = "loading", name
         self._notify("loading", name)
         try:
             source, replies = await self._load_on_workers(deployment, checkpoint)
+            if deployment.state == "failed":  # a rank reported the model lost meanwhile
+                raise ModelUnavailable(f"model {name!r} failed while loading: {deployment.error}")
         except BaseException as exc:
             await self._release_workers(deployment)
             self._remove(deployment)
@@ -387,19 +458,19 @@ class Controller:
             tokenizer,
             max_len,
             int(checkpoint.config["vocab_size"]),
-            lambda command: self.pool.send(lead, command),
+            lambda command: self.pool.send_to(lead, command),
         )
         deployment.memory_bytes = sum(reply.memory_used_bytes for reply in replies)
         deployment.load_source = source
         deployment.load_seconds = time.perf_counter() - started
         deployment.last_used = time.time()
         deployment.state = "loaded"
-        for worker_id in worker_ids:
-            self.pool.handles[worker_id].state = "loaded"
+        for handle in deployment.handles:
+            handle.state = "loaded"
         deployment.settled.set()
         self._notify("loaded", name)
         phases = {"worker_s": replies[0].seconds, **replies[0].phases}
-        return LoadResult(name, worker_ids, deployment.load_seconds, source, phases)
+        return LoadResult(name, deployment.workers, deployment.load_seconds, source, phases)
 
     async def _checkpoint(self, path: Path) -> tuple[Checkpoint, ModelTokenizer]:
         """The checkpoint's index and tokenizer, read once per folder version: a reload (a swap)
@@ -412,23 +483,53 @@ class Controller:
         self._checkpoints[path] = (version, opened)
         return opened
 
+    def _refuse_if_present(self, name: str) -> None:
+        existing = self.deployments.get(name)
+        if existing is not None and existing.state != "failed":
+            raise ModelExists(f"model {name!r} is already {existing.state}")
+
     async def _place(self, tp: int, bytes_per_worker: int) -> list[int]:
-        """Idle workers for a new model; evicts least recently used idle models to make room."""
+        """Idle workers for a new model. Evicts least recently used idle models to make room,
+        and waits for room that is on its way (an unload under way, a worker being replaced)."""
+        deadline = time.monotonic() + self.config.load_timeout_s
         while True:
             try:
                 return choose_workers(self.pool.handles, tp, bytes_per_worker)
             except NoCapacity:
                 victim = eviction_candidate(self.deployments.values())
-                if victim is None:
+                if victim is not None:
+                    await self._evict(victim)
+                    continue
+                coming = self._room_on_its_way()
+                if not coming or time.monotonic() >= deadline:
                     raise
-                log.info("evicting %s to make room", victim.name)
-                self.counters["evictions"] += 1
-                with contextlib.suppress(ModelNotFound, ModelExists):
-                    await self.unload(victim.name)
+                await asyncio.wait(coming, timeout=max(0.0, deadline - time.monotonic()))
+
+    async def _evict(self, victim: Deployment) -> None:
+        log.info("evicting %s to make room", victim.name)
+        try:
+            await self.unload(victim.name)
+        except (ModelNotFound, ModelExists):
+            return  # someone else is unloading it: its workers come free all the same
+        self.counters["evictions"] += 1
+
+    def _room_on_its_way(self) -> set[asyncio.Future]:
+        """What to wait for before a worker may come free: unloads under way, replacement
+        workers still warming up."""
+        coming: set[asyncio.Future] = set()
+        for deployment in self.deployments.values():
+            if deployment.state == "unloading":
+                coming.add(asyncio.ensure_future(deployment.removed.wait()))
+        for handle in self.pool.handles:
+            if handle.state == "starting":
+                coming.add(handle.ready)
+        return coming
 
     def _remove(self, deployment: Deployment) -> None:
         if self.deployments.get(deployment.name) is deployment:
             del self.deployments[deployment.name]
+            if deployment.last_used is not None:
+                self._last_used[deployment.name] = deployment.last_used
         deployment.removed.set()
 
     async def _load_on_workers(self, deployment: Deployment, checkpoint: Checkpoint):
@@ -441,7 +542,7 @@ class Controller:
             if segment is not None:
                 self._broadcast(RegisterSegment(segment))
         tp = deployment.tensor_parallel_size
-        init_method = self.pool.launcher.rendezvous_address(deployment.lead) if tp > 1 else None
+        init_method = self.pool.launcher.rendezvous_address(deployment.lead.id) if tp > 1 else None
         engine = self.config.engine
 
         def build(rank: int, command_id: int) -> LoadModel:
@@ -462,7 +563,7 @@ class Controller:
             )
 
         try:
-            replies = await self._command(deployment.workers, build)
+            replies = await self._command(deployment.handles, build)
         finally:
             if segment is not None:
                 self.store.release(key)
@@ -472,36 +573,39 @@ class Controller:
         return source, replies
 
     async def _release_workers(self, deployment: Deployment) -> None:
-        """Returns a deployment's workers to idle (each drops whatever it built)."""
-        alive = [w for w in deployment.workers if self.pool.handles[w].state != "dead"]
-        if alive:
+        """Returns a deployment's workers to idle (each drops whatever it built), once."""
+        if deployment.workers_released:
+            return
+        deployment.workers_released = True
+        owned = self._owned_handles(deployment)
+        if owned:
             with contextlib.suppress(ControllerError):
-                await self._command(alive, lambda rank, command_id: UnloadModel(command_id))
-        for worker_id in alive:
-            handle = self.pool.handles[worker_id]
-            if handle.state != "dead":
-                handle.state, handle.model = "idle", None
+                await self._command(owned, lambda rank, command_id: UnloadModel(command_id))
+        for handle in self._owned_handles(deployment):
+            handle.state, handle.model = "idle", None
 
     async def unload(self, name: str) -> float:
+        return await self._shielded(self._unload(name))
+
+    async def _unload(self, name: str) -> float:
         started = time.perf_counter()
         deployment = self.deployments.get(name)
         if deployment is None:
             raise ModelNotFound(f"model {name!r} is not loaded")
         if deployment.state == "loading":
             await deployment.settled.wait()
-            return await self.unload(name)
+            return await self._unload(name)
         if deployment.state == "unloading":
             raise ModelExists(f"model {name!r} is already being unloaded")
         if deployment.state == "failed":
             self._remove(deployment)
             return time.perf_counter() - started
         deployment.state = "unloading"
-        for worker_id in deployment.workers:
-            self.pool.handles[worker_id].state = "unloading"
+        for handle in deployment.handles:
+            handle.state = "unloading"
         self._notify("unloading", name)
         await self._drain(deployment)
-        if deployment.client is not None:
-            deployment.client.fail_all(f"model {name!r} was unloaded")
+        deployment.client.fail_all(f"model {name!r} was unloaded")
         await self._release_workers(deployment)
         self._remove(deployment)
         self._notify("unloaded", name)
@@ -516,11 +620,12 @@ class Controller:
     # ---- requests -------------------------------------------------------------------------
 
     async def _serving(self, name: str) -> Deployment:
-        """The loaded deployment for `name`, loading a registered model on demand."""
+        """The loaded deployment for `name`, loading a registered model on demand (again, after
+        a failure)."""
         deadline = time.monotonic() + self.config.load_timeout_s
         while time.monotonic() < deadline:
             deployment = self.deployments.get(name)
-            if deployment is None:
+            if deployment is None or (deployment.state == "failed" and name in self.registry):
                 if name not in self.registry:
                     raise ModelNotFound(f"model {name!r} is neither loaded nor registered")
                 await self._auto_load(name)
@@ -531,6 +636,10 @@ class Controller:
                 await _wait(deployment.settled, deadline)
             elif deployment.state == "unloading" and name in self.registry:
                 await _wait(deployment.removed, deadline)
+            elif deployment.state == "failed":
+                raise ModelUnavailable(
+                    f"model {name!r} failed ({deployment.error}); load it again to use it"
+                )
             else:
                 raise ModelUnavailable(f"model {name!r} is {deployment.state}")
         raise ModelUnavailable(f"model {name!r} did not become ready in time")
@@ -540,7 +649,7 @@ class Controller:
         task = self._auto_loads.get(name)
         if task is None:
             self.counters["auto_loads"] += 1
-            task = asyncio.ensure_future(self._load(self.registry[name], evictable=True))
+            task = self._spawn(self._load(self.registry[name], evictable=True))
             self._auto_loads[name] = task
             task.add_done_callback(lambda _: self._auto_loads.pop(name, None))
         # ModelExists: loaded by someone else in the meantime; the caller looks again.
@@ -555,29 +664,50 @@ class Controller:
         keep_alive: float | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         """Streams a generation; `keep_alive` (seconds, -1 = never) overrides how long the
-        model stays loaded once idle, as Ollama's request field does."""
-        deployment = await self._serving(name)
-        if keep_alive is not None:
-            deployment.keep_alive = keep_alive
+        model stays loaded once idle, as Ollama's request field does.
+
+        Each model admits its engine's batch plus `max_queued_requests` waiting requests
+        (waiting for a load included); beyond that a request is refused at once (Overloaded),
+        so that a burst cannot pile up requests that would time out anyway."""
+        admitted = self._admitted.get(name, 0)
+        limit = self.config.engine.max_num_seqs + self.config.max_queued_requests
+        if admitted >= limit:
+            raise Overloaded(
+                f"model {name!r} has {admitted} requests running or queued, the most it takes; "
+                "retry later"
+            )
+        self._admitted[name] = admitted + 1
         try:
-            async for chunk in deployment.client.generate(prompt, params):
-                yield chunk
-        except engine_client.PromptTooLong as exc:
-            raise PromptTooLong(str(exc)) from None
-        except RequestRejected as exc:
-            raise InvalidRequest(str(exc)) from None
-        except engine_client.RequestAborted as exc:
-            raise ModelUnavailable(str(exc)) from None
+            deployment = await self._serving(name)
+            if keep_alive is not None:
+                deployment.keep_alive = keep_alive
+            try:
+                async for chunk in deployment.client.generate(prompt, params):
+                    yield chunk
+            except engine_client.PromptTooLong as exc:
+                raise PromptTooLong(str(exc)) from None
+            except RequestRejected as exc:
+                raise InvalidRequest(str(exc)) from None
+            except engine_client.RequestAborted as exc:
+                raise ModelUnavailable(str(exc)) from None
+            finally:
+                deployment.last_used = time.time()
+                if deployment.keep_alive == 0 and deployment.client.in_flight == 0:
+                    self._spawn(self._unload_idle(deployment))
         finally:
-            deployment.last_used = time.time()
-            if deployment.keep_alive == 0 and deployment.client.in_flight == 0:
-                self._spawn(self._unload_idle(deployment))
+            self._admitted[name] -= 1
+            if not self._admitted[name]:
+                del self._admitted[name]
 
     async def _keep_alive_loop(self) -> None:
         while True:
             await asyncio.sleep(KEEP_ALIVE_CHECK_S)
             for deployment in expired(self.deployments.values(), time.time()):
-                await self._unload_idle(deployment)
+                try:
+                    await self._unload_idle(deployment)
+                except Exception:
+                    # One failed unload must not end keep-alive for every model.
+                    log.exception("unloading idle model %s failed", deployment.name)
 
     async def _unload_idle(self, deployment: Deployment) -> None:
         if self.deployments.get(deployment.name) is not deployment:
@@ -591,20 +721,33 @@ class Controller:
     # ---- registry -------------------------------------------------------------------------
 
     async def register(self, spec: ModelSpec) -> None:
-        if spec.name in self.registry or spec.name in self.deployments:
-            raise ModelExists(f"model {spec.name!r} is already registered or loaded")
+        """Adds a model that loads on its first request; its checkpoint is checked now. With
+        `preload` it is loaded before this returns, and a failed load leaves it unregistered."""
+        self._refuse_if_known(spec.name)
         _validate_load(spec.name, spec.tensor_parallel_size, spec.dtype, spec.max_model_len)
-        self.resolve_path(spec.path)
+        await asyncio.to_thread(_open_checkpoint, self.resolve_path(spec.path))
+        self._refuse_if_known(spec.name)
         self.registry[spec.name] = spec
         if spec.preload:
-            await self._auto_load(spec.name)
+            try:
+                await self._auto_load(spec.name)
+            except BaseException:
+                if self.registry.get(spec.name) is spec:
+                    del self.registry[spec.name]
+                raise
+
+    def _refuse_if_known(self, name: str) -> None:
+        if name in self.registry or name in self.deployments:
+            raise ModelExists(f"model {name!r} is already registered or loaded")
 
     async def unregister(self, name: str) -> None:
-        if name not in self.registry:
+        """Forgets a registered model, unloading it first if it is loaded."""
+        if self.registry.pop(name, None) is None:
             raise ModelNotFound(f"model {name!r} is not registered")
+        self._last_used.pop(name, None)
         if name in self.deployments:
-            await self.unload(name)
-        self.registry.pop(name, None)
+            with contextlib.suppress(ModelNotFound):
+                await self.unload(name)
 
     def tokenizer(self, name: str) -> ModelTokenizer:
         deployment = self.deployments.get(name)
@@ -636,7 +779,7 @@ class Controller:
     def _registered_info(self, spec: ModelSpec) -> ModelInfo:
         try:
             in_host_cache = str(self.resolve_path(spec.path)) in self.store
-        except PathForbidden:
+        except ControllerError:
             in_host_cache = False
         return ModelInfo(
             name=spec.name,
@@ -645,6 +788,7 @@ class Controller:
             tensor_parallel_size=spec.tensor_parallel_size,
             dtype=spec.dtype,
             max_model_len=spec.max_model_len,
+            last_used=self._last_used.get(spec.name),
             keep_alive=spec.keep_alive,
             pinned=spec.pinned,
         )
@@ -701,6 +845,8 @@ def _open_checkpoint(path: Path) -> tuple[Checkpoint, ModelTokenizer]:
         raise CheckpointInvalid(f"{path / 'config.json'}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointInvalid(f"{path / 'config.json'}: invalid config ({exc})") from None
+    except OSError as exc:  # a name too long, a directory that cannot be read, ...
+        raise CheckpointInvalid(f"{path}: cannot read the checkpoint ({exc.strerror})") from None
 
 
 def _folder_version(path: Path) -> tuple:
@@ -751,4 +897,5 @@ def _model_info(deployment: Deployment) -> ModelInfo:
         memory_bytes=deployment.memory_bytes,
         keep_alive=deployment.keep_alive,
         pinned=deployment.pinned,
+        error=deployment.error,
     )

@@ -56,6 +56,14 @@ class ModelUnavailable(ControllerError):
     retry_after_s = 1
 
 
+class Overloaded(ControllerError):
+    """The model already holds as many requests as it admits; retrying later may succeed."""
+
+    status = 503
+    code = "overloaded"
+    retry_after_s = 1
+
+
 class LoadFailed(ControllerError):
     """The workers could not build the model for a reason that is not the client's."""
 

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
-from warmserve.protocol import Shutdown, WorkerReady, command_encoder, event_decoder
+from warmserve.protocol import (
+    Shutdown,
+    WorkerFailed,
+    WorkerReady,
+    command_encoder,
+    event_decoder,
+)
 from warmserve.worker.worker import WorkerArgs, worker_main
 
 
@@ -48,8 +54,10 @@ class WorkerHandle:
 class LocalLauncher:
     """Starts workers as child processes of this server, talking over ipc:// sockets."""
 
-    def __init__(self):
-        self.socket_dir = tempfile.mkdtemp(prefix="warmserve-")
+    def __init__(self, instance: str):
+        # Named after the server instance, like its shared memory, so that what one server
+        # leaves behind can be told from another's.
+        self.socket_dir = tempfile.mkdtemp(prefix=f"warmserve-{instance}-")
         self.context = multiprocessing.get_context("spawn")
 
     def event_address(self) -> str:
@@ -76,18 +84,22 @@ class LocalLauncher:
 
 
 class WorkerPool:
+    """`on_death(worker_id, warmed_up)` is called on the event loop for every worker that exits
+    while the pool is open; `warmed_up` says whether it had finished its warm-up."""
+
     def __init__(
         self,
         devices: list[str],
         worker_args: Callable[[int, str, str, str], WorkerArgs],
         on_event: Callable[[object], None],
-        on_death: Callable[[int], None],
+        on_death: Callable[[int, bool], None],
+        instance: str,
     ):
         self.devices = devices
         self.worker_args = worker_args
         self.on_event = on_event
         self.on_death = on_death
-        self.launcher = LocalLauncher()
+        self.launcher = LocalLauncher(instance)
         self.context = zmq.asyncio.Context()
         self.handles = [WorkerHandle(id=i, device=device) for i, device in enumerate(devices)]
         self.generations = [0] * len(devices)
@@ -95,6 +107,7 @@ class WorkerPool:
         self.reader: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
+        self.closed = False
         self._monitor_wakeup = multiprocessing.Pipe(duplex=False)
         self._monitor: threading.Thread | None = None
 
@@ -108,13 +121,17 @@ class WorkerPool:
         self._monitor = threading.Thread(target=self._watch_processes, daemon=True)
         self._monitor.start()
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(handle.ready for handle in self.handles)), timeout_s
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*(handle.ready for handle in self.handles), return_exceptions=True),
+                timeout_s,
             )
         except TimeoutError:
             raise StartupError(
                 f"workers did not finish their warm-up within {timeout_s:.0f} s"
             ) from None
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def spawn(self, worker_id: int) -> WorkerHandle:
         """Starts (or replaces) worker `worker_id`: a fresh process with fresh sockets."""
@@ -135,8 +152,11 @@ class WorkerPool:
         return handle
 
     def send(self, worker_id: int, command) -> None:
-        handle = self.handles[worker_id]
-        if handle.state != "dead":
+        self.send_to(self.handles[worker_id], command)
+
+    def send_to(self, handle: WorkerHandle, command) -> None:
+        """Sends to that very process: nothing goes to a replacement of a dead worker."""
+        if self.handles[handle.id] is handle and handle.state != "dead" and not self.closed:
             handle.socket.send(command_encoder.encode(command), copy=False)
 
     async def _read_events(self) -> None:
@@ -153,22 +173,37 @@ class WorkerPool:
                 handle.state = "idle"
                 if not handle.ready.done():
                     handle.ready.set_result(event)
+            elif isinstance(event, WorkerFailed):
+                handle = self.handles[event.worker_id]
+                if not handle.ready.done():
+                    handle.ready.set_exception(
+                        StartupError(
+                            f"worker {event.worker_id} on {handle.device} failed its warm-up: "
+                            f"{event.error}; its traceback is in the log above"
+                        )
+                    )
             self.on_event(event)
 
     def _watch_processes(self) -> None:
+        """Monitor thread: wakes the moment a worker process exits."""
         reader, _ = self._monitor_wakeup
+        # A dead process's sentinel stays ready until the loop marks its worker dead: report it
+        # once. Keyed by the process object (kept alive here), since fd numbers are reused.
+        reported: dict[int, multiprocessing.Process] = {}
         while not self.closing:
-            sentinels = {
-                h.process.sentinel: h.id
+            watched = {
+                h.process.sentinel: h
                 for h in self.handles
-                if h.process is not None and h.state != "dead"
+                if h.process is not None and h.state != "dead" and id(h.process) not in reported
             }
-            ready = multiprocessing.connection.wait([reader, *sentinels], timeout=1.0)
+            ready = multiprocessing.connection.wait([reader, *watched], timeout=1.0)
             for item in ready:
                 if item is reader:
                     reader.recv()
                 elif not self.closing:
-                    self.loop.call_soon_threadsafe(self._died, sentinels[item])
+                    process = watched[item].process
+                    reported[id(process)] = process
+                    self.loop.call_soon_threadsafe(self._died, watched[item].id)
 
     def _wake_monitor(self) -> None:
         if self._monitor is not None:
@@ -176,10 +211,11 @@ class WorkerPool:
 
     def _died(self, worker_id: int) -> None:
         handle = self.handles[worker_id]
-        if handle.state == "dead" or handle.process.is_alive():
+        if self.closing or handle.state == "dead" or handle.process.is_alive():
             return
         handle.state = "dead"
         handle.model = None
+        warmed_up = handle.ready.done() and handle.ready.exception() is None
         if not handle.ready.done():
             handle.ready.set_exception(
                 StartupError(
@@ -187,9 +223,11 @@ class WorkerPool:
                     f"(exit code {handle.process.exitcode})"
                 )
             )
-        self.on_death(worker_id)
+        self.on_death(worker_id, warmed_up)
 
     async def close(self, timeout_s: float = 10.0) -> None:
+        if self.closing:
+            return
         self.closing = True
         self._wake_monitor()
         if self._monitor is not None:
@@ -211,6 +249,7 @@ class WorkerPool:
             self.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.reader
+        self.closed = True
         for handle in self.handles:
             if handle.socket is not None:
                 handle.socket.close(linger=0)

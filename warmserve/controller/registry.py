@@ -5,6 +5,7 @@ A malformed file or entry is refused with a message that names the file, the lin
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -24,6 +25,8 @@ FIELDS = {
 }
 DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+# Longer than any server lives; larger integers would overflow a float.
+MAX_KEEP_ALIVE_S = 10**12
 
 
 class RegistryError(ValueError):
@@ -35,7 +38,8 @@ def parse_keep_alive(value) -> float:
     if isinstance(value, bool):
         raise ConfigError("keep_alive must be a duration such as 30s, 5m, 1h, 0 or -1")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        # Every negative value means "never"; NaN passes through to be refused below.
+        seconds = float(max(min(value, MAX_KEEP_ALIVE_S), -1))
     else:
         match = DURATION.match(str(value))
         if not match:
@@ -43,6 +47,8 @@ def parse_keep_alive(value) -> float:
                 f"keep_alive must be a duration such as 30s, 5m, 1h, 0 or -1, not {value!r}"
             )
         seconds = float(match.group(1)) * UNIT_SECONDS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ConfigError(f"keep_alive must be a finite number of seconds, not {value!r}")
     if seconds < 0:
         return -1.0
     return seconds

@@ -22,7 +22,7 @@ class LoadResult:
 class ModelInfo:
     name: str
     path: str
-    state: str  # registered | loading | loaded | unloading | failed
+    state: str  # loading | loaded | unloading | failed, or host-cache | disk when not loaded
     workers: list[int] = field(default_factory=list)
     tensor_parallel_size: int = 1
     dtype: str = "auto"
@@ -35,6 +35,7 @@ class ModelInfo:
     memory_bytes: int = 0
     keep_alive: float = -1.0  # seconds idle before an automatic unload; -1 = never
     pinned: bool = False
+    error: str | None = None  # why a failed model failed
 
 
 @dataclass

@@ -67,6 +67,10 @@ class HostWeightStore:
         with self._lock:
             return key in self._entries
 
+    def segments(self) -> list[WeightSegment]:
+        with self._lock:
+            return [entry.segment for entry in self._entries.values()]
+
     def acquire(self, key: str) -> WeightSegment | None:
         """The stored segment for `key`, kept from eviction until `release(key)`."""
         with self._lock:

@@ -4,6 +4,10 @@ The worker knows nothing of the server but two socket addresses: it pulls comman
 pushes events to the other. While it holds a model and has requests, it runs the engine loop;
 otherwise it waits for commands. With tensor parallelism the lead rank (0) runs the engine loop
 and the other ranks mirror its steps until the lead releases them at unload.
+
+Fault injection: with WARMSERVE_FAIL_WARMUP=1 in its environment a worker fails its warm-up (it
+reports the failure and exits with status 1), so tests and operators can check how the server
+handles a device that cannot start.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from warmserve.protocol import (
     StepOutputs,
     TokenOutput,
     UnloadModel,
+    WorkerFailed,
     WorkerReady,
     command_decoder,
     event_encoder,
@@ -49,6 +54,7 @@ from warmserve.protocol import (
 # Followers wait in a collective for the lead's next step for as long as the model stays loaded.
 GROUP_TIMEOUT = timedelta(days=30)
 IDLE_POLL_MS = 500
+FAIL_WARMUP_ENV = "WARMSERVE_FAIL_WARMUP"
 
 
 @dataclass(frozen=True)
@@ -130,11 +136,12 @@ class Worker:
 
     def run(self) -> None:
         started = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        warm_up(self.device, "bfloat16" if self.device.type == "cuda" else "float32")
-        if self.device.type == "cuda":
-            release_cached_gpu_memory()  # the idle figure is then what an unload returns to
+        try:
+            self.warm_up()
+        except Exception as exc:
+            traceback.print_exc()
+            self.send(WorkerFailed(self.args.worker_id, f"{type(exc).__name__}: {exc}"))
+            raise SystemExit(1) from None
         self.send(
             WorkerReady(
                 worker_id=self.args.worker_id,
@@ -163,6 +170,17 @@ class Worker:
                 self.handle(command)
                 if not self.commands.poll(0):
                     break
+
+    def warm_up(self) -> None:
+        if os.environ.get(FAIL_WARMUP_ENV) == "1":
+            raise RuntimeError(
+                f"fault injected by {FAIL_WARMUP_ENV}=1 (unset it to start normally)"
+            )
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        warm_up(self.device, "bfloat16" if self.device.type == "cuda" else "float32")
+        if self.device.type == "cuda":
+            release_cached_gpu_memory()  # the idle figure is then what an unload returns to
 
     def handle(self, command) -> None:
         if isinstance(command, AddRequest):
