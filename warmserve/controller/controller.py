@@ -543,7 +543,6 @@ class Controller:
                 self._broadcast(RegisterSegment(segment))
         tp = deployment.tensor_parallel_size
         init_method = self.pool.launcher.rendezvous_address(deployment.lead.id) if tp > 1 else None
-        engine = self.config.engine
 
         def build(rank: int, command_id: int) -> LoadModel:
             return LoadModel(
@@ -553,10 +552,7 @@ class Controller:
                 segment=segment,
                 dtype=deployment.dtype,
                 max_model_len=deployment.requested_max_model_len,
-                max_num_seqs=engine.max_num_seqs,
-                max_num_batched_tokens=engine.max_num_batched_tokens,
-                block_size=engine.block_size,
-                kv_cache_bytes=engine.kv_cache_bytes,
+                engine=self.config.engine,
                 tp_rank=rank,
                 tp_size=tp,
                 dist_init_method=init_method,

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from warmserve.config import EngineConfig, SamplingParams
+from warmserve.config import SamplingParams
 from warmserve.engine.engine import Engine, RequestRejected, eos_token_ids
 from warmserve.engine.warmup import warm_up
 from warmserve.loader.checkpoint import CheckpointError, read_model_config
@@ -295,17 +295,11 @@ class Worker:
             self.follow()
 
     def build_engine(self, command: LoadModel) -> Engine:
-        engine_config = EngineConfig(
-            max_num_seqs=command.max_num_seqs,
-            max_num_batched_tokens=command.max_num_batched_tokens,
-            block_size=command.block_size,
-            kv_cache_bytes=command.kv_cache_bytes,
-        )
         options = dict(
             device=self.device,
             dtype=command.dtype,
             max_model_len=command.max_model_len,
-            engine_config=engine_config,
+            engine_config=command.engine,
             memory_budget_bytes=self.memory_budget(),
         )
         if command.segment is None:
