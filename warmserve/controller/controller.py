@@ -536,11 +536,16 @@ class Controller:
         key = deployment.path
         segment = self.store.acquire(key)
         source = "host-cache"
+        filling = None
         if segment is None:
             source = "disk"
-            segment = await asyncio.to_thread(self.store.store_checkpoint, key, checkpoint)
-            if segment is not None:
-                self._broadcast(RegisterSegment(segment))
+            started = await asyncio.to_thread(self.store.begin_checkpoint, key, checkpoint)
+            if started is not None:
+                segment, fill = started
+                # The workers start copying while the disk is still being read.
+                filling = asyncio.ensure_future(asyncio.to_thread(fill))
+                # Seen by the awaiting below, or by the workers (ready word) if a load fails first.
+                filling.add_done_callback(lambda task: task.cancelled() or task.exception())
         tp = deployment.tensor_parallel_size
         init_method = self.pool.launcher.rendezvous_address(deployment.lead.id) if tp > 1 else None
 
@@ -560,6 +565,11 @@ class Controller:
 
         try:
             replies = await self._command(deployment.handles, build)
+            if filling is not None:
+                await filling
+                self._broadcast(RegisterSegment(segment))
+        except OSError as exc:
+            raise CheckpointInvalid(f"{deployment.path}: {exc}") from None
         finally:
             if segment is not None:
                 self.store.release(key)

@@ -350,7 +350,7 @@ def _model_on_arena(
             model = architecture(config)
     built = time.perf_counter()
     arena = torch.empty(weights.segment.size, dtype=torch.uint8, device=device)
-    arena.copy_(weights.buffer, non_blocking=weights.registered)
+    weights.copy_into(arena)
     issued = time.perf_counter()
     bind_parameters(model, weights.views_into(arena))
     for module in model.modules():  # buffers built on the CPU (rotary frequencies), once
