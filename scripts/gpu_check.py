@@ -44,6 +44,7 @@ def random_paged_batch(seqs, heads, kv_heads, head_dim, block_size, dtype, devic
         slot_mapping=torch.zeros(seqs, dtype=torch.long, device=device),
         query_lens=[1] * seqs,
         context_lens=context_lens.to(device),
+        context_lens_host=context_lens.tolist(),
         block_tables=tables.to(device),
         max_context_len=int(context_lens.max()),
         decode_only=True,
@@ -76,6 +77,7 @@ def _cpu_meta(meta: AttentionMetadata) -> AttentionMetadata:
         slot_mapping=meta.slot_mapping.cpu(),
         query_lens=meta.query_lens,
         context_lens=meta.context_lens.cpu().long(),
+        context_lens_host=meta.context_lens_host,
         block_tables=meta.block_tables.cpu().long(),
         max_context_len=meta.max_context_len,
         decode_only=meta.decode_only,
@@ -107,12 +109,13 @@ def check_prefill_fast_path(report: dict) -> None:
         k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
         meta = AttentionMetadata(
-            slot_mapping,
-            query_lens,
-            torch.tensor(query_lens, device="cuda"),
-            tables.cuda(),
-            max(query_lens),
-            False,
+            slot_mapping=slot_mapping,
+            query_lens=query_lens,
+            context_lens=torch.tensor(query_lens, device="cuda"),
+            context_lens_host=query_lens,
+            block_tables=tables.cuda(),
+            max_context_len=max(query_lens),
+            decode_only=False,
         )
         fast = paged_prefill(q, k, v, k_cache, v_cache, meta, 0.088, from_cache=False)
         ref = paged_prefill(
@@ -126,6 +129,37 @@ def check_prefill_fast_path(report: dict) -> None:
             from_cache=True,
         )
         report[f"prefill {str(dtype)[6:]}"] = relative_error(fast, ref)
+
+
+def check_fused_kernels(report: dict) -> None:
+    """Each fused Triton kernel against the torch reference it replaces, on the same inputs."""
+    from warmserve.layers import rotary, triton_fused
+    from warmserve.layers.norm import RMSNorm
+
+    generator = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype)[6:]
+        x = torch.randn(37, 1024, generator=generator).to(dtype)
+        residual = torch.randn(37, 1024, generator=generator).to(dtype)
+        norm = RMSNorm(1024, 1e-6)
+        norm.weight.data = (1 + 0.1 * torch.randn(1024, generator=generator)).to(dtype)
+        ref_out, ref_residual = norm(x, residual)
+        norm.cuda()
+        out, new_residual = triton_fused.rms_norm(x.cuda(), norm.weight, 1e-6, residual.cuda())
+        report[f"rms_norm+residual {name}"] = relative_error(out, ref_out)
+        report[f"residual sum {name}"] = relative_error(new_residual, ref_residual)
+        heads = torch.randn(37, 16, 128, generator=generator).to(dtype)
+        emb = rotary.RotaryEmbedding(128, 1e6)
+        cos, sin = emb(torch.arange(37) * 13)
+        reference = rotary.apply_rotary(heads, cos, sin)
+        fused = triton_fused.apply_rotary(heads.cuda(), cos.cuda(), sin.cuda())
+        report[f"rotary {name}"] = relative_error(fused, reference)
+        gate = torch.randn(37, 3072, generator=generator).to(dtype)
+        up = torch.randn(37, 3072, generator=generator).to(dtype)
+        reference = torch.nn.functional.silu(gate) * up
+        report[f"silu_and_mul {name}"] = relative_error(
+            triton_fused.silu_and_mul(gate.cuda(), up.cuda()), reference
+        )
 
 
 def check_greedy_against_transformers(report: dict, root: Path) -> None:
@@ -176,6 +210,7 @@ def main() -> None:
     report: dict = {"device": torch.cuda.get_device_name()}
     check_decode_kernel(report)
     check_prefill_fast_path(report)
+    check_fused_kernels(report)
     with tempfile.TemporaryDirectory() as root:
         check_greedy_against_transformers(report, Path(root))
     for key, value in report.items():

@@ -75,8 +75,10 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     block_size: int = 16
-    # KV cache budget; None: sized from the worker's free memory at load time.
+    # KV cache budget; None: sized from the worker's free memory at load time, up to
+    # max_kv_cache_bytes. The cap keeps a swap's allocation (and an unload's free) short.
     kv_cache_bytes: int | None = None
+    max_kv_cache_bytes: int = 4 * 2**30
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import msgspec
 
+from warmserve.config import EngineConfig
+
 
 class TensorEntry(msgspec.Struct, array_like=True, frozen=True):
     name: str
@@ -46,10 +48,7 @@ class LoadModel(msgspec.Struct, tag=True, frozen=True):
     segment: WeightSegment | None  # None: read the checkpoint from disk
     dtype: str
     max_model_len: int | None
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    block_size: int
-    kv_cache_bytes: int | None
+    engine: EngineConfig
     tp_rank: int
     tp_size: int
     dist_init_method: str | None  # tcp://host:port of the group's rendezvous when tp_size > 1
@@ -115,6 +114,7 @@ class CommandDone(msgspec.Struct, tag=True, frozen=True):
     memory_used_bytes: int = 0
     max_model_len: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = {}  # where a load's time went (weights, KV cache)
 
 
 class TokenOutput(msgspec.Struct, array_like=True, frozen=True):

@@ -184,7 +184,7 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
             deadline = time.monotonic() + 600
             while len(controller.registered_segments) < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-        loads, first_tokens, unloads, swaps = [], [], [], []
+        loads, first_tokens, unloads, swaps, phases = [], [], [], [], []
         await controller.load("a", str(a))
         current = "a"
         for _ in range(repeats):
@@ -197,6 +197,7 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
             unloaded = time.perf_counter()
             loaded = await controller.load(target, str(a if target == "a" else b))
             assert loaded.source == "host-cache"
+            phases.append(loaded.worker_phases)
             reloaded = time.perf_counter()
             await first_token(controller, target)
             swaps.append(time.perf_counter() - started)
@@ -216,6 +217,7 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
             output_unchanged_after_swaps=same_a,
             memory_idle_bytes=idle,
             memory_after_unload_bytes=after,
+            worker_load_phases=phases,
         )
         return result
 
@@ -238,7 +240,10 @@ def decode_timings(
         checkpoint,
         device=device,
         max_model_len=max_len,
-        engine_config=EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=8192),
+        # Room for every sequence's whole context: the step time of a full batch is measured.
+        engine_config=EngineConfig(
+            max_num_seqs=max(batches), max_num_batched_tokens=8192, max_kv_cache_bytes=64 * GIB
+        ),
     )
     attention = engine.runner.model.attention_layers()
     kv_per_token = 2 * len(attention) * attention[0].num_kv_heads * attention[0].head_dim

@@ -15,6 +15,7 @@ class LoadResult:
     workers: list[int]
     load_seconds: float
     source: str  # "disk" or "host-cache"
+    worker_phases: dict = field(default_factory=dict)  # the lead worker's load, by phase
 
 
 @dataclass

@@ -39,9 +39,10 @@ class DecodeGraphs:
         self.block_tables = torch.full(
             (size, max_blocks), scratch_block, dtype=torch.int32, device=device
         )
-        # Host staging for one step's metadata, pinned so the copies are asynchronous.
-        self.host_vectors = torch.zeros(4, size, dtype=torch.long).pin_memory()
-        self.host_tables = torch.zeros(size, max_blocks, dtype=torch.int32).pin_memory()
+        # Host staging for one step's metadata. Not pinned: pinning costs milliseconds at load
+        # time, and these copies are a few kilobytes.
+        self.host_vectors = torch.zeros(4, size, dtype=torch.long)
+        self.host_tables = torch.zeros(size, max_blocks, dtype=torch.int32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -63,16 +64,14 @@ class DecodeGraphs:
         tables.fill_(self.scratch_block)
         for row, table in enumerate(inputs.block_tables):
             tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        self.input_ids[:bucket].copy_(vectors[0], non_blocking=True)
-        self.positions[:bucket].copy_(vectors[1], non_blocking=True)
-        self.slot_mapping[:bucket].copy_(vectors[2], non_blocking=True)
-        self.context_lens[:bucket].copy_(vectors[3], non_blocking=True)
-        self.block_tables[:bucket].copy_(tables, non_blocking=True)
+        self.input_ids[:bucket].copy_(vectors[0])
+        self.positions[:bucket].copy_(vectors[1])
+        self.slot_mapping[:bucket].copy_(vectors[2])
+        self.context_lens[:bucket].copy_(vectors[3])
+        self.block_tables[:bucket].copy_(tables)
         if bucket not in self.graphs:
             self._capture(bucket)
         self.graphs[bucket].replay()
-        # The staging buffers are safe to refill next step: sampling syncs the stream each step,
-        # after these copies.
         return self.logits[bucket][:batch]
 
     def _forward(self, bucket: int) -> torch.Tensor:
@@ -80,6 +79,7 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:bucket],
             query_lens=[1] * bucket,
             context_lens=self.context_lens[:bucket],
+            context_lens_host=[],  # decode never reads it
             block_tables=self.block_tables[:bucket],
             max_context_len=self.max_blocks * self.block_size,
             decode_only=True,

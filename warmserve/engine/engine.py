@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
+import time
+import traceback
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +85,8 @@ class Engine:
         self.max_model_len = scheduler.limits.max_model_len
         self.generators: dict[str, torch.Generator] = {}
         self.sequences: dict[str, Sequence] = {}
+        self.skeleton_key: tuple | None = None  # set when the model may be kept as a skeleton
+        self.load_phases: dict[str, float] = {}
 
     @classmethod
     def create(
@@ -97,12 +103,53 @@ class Engine:
     ) -> Engine:
         """Builds the model on `device` with `weights` (checkpoint tensors, a host-store segment,
         or None for random weights: the worker's warm-up model) and sizes the KV cache."""
+        try:
+            return cls._build(
+                raw_config,
+                weights,
+                device=device,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                engine_config=engine_config,
+                memory_budget_bytes=memory_budget_bytes,
+                eos_token_ids=eos_token_ids,
+            )
+        except BaseException as error:
+            # The frames in the error's traceback hold the half-built model: its weights would
+            # stay allocated for as long as anyone holds the error (the worker holds it while it
+            # frees memory and reports the failure).
+            traceback.clear_frames(error.__traceback__)
+            raise
+
+    @classmethod
+    def _build(
+        cls,
+        raw_config: dict,
+        weights: SegmentWeights | Iterable[tuple[str, torch.Tensor]] | None,
+        *,
+        device: torch.device | str,
+        dtype: str,
+        max_model_len: int | None,
+        engine_config: EngineConfig,
+        memory_budget_bytes: int | None,
+        eos_token_ids: Iterable[int],
+    ) -> Engine:
+        started = time.perf_counter()
         device = torch.device(device)
         architecture = model_class(raw_config)
         config = ModelConfig.from_dict(raw_config)
         torch_dtype = resolve_dtype(dtype, config.torch_dtype)
+        skeleton_key = None
+        phases: dict[str, float] = {}
         if isinstance(weights, SegmentWeights) and _bindable(weights, torch_dtype):
-            model = _model_on_arena(architecture, config, weights, device, torch_dtype)
+            skeleton_key = (
+                architecture.__name__,
+                json.dumps(raw_config, sort_keys=True),
+                str(torch_dtype),
+            )
+            model = _model_on_arena(
+                architecture, config, weights, device, torch_dtype, skeleton_key, phases
+            )
         else:
             with torch.device(device), default_dtype(torch_dtype):
                 model = architecture(config)
@@ -113,6 +160,7 @@ class Engine:
                 tensors = weights.tensors() if isinstance(weights, SegmentWeights) else weights
                 model.load_weights(tensors)
             model.to(device)  # buffers built on the CPU (rotary frequencies)
+        weights_done = time.perf_counter()
         weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         attention = model.attention_layers()[0]
         block_size = engine_config.block_size
@@ -133,8 +181,10 @@ class Engine:
                 - weights_bytes
                 - activation_reserve(config, engine_config, limit, torch_dtype)
             )
-        if kv_budget is not None:
-            num_blocks = min(num_blocks, kv_budget // block_bytes - 1)  # less the scratch block
+        if kv_budget is None:
+            kv_budget = engine_config.max_kv_cache_bytes
+        kv_budget = min(kv_budget, engine_config.max_kv_cache_bytes)
+        num_blocks = min(num_blocks, kv_budget // block_bytes)
         if num_blocks < 1:
             raise InsufficientMemory(
                 f"no memory left for the KV cache: weights take {weights_bytes / 2**20:.0f} MiB "
@@ -158,7 +208,14 @@ class Engine:
             max_model_len=limit,
         )
         scheduler = Scheduler(limits, BlockManager(num_blocks, block_size), eos_token_ids)
-        return cls(config, runner, scheduler, weights_bytes)
+        engine = cls(config, runner, scheduler, weights_bytes)
+        engine.skeleton_key = skeleton_key
+        engine.load_phases = {
+            **phases,
+            "weights_s": weights_done - started,
+            "kv_cache_s": time.perf_counter() - weights_done,
+        }
+        return engine
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> Engine:
@@ -242,7 +299,10 @@ class Engine:
     def close(self) -> None:
         """Frees the weights and the KV cache (and releases the other ranks)."""
         self.runner.release_followers()
+        model = self.runner.model
         self.runner.close()
+        if self.skeleton_key is not None:
+            keep_skeleton(self.skeleton_key, model)
         self.runner = None
         self.sequences.clear()
         self.generators.clear()
@@ -257,17 +317,56 @@ def _bindable(weights: SegmentWeights, dtype: torch.dtype) -> bool:
     return tp_world_size() == 1 and weights.dtypes == {str(dtype).removeprefix("torch.")}
 
 
-def _model_on_arena(architecture, config, weights: SegmentWeights, device, dtype) -> nn.Module:
+# Module trees of unloaded models, their parameters on the meta device: a reload of the same
+# architecture and config rebinds parameters instead of building some thousand modules again.
+_SKELETONS: OrderedDict[tuple, nn.Module] = OrderedDict()
+SKELETONS_KEPT = 4
+
+
+def keep_skeleton(key: tuple, model: nn.Module) -> None:
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                module._parameters[name] = nn.Parameter(
+                    torch.empty_like(param, device="meta"), requires_grad=False
+                )
+    for attention in model.attention_layers():
+        attention.k_cache = attention.v_cache = None
+    _SKELETONS[key] = model
+    _SKELETONS.move_to_end(key)
+    while len(_SKELETONS) > SKELETONS_KEPT:
+        _SKELETONS.popitem(last=False)
+
+
+def _model_on_arena(
+    architecture, config, weights: SegmentWeights, device, dtype, key: tuple, phases: dict
+) -> nn.Module:
     """A reload without per-tensor work: one device allocation, one bulk copy of the segment
     (asynchronous from registered host memory), parameters bound as views of it."""
-    with torch.device("meta"), default_dtype(dtype):
-        model = architecture(config)
+    started = time.perf_counter()
+    model = _SKELETONS.pop(key, None)
+    if model is None:
+        with torch.device("meta"), default_dtype(dtype):
+            model = architecture(config)
+    built = time.perf_counter()
     arena = torch.empty(weights.segment.size, dtype=torch.uint8, device=device)
-    arena.copy_(weights.buffer, non_blocking=weights.registered)
+    weights.copy_into(arena)
+    issued = time.perf_counter()
     bind_parameters(model, weights.views_into(arena))
-    model.to(device)  # buffers built on the CPU (rotary frequencies)
+    for module in model.modules():  # buffers built on the CPU (rotary frequencies), once
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+    bound = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # the host pages may go after this
+    phases.update(
+        build_s=built - started,
+        copy_issue_s=issued - built,
+        bind_s=bound - issued,
+        copy_wait_s=time.perf_counter() - bound,
+        registered=float(weights.registered),
+    )
     return model
 
 

@@ -144,6 +144,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(inputs.slot_mapping, dtype=torch.long, device=device),
             query_lens=inputs.query_lens,
             context_lens=torch.tensor(inputs.context_lens, dtype=torch.long, device=device),
+            context_lens_host=inputs.context_lens,
             block_tables=tables.to(device),
             max_context_len=max(inputs.context_lens),
             decode_only=all(n == 1 for n in inputs.query_lens),

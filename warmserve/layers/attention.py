@@ -20,6 +20,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [tokens] cache slot (block * block_size + offset) of each token
     query_lens: list[int]  # new tokens of each sequence in this step
     context_lens: torch.Tensor  # [seqs] tokens in the cache after this step, new ones included
+    context_lens_host: list[int]  # the same on the host: a prefill loop reads them without a sync
     block_tables: torch.Tensor  # [seqs, max_blocks] block ids, padded with 0
     max_context_len: int
     decode_only: bool
@@ -85,10 +86,16 @@ def paged_prefill(
     step's keys directly (the fast path on GPU); with `from_cache`, or a cached prefix, keys come
     from the paged cache (the reference path). With a sliding window, each query sees only the
     last `sliding_window` positions (its own included)."""
+    if (
+        not from_cache
+        and len(meta.query_lens) == 1
+        and meta.query_lens[0] == q.shape[0] == (meta.context_lens_host[0])
+    ):  # one whole prompt (a first token): no per-sequence slicing
+        return attend_one_sequence(q, k, v, scale, sliding_window)
     out = torch.empty_like(q)
     start = 0
     for i, query_len in enumerate(meta.query_lens):
-        context_len = int(meta.context_lens[i])
+        context_len = meta.context_lens_host[i]
         end = start + query_len
         if from_cache or query_len != context_len:
             keys = gather_kv(k_cache, meta.block_tables[i], context_len)

@@ -48,6 +48,10 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [tokens, heads, head_dim], rotate-half layout."""
+    if x.is_cuda:
+        from warmserve.layers import triton_fused  # triton: GPU hosts only
+
+        return triton_fused.apply_rotary(x, cos, sin)
     dtype = x.dtype
     x = x.float()
     half = x.shape[-1] // 2

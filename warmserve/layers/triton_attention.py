@@ -1,27 +1,37 @@
-"""Decode attention over the paged KV cache as one Triton kernel (GPU only).
+"""Decode attention over the paged KV cache in Triton (GPU only), split along the context.
 
-One program per (sequence, key/value head): it loads the query heads that share that KV head
-(grouped-query attention), walks the sequence's blocks through its block table with an online
-softmax, and writes the output once. Every shape it depends on is a tensor value, not a Python
-one, so the kernel can be captured in a CUDA graph. The torch reference path in attention.py is
-its oracle (scripts/gpu_check.py compares the two).
+Pass 1: one program per (sequence, key/value head, context split). It loads the query heads that
+share that KV head (grouped-query attention) and walks its share of the sequence's blocks, a tile
+of several blocks at a time, with an online softmax; it writes a partial output with its running
+max and sum. Pass 2 merges the splits. With few sequences the splits keep every SM busy; with many
+there is one split and pass 2 is a cheap normalisation.
+
+Every shape the kernels depend on is fixed by the batch size and the block-table width, and the
+context lengths are read on the device, so both passes can be captured in a CUDA graph. The torch
+reference path in attention.py is the oracle (scripts/gpu_check.py compares the two).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+TILE_BLOCKS = 4  # cache blocks per loop iteration: 64 tokens with 16-token blocks
+
 
 @triton.jit
-def _paged_decode_kernel(
+def _partial_kernel(
     q_ptr,  # [seqs, heads, head_dim]
     k_cache_ptr,  # [blocks, block_size, kv_heads, head_dim]
     v_cache_ptr,
     block_tables_ptr,  # [seqs, max_blocks] int
     context_lens_ptr,  # [seqs] int
-    out_ptr,  # [seqs, heads, head_dim]
+    part_out_ptr,  # [seqs, heads, splits, head_dim] float32
+    part_max_ptr,  # [seqs, heads, splits] float32
+    part_sum_ptr,
     scale,
     stride_q_seq,
     stride_q_head,
@@ -29,20 +39,26 @@ def _paged_decode_kernel(
     stride_cache_token,
     stride_cache_head,
     stride_table_seq,
-    stride_out_seq,
-    stride_out_head,
+    max_blocks,
+    blocks_per_split,
     GROUP: tl.constexpr,  # query heads per kv head
     GROUP_PAD: tl.constexpr,  # GROUP padded to a tensor-core-friendly size
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,  # tokens per iteration (TILE_BLOCKS * BLOCK_SIZE)
+    SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for float32 so results match the reference, else "tf32"
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
+    first_token = split * blocks_per_split * BLOCK_SIZE
+    end_token = tl.minimum(context_len, (split + 1) * blocks_per_split * BLOCK_SIZE)
 
-    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
-    head_ok = tl.arange(0, GROUP_PAD) < GROUP
+    group = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + group
+    head_ok = group < GROUP
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(
         q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
@@ -53,36 +69,80 @@ def _paged_decode_kernel(
     running_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    tokens = tl.arange(0, BLOCK_SIZE)
-    num_blocks = tl.cdiv(context_len, BLOCK_SIZE)
-    for index in range(0, num_blocks):
-        block = tl.load(block_tables_ptr + seq * stride_table_seq + index).to(tl.int64)
+    offsets_in_tile = tl.arange(0, TILE)
+    for tile_start in range(first_token, end_token, TILE):
+        tokens = tile_start + offsets_in_tile
+        valid = tokens < end_token
+        block_index = tl.minimum(tokens // BLOCK_SIZE, max_blocks - 1)
+        blocks = tl.load(block_tables_ptr + seq * stride_table_seq + block_index).to(tl.int64)
         offsets = (
-            block * stride_cache_block
-            + tokens[:, None] * stride_cache_token
+            blocks[:, None] * stride_cache_block
+            + (tokens % BLOCK_SIZE)[:, None] * stride_cache_token
             + kv_head * stride_cache_head
             + dims[None, :]
         )
-        valid = index * BLOCK_SIZE + tokens < context_len
         k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)
         v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
-        scores = (
-            tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        )  # [GROUP_PAD, BLOCK_SIZE]
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, TILE]
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        correction = tl.exp(running_max - new_max)
-        probs = tl.exp(scores - new_max[:, None])
+        # A split that has seen nothing yet keeps -inf; exp(-inf - -inf) would be NaN.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        correction = tl.exp(running_max - safe_max)
+        probs = tl.exp(scores - safe_max[:, None])
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
         acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
         running_max = new_max
 
-    out = acc / running_sum[:, None]
-    tl.store(
-        out_ptr + seq * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=head_ok[:, None],
+    part = (seq * GROUP * tl.num_programs(1) + heads) * SPLITS + split
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None])
+    tl.store(part_max_ptr + part, running_max, mask=head_ok)
+    tl.store(part_sum_ptr + part, running_sum, mask=head_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    part_out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    out_ptr,  # [seqs, heads, head_dim]
+    stride_out_seq,
+    stride_out_head,
+    heads_total,
+    HEAD_DIM: tl.constexpr,
+    SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < SPLITS
+    part = (seq * heads_total + head) * SPLITS + splits
+    maxes = tl.load(part_max_ptr + part, mask=split_ok, other=float("-inf"))
+    sums = tl.load(part_sum_ptr + part, mask=split_ok, other=0.0)
+    overall = tl.max(maxes, axis=0)
+    weights = tl.where(maxes == float("-inf"), 0.0, tl.exp(maxes - overall))
+    dims = tl.arange(0, HEAD_DIM)
+    partial = tl.load(
+        part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None], other=0.0
     )
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
+    tl.store(
+        out_ptr + seq * stride_out_seq + head * stride_out_head + dims,
+        out.to(out_ptr.dtype.element_ty),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_count(seqs: int, kv_heads: int, max_blocks: int, device: torch.device) -> int:
+    """Enough context splits for about two programs per SM, never a split without a tile."""
+    programs = seqs * kv_heads
+    wanted = -(-2 * _multiprocessors(device.index or 0) // programs)
+    return max(1, min(wanted, -(-max_blocks // TILE_BLOCKS), 64))
 
 
 def paged_decode(
@@ -96,15 +156,22 @@ def paged_decode(
     """q: [seqs, heads, head_dim] (one query per sequence) -> [seqs, heads, head_dim]."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
+    max_blocks = block_tables.shape[1]
+    splits = split_count(seqs, kv_heads, max_blocks, q.device)
+    blocks_per_split = -(-max_blocks // splits)
     group = heads // kv_heads
-    out = torch.empty_like(q)
-    _paged_decode_kernel[(seqs, kv_heads)](
+    part_out = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    part_max = torch.empty(seqs, heads, splits, dtype=torch.float32, device=q.device)
+    part_sum = torch.empty_like(part_max)
+    _partial_kernel[(seqs, kv_heads, splits)](
         q,
         k_cache,
         v_cache,
         block_tables,
         context_lens,
-        out,
+        part_out,
+        part_max,
+        part_sum,
         scale,
         q.stride(0),
         q.stride(1),
@@ -112,12 +179,27 @@ def paged_decode(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
+        max_blocks,
+        blocks_per_split,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
+        TILE=TILE_BLOCKS * block_size,
+        SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    out = torch.empty_like(q)
+    _merge_kernel[(seqs, heads)](
+        part_out,
+        part_max,
+        part_sum,
+        out,
+        out.stride(0),
+        out.stride(1),
+        heads,
+        HEAD_DIM=head_dim,
+        SPLITS=splits,
+        SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
     )
     return out

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,12 +29,16 @@ SHM_DIR = "/dev/shm"
 ALIGNMENT = 4096  # page-aligned file regions: device copies and O_DIRECT-style reads like it
 READ_CHUNK_BYTES = 64 * 2**20
 READ_THREADS = 4
+READY_WORD = struct.Struct("<Q")
+READY_FAILED = 2**64 - 1  # the fill failed: workers waiting on the segment give up
+READY_POLL_S = 0.0005
 
 
 @dataclass
 class _Stored:
     segment: WeightSegment
     mapping: mmap.mmap
+    ready: mmap.mmap  # the count of bytes in place, from the start (READY_WORD)
     in_use: int = 0
     last_used: float = 0.0
 
@@ -91,6 +97,20 @@ class HostWeightStore:
     def store_checkpoint(self, key: str, checkpoint: Checkpoint) -> WeightSegment | None:
         """Reads the checkpoint into a new segment and returns it acquired; None when it cannot
         fit in the budget even after evicting every unused copy."""
+        started = self.begin_checkpoint(key, checkpoint)
+        if started is None:
+            return None
+        segment, fill = started
+        fill()
+        return segment
+
+    def begin_checkpoint(
+        self, key: str, checkpoint: Checkpoint
+    ) -> tuple[WeightSegment, Callable[[], None]] | None:
+        """Creates the segment (acquired) and returns it with the function that fills it from
+        disk. The segment can be handed to workers at once: its `.ready` word says how many
+        bytes from the start are in place, so a worker copies to the GPU while the disk is
+        still being read (None: no room, as for store_checkpoint)."""
         regions = _file_regions(checkpoint)
         size = sum(_align(end - start) for _, start, end in regions) or ALIGNMENT
         with self._lock:
@@ -99,16 +119,23 @@ class HostWeightStore:
             self._counter += 1
             shm_name = f"warmserve-{self.instance}-{self._counter}"
         mapping = _create_shm(shm_name, size)
-        try:
-            tensors = _copy_regions(checkpoint, regions, mapping)
-        except BaseException:
-            mapping.close()
-            _unlink(shm_name)
-            raise
+        ready = _create_shm(ready_name(shm_name), READY_WORD.size)
+        tensors, jobs = _layout(checkpoint, regions)
         segment = WeightSegment(shm_name=shm_name, size=size, tensors=tensors)
         with self._lock:
-            self._entries[key] = _Stored(segment, mapping, in_use=1, last_used=time.monotonic())
-        return segment
+            self._entries[key] = _Stored(
+                segment, mapping, ready, in_use=1, last_used=time.monotonic()
+            )
+
+        def fill() -> None:
+            try:
+                _read_jobs(jobs, mapping, ready, size)
+            except BaseException:
+                READY_WORD.pack_into(ready, 0, READY_FAILED)
+                self.evict(key)
+                raise
+
+        return segment, fill
 
     def _make_room(self, size: int) -> bool:
         if size > self.capacity_bytes:
@@ -130,9 +157,12 @@ class HostWeightStore:
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key)
-        entry.mapping.close()
+        with contextlib.suppress(BufferError):  # a fill still running keeps its view
+            entry.mapping.close()
+        entry.ready.close()
         # Workers that still map the segment keep their mapping; the name goes now.
         _unlink(entry.segment.shm_name)
+        _unlink(ready_name(entry.segment.shm_name))
         if self.on_drop is not None:
             self.on_drop(entry.segment.shm_name)
 
@@ -165,10 +195,11 @@ def _unlink(name: str) -> None:
         os.unlink(os.path.join(SHM_DIR, name))
 
 
-def _copy_regions(
-    checkpoint: Checkpoint, regions: list[tuple[str, int, int]], mapping: mmap.mmap
-) -> list[TensorEntry]:
-    target = memoryview(mapping)
+def _layout(
+    checkpoint: Checkpoint, regions: list[tuple[str, int, int]]
+) -> tuple[list[TensorEntry], list[tuple[str, int, int, int]]]:
+    """Where each tensor lands in the segment, and the reads that fill it, in segment order:
+    (file, file offset, segment offset, length)."""
     jobs = []
     placement: dict[str, int] = {}  # file -> segment offset of its first data byte
     cursor = 0
@@ -178,25 +209,7 @@ def _copy_regions(
             chunk_end = min(end, chunk_start + READ_CHUNK_BYTES)
             jobs.append((file, chunk_start, cursor + chunk_start - start, chunk_end - chunk_start))
         cursor += _align(end - start)
-    descriptors = {file: os.open(file, os.O_RDONLY) for file, _, _ in regions}
-    try:
-
-        def read(job):
-            file, file_offset, segment_offset, length = job
-            view = target[segment_offset : segment_offset + length]
-            while length:
-                count = os.preadv(descriptors[file], [view], file_offset)
-                if count == 0:
-                    raise OSError(f"{file}: unexpected end of file")
-                view, file_offset, length = view[count:], file_offset + count, length - count
-
-        with ThreadPoolExecutor(READ_THREADS) as pool:
-            list(pool.map(read, jobs))
-    finally:
-        for fd in descriptors.values():
-            os.close(fd)
-        target.release()
-    return [
+    tensors = [
         TensorEntry(
             info.name,
             _dtype_name(info.dtype),
@@ -206,6 +219,46 @@ def _copy_regions(
         )
         for info in checkpoint.tensors.values()
     ]
+    return tensors, jobs
+
+
+def _read_jobs(jobs, mapping: mmap.mmap, ready: mmap.mmap, size: int) -> None:
+    """Several threads read the chunks; the ready word advances over the finished prefix."""
+    target = memoryview(mapping)
+    files = {job[0] for job in jobs}
+    descriptors = {file: os.open(file, os.O_RDONLY) for file in files}
+    done = [False] * len(jobs)
+    prefix = 0
+    lock = threading.Lock()
+
+    def read(index: int) -> None:
+        nonlocal prefix
+        file, file_offset, segment_offset, length = jobs[index]
+        view = target[segment_offset : segment_offset + length]
+        while length:
+            count = os.preadv(descriptors[file], [view], file_offset)
+            if count == 0:
+                raise OSError(f"{file}: unexpected end of file")
+            view, file_offset, length = view[count:], file_offset + count, length - count
+        with lock:
+            done[index] = True
+            while prefix < len(jobs) and done[prefix]:
+                prefix += 1
+            # Alignment padding after a file counts as ready with the chunk before it.
+            READY_WORD.pack_into(ready, 0, jobs[prefix][2] if prefix < len(jobs) else size)
+
+    try:
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            list(pool.map(read, range(len(jobs))))
+        READY_WORD.pack_into(ready, 0, size)
+    finally:
+        for fd in descriptors.values():
+            os.close(fd)
+        target.release()
+
+
+def ready_name(shm_name: str) -> str:
+    return f"{shm_name}.ready"
 
 
 class SegmentWeights:
@@ -225,13 +278,49 @@ class SegmentWeights:
             os.close(fd)
         self.buffer = torch.frombuffer(self._mapping, dtype=torch.uint8)
         self.registered = False
+        fd = os.open(os.path.join(SHM_DIR, ready_name(segment.shm_name)), os.O_RDONLY)
+        try:
+            self._ready = mmap.mmap(fd, READY_WORD.size, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+
+    def _ready_bytes(self) -> int:
+        ready = READY_WORD.unpack_from(self._ready, 0)[0]
+        if ready == READY_FAILED:
+            raise OSError(f"reading the checkpoint into {self.segment.shm_name} failed")
+        return ready
+
+    def wait_ready(self) -> None:
+        while self._ready_bytes() < self.segment.size:
+            time.sleep(READY_POLL_S)
+
+    def copy_into(self, arena: torch.Tensor) -> None:
+        """Copies the whole segment into `arena`, chasing the disk reads of a segment still
+        being filled (a load from disk overlaps its reads and its device copies)."""
+        copied = 0
+        while copied < self.segment.size:
+            ready = self._ready_bytes()
+            if ready == copied:
+                time.sleep(READY_POLL_S)
+                continue
+            arena[copied:ready].copy_(self.buffer[copied:ready], non_blocking=self.registered)
+            copied = ready
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        self.wait_ready()
         return [(entry.name, self._view(self.buffer, entry)) for entry in self.segment.tensors]
 
     def views_into(self, arena: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The tensors as views of `arena`, a same-size copy of the whole segment."""
-        return {entry.name: self._view(arena, entry) for entry in self.segment.tensors}
+        """The tensors as views of `arena`, a same-size copy of the whole segment (two view
+        operations a tensor: this runs on the swap path)."""
+        typed = {dtype: arena.view(getattr(torch, dtype)) for dtype in self.dtypes}
+        views = {}
+        for entry in self.segment.tensors:
+            flat = typed[entry.dtype]
+            start = entry.offset // flat.element_size()
+            count = entry.nbytes // flat.element_size()
+            views[entry.name] = flat[start : start + count].view(entry.shape)
+        return views
 
     @staticmethod
     def _view(base: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
@@ -253,5 +342,6 @@ class SegmentWeights:
             torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
             self.registered = False
         self.buffer = None
+        self._ready.close()
         with contextlib.suppress(BufferError):
             self._mapping.close()  # views still alive keep the pages until they go

@@ -44,29 +44,43 @@ def load_parameters(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]
 def bind_parameters(model: nn.Module, views: dict[str, torch.Tensor]) -> None:
     """Makes each parameter the checkpoint tensor's view (same device, dtype and shape), for a
     model built on the meta device with no tensor parallelism."""
-    params = dict(model.named_parameters())
-    missing = set(params)
+    slots = parameter_slots(model)
+    missing = set(slots)
     for name, view in views.items():
         target = model.parameter_name(name)
         if target is None:
             continue
-        param = params.get(target)
-        if param is None:
+        slot = slots.get(target)
+        if slot is None:
             raise WeightLoadError(name, "tensor not used by this architecture")
-        if tuple(view.shape) != tuple(param.shape):
+        module, attribute = slot
+        expected = module._parameters[attribute].shape
+        if view.shape != expected:
             raise WeightLoadError(
                 name,
-                f"shape {tuple(view.shape)} in the checkpoint, the model expects "
-                f"{tuple(param.shape)}",
+                f"shape {tuple(view.shape)} in the checkpoint, the model expects {tuple(expected)}",
             )
-        module_name, _, attribute = target.rpartition(".")
-        module = model.get_submodule(module_name)
         module._parameters[attribute] = nn.Parameter(view, requires_grad=False)
         missing.discard(target)
     _check_complete(missing)
 
 
+def parameter_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Parameter name -> (owning module, attribute), computed once per module tree."""
+    slots = model.__dict__.get("_parameter_slots")
+    if slots is None:
+        slots = {}
+        for module_name, module in model.named_modules():
+            for attribute, param in module._parameters.items():
+                if param is not None:
+                    prefix = f"{module_name}." if module_name else ""
+                    slots[f"{prefix}{attribute}"] = (module, attribute)
+        model.__dict__["_parameter_slots"] = slots
+    return slots
+
+
 def _check_complete(missing: set[str]) -> None:
     if missing:
-        names = ", ".join(sorted(missing)[:5])
-        raise WeightLoadError(None, f"missing tensors for parameters {names}")
+        names = sorted(missing)
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        raise WeightLoadError(None, f"missing tensors {', '.join(names[:5])}{more}")

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from warmserve.config import EngineConfig, SamplingParams
+from warmserve.config import SamplingParams
 from warmserve.engine.engine import Engine, RequestRejected, eos_token_ids
 from warmserve.engine.warmup import warm_up
 from warmserve.loader.checkpoint import CheckpointError, read_model_config
@@ -72,6 +72,8 @@ class WorkerArgs:
 def worker_main(args: WorkerArgs) -> None:
     # Ctrl-C goes to the whole process group; the server decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # NVLink multicast (NVLS) stays off: the GPU hosts this runs on require it.
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     context = zmq.Context()
@@ -86,6 +88,13 @@ def worker_main(args: WorkerArgs) -> None:
         commands.close(linger=0)
         events.close()
         context.term()
+
+
+def release_cached_gpu_memory() -> None:
+    """Returns the caching allocator's free blocks and cuBLAS's per-stream workspaces (the graph
+    capture stream has its own) to the driver."""
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
 
 
 class Worker:
@@ -114,8 +123,8 @@ class Worker:
         return self.args.memory_budget_bytes or 0
 
     def memory_used(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device)
+        if self.device.type == "cuda":  # reserved, not allocated: what other processes can't use
+            return torch.cuda.memory_reserved(self.device)
         return self.engine.memory_bytes if self.engine is not None else 0
 
     def memory_budget(self) -> int | None:
@@ -171,6 +180,8 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         warm_up(self.device, "bfloat16" if self.device.type == "cuda" else "float32")
+        if self.device.type == "cuda":
+            release_cached_gpu_memory()  # the idle figure is then what an unload returns to
 
     def handle(self, command) -> None:
         if isinstance(command, AddRequest):
@@ -280,22 +291,17 @@ class Worker:
             command.command_id,
             max_model_len=self.engine.max_model_len,
             seconds=time.perf_counter() - started,
+            phases=self.engine.load_phases,
         )
         if self.tp_rank > 0:
             self.follow()
 
     def build_engine(self, command: LoadModel) -> Engine:
-        engine_config = EngineConfig(
-            max_num_seqs=command.max_num_seqs,
-            max_num_batched_tokens=command.max_num_batched_tokens,
-            block_size=command.block_size,
-            kv_cache_bytes=command.kv_cache_bytes,
-        )
         options = dict(
             device=self.device,
             dtype=command.dtype,
             max_model_len=command.max_model_len,
-            engine_config=engine_config,
+            engine_config=command.engine,
             memory_budget_bytes=self.memory_budget(),
         )
         if command.segment is None:
@@ -345,7 +351,7 @@ class Worker:
                 traceback.print_exc()
         self.tp_rank, self.tp_size = 0, 1
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            release_cached_gpu_memory()
 
     def reply(self, command_id: int, **fields) -> None:
         self.send(

@@ -1,0 +1,213 @@
+"""The scheduler alone, with a fake model: each step's outputs are made-up token ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from warmserve.config import SamplingParams
+from warmserve.engine.block_manager import BlockManager
+from warmserve.engine.scheduler import Scheduler, SchedulerLimits
+from warmserve.engine.sequence import Sequence, SequenceStatus
+
+BLOCK_SIZE = 4
+EOS = 2
+FILLER = 7  # a token id that ends nothing
+
+
+def make_scheduler(
+    num_blocks: int = 64,
+    max_num_seqs: int = 8,
+    max_num_batched_tokens: int = 256,
+    max_model_len: int = 128,
+) -> Scheduler:
+    limits = SchedulerLimits(max_num_seqs, max_num_batched_tokens, max_model_len)
+    return Scheduler(limits, BlockManager(num_blocks, BLOCK_SIZE), eos_token_ids=[EOS])
+
+
+def make_seq(request_id: str, prompt_len: int, **params) -> Sequence:
+    # Distinct tokens per request, so that no prefix is shared by accident.
+    start = 1000 * (1 + sum(map(ord, request_id)))
+    params.setdefault("max_tokens", 100)
+    return Sequence(request_id, list(range(start, start + prompt_len)), SamplingParams(**params))
+
+
+def step(scheduler: Scheduler, token_id: int = FILLER) -> list[Sequence]:
+    """One engine step with a model that outputs `token_id` for every sequence."""
+    batch = scheduler.schedule()
+    scheduler.finish_step(batch, [token_id] * len(batch))
+    return batch
+
+
+def test_decodes_and_prefills_share_a_step():
+    scheduler = make_scheduler()
+    first = make_seq("first", 6)
+    scheduler.add(first)
+    assert scheduler.schedule() == [first]
+    assert first.num_new_tokens == 6
+    scheduler.finish_step([first], [FILLER])
+
+    second = make_seq("second", 5)
+    scheduler.add(second)
+    batch = scheduler.schedule()
+    assert batch == [first, second]
+    assert (first.num_new_tokens, second.num_new_tokens) == (1, 5)
+    scheduler.finish_step(batch, [FILLER, FILLER])
+    assert first.output_token_ids == [FILLER, FILLER]
+    assert second.output_token_ids == [FILLER]
+    assert first.num_computed_tokens == 7
+
+
+def test_admission_stops_at_max_num_seqs():
+    scheduler = make_scheduler(max_num_seqs=2)
+    seqs = [make_seq(f"seq-{index}", 3) for index in range(3)]
+    for seq in seqs:
+        scheduler.add(seq)
+    assert scheduler.schedule() == seqs[:2]
+    assert list(scheduler.waiting) == seqs[2:]
+
+
+def test_admission_stops_at_the_token_budget_in_arrival_order():
+    scheduler = make_scheduler(max_num_batched_tokens=9)
+    long_first = make_seq("long", 6)
+    longer = make_seq("longer", 7)
+    short = make_seq("short", 2)
+    for seq in (long_first, longer, short):
+        scheduler.add(seq)
+    # 6 + 7 > 9: the second waits, and the short third does not overtake it.
+    assert scheduler.schedule() == [long_first]
+    scheduler.finish_step([long_first], [FILLER])
+    # The decode takes one token of the budget: 1 + 7 fits, 1 + 7 + 2 does not.
+    assert scheduler.schedule() == [long_first, longer]
+    assert list(scheduler.waiting) == [short]
+
+
+def test_admission_waits_for_free_blocks():
+    scheduler = make_scheduler(num_blocks=3)
+    first = make_seq("first", 8)  # 2 blocks
+    second = make_seq("second", 8)
+    scheduler.add(first)
+    scheduler.add(second)
+    assert scheduler.schedule() == [first]
+    assert scheduler.waiting[0] is second
+
+
+def test_the_newest_sequence_is_preempted_when_blocks_run_out_and_recomputed_later():
+    scheduler = make_scheduler(num_blocks=4)
+    older = make_seq("older", 4)
+    newer = make_seq("newer", 4)
+    for seq in (older, newer):
+        scheduler.add(seq)
+    step(scheduler)  # both prefilled, 1 block each; their fifth tokens need a second block
+    step(scheduler)  # both get their second block: none left
+    assert scheduler.block_manager.num_free_blocks == 0
+    for _ in range(3):
+        step(scheduler)
+    assert (len(older), len(newer)) == (9, 9)  # both need a third block now
+
+    batch = scheduler.schedule()
+    assert batch == [older]
+    assert scheduler.num_preemptions == 1
+    assert newer.num_preemptions == 1
+    assert newer.status is SequenceStatus.WAITING
+    assert newer.block_table == []
+    assert newer.num_computed_tokens == 0
+    assert list(scheduler.waiting) == [newer]
+    scheduler.finish_step(batch, [EOS])  # older finishes and frees its blocks
+
+    # Recomputed with the generated tokens it keeps. Its prompt block is still in the prefix
+    # cache; its block of generated tokens went to older for the ninth token.
+    assert scheduler.schedule() == [newer]
+    assert newer.output_token_ids == [FILLER] * 5
+    assert (newer.num_computed_tokens, newer.num_new_tokens) == (4, 5)
+
+
+def test_a_lone_sequence_that_outgrows_the_cache_is_preempted_not_failed():
+    scheduler = make_scheduler(num_blocks=2, max_model_len=8)
+    seq = make_seq("alone", 4)
+    scheduler.add(seq)
+    while scheduler.has_unfinished():
+        step(scheduler)
+    assert seq.finish_reason == "length"
+    assert len(seq) == 8
+
+
+def test_no_sequence_is_admitted_in_a_step_that_preempted():
+    scheduler = make_scheduler(num_blocks=2)
+    older, newer = make_seq("older", 4), make_seq("newer", 4)
+    scheduler.add(older)
+    scheduler.add(newer)
+    step(scheduler)
+    assert scheduler.block_manager.num_free_blocks == 0
+    late = make_seq("late", 1)
+    scheduler.add(late)
+    # older needs a block for its fifth token: newer goes, and its freed block is not handed
+    # to the waiting sequences in the same step.
+    assert scheduler.schedule() == [older]
+    assert list(scheduler.waiting) == [newer, late]
+
+
+@pytest.mark.parametrize(
+    ("params", "outputs", "expected_reason", "expected_len"),
+    [
+        ({}, [FILLER, EOS], "stop", 2),
+        ({"ignore_eos": True, "max_tokens": 3}, [EOS, EOS, EOS], "length", 3),
+        ({"stop_token_ids": (FILLER + 1,)}, [FILLER, FILLER + 1], "stop", 2),
+        ({"stop_token_ids": (FILLER,), "ignore_eos": True}, [FILLER], "stop", 1),
+        ({"max_tokens": 3}, [FILLER] * 3, "length", 3),
+        ({"max_tokens": 1}, [FILLER], "length", 1),
+    ],
+    ids=["eos", "ignore-eos", "stop-token", "stop-token-despite-ignore-eos", "max-tokens", "one"],
+)
+def test_finish_reasons(params, outputs, expected_reason, expected_len):
+    scheduler = make_scheduler()
+    seq = make_seq("seq", 3, **params)
+    scheduler.add(seq)
+    for index, token_id in enumerate(outputs):
+        step(scheduler, token_id)
+        assert (seq.finish_reason is not None) == (index == len(outputs) - 1)
+    assert seq.finish_reason == expected_reason
+    assert seq.status is SequenceStatus.FINISHED
+    assert seq.num_output_tokens == expected_len
+    assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
+    assert not scheduler.has_unfinished()
+
+
+def test_max_model_len_ends_a_sequence_whatever_max_tokens_says():
+    scheduler = make_scheduler(max_model_len=10)
+    seq = make_seq("seq", 7, max_tokens=50)
+    scheduler.add(seq)
+    for _ in range(3):
+        step(scheduler)
+    assert seq.finish_reason == "length"
+    assert len(seq) == 10
+
+
+def test_finish_step_returns_the_finished_sequences_and_frees_their_blocks():
+    scheduler = make_scheduler(num_blocks=8)
+    done, going = make_seq("done", 4, max_tokens=1), make_seq("going", 4)
+    scheduler.add(done)
+    scheduler.add(going)
+    batch = scheduler.schedule()
+    assert scheduler.finish_step(batch, [FILLER, FILLER]) == [done]
+    assert scheduler.running == [going]
+    assert scheduler.block_manager.num_free_blocks == 8 - len(going.block_table)
+
+
+def test_abort_of_running_and_waiting_sequences():
+    scheduler = make_scheduler(max_num_seqs=1)
+    running, waiting = make_seq("running", 5), make_seq("waiting", 5)
+    scheduler.add(running)
+    scheduler.add(waiting)
+    step(scheduler)
+
+    assert scheduler.abort("running") is running
+    assert running.finish_reason == "abort"
+    assert running.status is SequenceStatus.FINISHED
+    assert scheduler.running == []
+    assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
+
+    assert scheduler.abort("waiting") is waiting
+    assert waiting.finish_reason == "abort"
+    assert not scheduler.has_unfinished()
+    assert scheduler.abort("waiting") is None
+    assert scheduler.abort("unknown") is None
