@@ -733,7 +733,7 @@ class Controller:
         `preload` it is loaded before this returns, and a failed load leaves it unregistered."""
         self._refuse_if_known(spec.name)
         _validate_load(spec.name, spec.tensor_parallel_size, spec.dtype, spec.max_model_len)
-        await asyncio.to_thread(_open_checkpoint, self.resolve_path(spec.path))
+        await self._checkpoint(self.resolve_path(spec.path))
         self._refuse_if_known(spec.name)
         self.registry[spec.name] = spec
         if spec.preload:
