@@ -18,6 +18,14 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Three tiny models of different families (see support.tiny_checkpoints)."""
+    from support import tiny_checkpoints
+
+    return tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
     """`get(family, shape="tiny", **build_options)`: the path of that checkpoint, built on first
     use."""

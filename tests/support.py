@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from pathlib import Path
 
@@ -15,6 +16,17 @@ PROMPTS = [
     "Once upon a time in a land far away, there lived",
     "a",
 ]
+
+
+def run_controller(scenario, **config):
+    """Runs `await scenario(controller)` against a fresh controller with two CPU workers."""
+    from warmserve import Controller, ServerConfig
+
+    async def main():
+        async with Controller(ServerConfig(device="cpu", workers=2, **config)) as controller:
+            return await scenario(controller)
+
+    return asyncio.run(main())
 
 
 def tiny_checkpoints(root: Path) -> dict[str, Path]:

@@ -7,26 +7,13 @@ import asyncio
 import os
 
 import pytest
-from support import PROMPTS, hf_greedy, tiny_checkpoints
+from support import PROMPTS, hf_greedy, run_controller
 
-from warmserve import Controller, SamplingParams, ServerConfig
+from warmserve import SamplingParams
 from warmserve.controller.errors import CheckpointInvalid, ModelExists, NoCapacity, PathForbidden
 from warmserve.engine.tokenizer import ModelTokenizer
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
-
-
-def run(scenario, **config):
-    async def main():
-        async with Controller(ServerConfig(device="cpu", workers=2, **config)) as controller:
-            return await scenario(controller)
-
-    return asyncio.run(main())
 
 
 async def generate_ids(controller, name, prompt, params=GREEDY) -> list[int]:
@@ -48,7 +35,7 @@ def test_workers_start_warm_and_idle():
         assert all(w.device == "cpu" and w.memory_total_bytes > 0 for w in workers)
         assert all(w.memory_used_bytes == w.memory_idle_bytes for w in workers)
 
-    run(scenario)
+    run_controller(scenario)
 
 
 def test_lifecycle_load_generate_unload_reload(checkpoints):
@@ -67,7 +54,7 @@ def test_lifecycle_load_generate_unload_reload(checkpoints):
         assert await generate_ids(controller, "a", PROMPTS[0]) == output
         assert pids(controller) == before
 
-    run(scenario)
+    run_controller(scenario)
 
 
 def test_parallel_models_match_transformers(checkpoints):
@@ -78,7 +65,7 @@ def test_parallel_models_match_transformers(checkpoints):
         outputs = await asyncio.gather(*(generate_ids(controller, n, p) for n, p in jobs))
         return jobs, outputs
 
-    jobs, outputs = run(scenario)
+    jobs, outputs = run_controller(scenario)
     paths = {"a": checkpoints["qwen3"], "b": checkpoints["opt"]}
     for (name, prompt), output in zip(jobs, outputs, strict=True):
         prompt_ids = ModelTokenizer(paths[name]).encode(prompt)
@@ -108,7 +95,7 @@ def test_dynamic_allocation_and_no_capacity(checkpoints):
         assert pids(controller) == before
         assert {m.name: m.state for m in controller.models()} == {"c": "loaded", "b": "loaded"}
 
-    run(scenario)
+    run_controller(scenario)
 
 
 def test_tensor_parallel_two_workers_equals_one(checkpoints):
@@ -129,7 +116,7 @@ def test_tensor_parallel_two_workers_equals_one(checkpoints):
         assert pids(controller) == before
         return solo, sharded, again
 
-    solo, sharded, again = run(scenario)
+    solo, sharded, again = run_controller(scenario)
     assert sharded == solo
     assert again == solo[0]
 
@@ -149,7 +136,7 @@ def test_bad_checkpoint_and_forbidden_path_leave_workers_idle(checkpoints):
         await controller.load("a", checkpoints["qwen3"].name)
         assert len(await generate_ids(controller, "a", PROMPTS[0])) == GREEDY.max_tokens
 
-    run(scenario, model_root=str(root))
+    run_controller(scenario, model_root=str(root))
 
 
 def test_host_cache_evicts_least_recently_used_and_cleans_up(checkpoints):
@@ -166,5 +153,5 @@ def test_host_cache_evicts_least_recently_used_and_cleans_up(checkpoints):
         assert str(checkpoints["qwen3"]) not in controller.store
         return controller.instance
 
-    instance = run(scenario, host_cache_gb=2.5 * size / 2**30)
+    instance = run_controller(scenario, host_cache_gb=2.5 * size / 2**30)
     assert not [f for f in os.listdir("/dev/shm") if instance in f]

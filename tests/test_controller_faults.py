@@ -9,27 +9,14 @@ import signal
 import time
 
 import pytest
-from support import tiny_checkpoints
+from support import run_controller
 
-from warmserve import Controller, SamplingParams, ServerConfig
+from warmserve import SamplingParams
 from warmserve.controller.errors import ModelExists, ModelUnavailable
 from warmserve.worker.worker import FAIL_WARMUP_ENV
 
 LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
 SHORT = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
-
-
-def run(scenario, **config):
-    async def main():
-        async with Controller(ServerConfig(device="cpu", workers=2, **config)) as controller:
-            return await scenario(controller)
-
-    return asyncio.run(main())
 
 
 async def generate_all(controller, name, params=SHORT) -> int:
@@ -77,7 +64,7 @@ def test_callers_that_give_up_leave_no_model_half_loaded_or_half_unloaded(checkp
         await controller.unload("a")
         assert (await loading).name == "a" and "a" not in controller.deployments
 
-    run(scenario, unload_grace_s=30.0)
+    run_controller(scenario, unload_grace_s=30.0)
 
 
 def test_a_worker_dying_during_an_unload_never_touches_the_next_model(checkpoints):
@@ -101,7 +88,7 @@ def test_a_worker_dying_during_an_unload_never_touches_the_next_model(checkpoint
         assert await generate_all(controller, "next") == SHORT.max_tokens
         assert controller.workers()[0].model == "next"
 
-    run(scenario, unload_grace_s=3.0)
+    run_controller(scenario, unload_grace_s=3.0)
 
 
 def test_a_registered_model_whose_worker_died_loads_again_on_its_next_request(
@@ -118,7 +105,7 @@ def test_a_registered_model_whose_worker_died_loads_again_on_its_next_request(
         assert state(controller, "r") == "loaded"
         assert controller.counters["auto_loads"] == 2
 
-    run(scenario, models_file=str(registry))
+    run_controller(scenario, models_file=str(registry))
 
 
 def test_a_replacement_that_fails_its_warm_up_is_not_restarted_in_a_loop(checkpoints, monkeypatch):
@@ -141,4 +128,4 @@ def test_a_replacement_that_fails_its_warm_up_is_not_restarted_in_a_loop(checkpo
         await controller.load("b", str(checkpoints["opt"]))
         assert await generate_all(controller, "b") == SHORT.max_tokens
 
-    run(scenario)
+    run_controller(scenario)

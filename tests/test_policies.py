@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from support import PROMPTS, hf_greedy, tiny_checkpoints
+from support import PROMPTS, hf_greedy
 
 from warmserve import Controller, SamplingParams, ServerConfig
 from warmserve.config import ModelSpec
@@ -14,11 +14,6 @@ from warmserve.controller.errors import ModelNotFound, NoCapacity
 from warmserve.engine.tokenizer import ModelTokenizer
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 def registry_file(tmp_path, checkpoints, **overrides) -> str:
