@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from warmserve.config import EngineConfig
+from warmserve.config import EngineConfig, SamplingParams
 
 
 class TensorEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -26,16 +26,6 @@ class WeightSegment(msgspec.Struct, frozen=True):
     shm_name: str
     size: int
     tensors: list[TensorEntry]
-
-
-class SamplingSpec(msgspec.Struct, frozen=True):
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop_token_ids: list[int]
-    ignore_eos: bool
 
 
 # ---- server -> worker ----------------------------------------------------------------------
@@ -61,7 +51,7 @@ class UnloadModel(msgspec.Struct, tag=True, frozen=True):
 class AddRequest(msgspec.Struct, tag=True, frozen=True):
     request_id: str
     prompt_token_ids: list[int]
-    sampling: SamplingSpec
+    sampling: SamplingParams  # stop strings travel too; the server applies them
 
 
 class AbortRequest(msgspec.Struct, tag=True, frozen=True):

@@ -12,7 +12,7 @@ from warmserve.config import SamplingParams
 from warmserve.engine.detokenizer import IncrementalDetokenizer
 from warmserve.engine.engine import RequestRejected
 from warmserve.engine.tokenizer import ModelTokenizer
-from warmserve.protocol import AbortRequest, AddRequest, SamplingSpec, TokenOutput
+from warmserve.protocol import AbortRequest, AddRequest, TokenOutput
 
 
 class PromptTooLong(RequestRejected):
@@ -89,7 +89,7 @@ class EngineClient:
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop)
         finished = False
         try:
-            self.send(AddRequest(request_id, token_ids, sampling_spec(params)))
+            self.send(AddRequest(request_id, token_ids, params))
             generated = 0
             while not finished:
                 item = await stream.get()
@@ -112,15 +112,3 @@ class EngineClient:
             # Unfinished (the caller went away) or cut by a stop string: the worker stops too.
             if not finished or detokenizer.stop_matched is not None:
                 self.send(AbortRequest(request_id))
-
-
-def sampling_spec(params: SamplingParams) -> SamplingSpec:
-    return SamplingSpec(
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        seed=params.seed,
-        stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
-    )

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from warmserve.config import SamplingParams
 from warmserve.engine.engine import Engine, RequestRejected, eos_token_ids
 from warmserve.engine.warmup import warm_up
 from warmserve.loader.checkpoint import CheckpointError, read_model_config
@@ -228,18 +227,8 @@ class Worker:
         if self.engine is None:
             self.send(RequestFailed(self.args.worker_id, command.request_id, "no model is loaded"))
             return
-        spec = command.sampling
         try:
-            params = SamplingParams(
-                max_tokens=spec.max_tokens,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                top_k=spec.top_k,
-                seed=spec.seed,
-                stop_token_ids=tuple(spec.stop_token_ids),
-                ignore_eos=spec.ignore_eos,
-            )
-            self.engine.add_request(command.request_id, command.prompt_token_ids, params)
+            self.engine.add_request(command.request_id, command.prompt_token_ids, command.sampling)
         except (RequestRejected, ValueError) as exc:
             self.send(RequestFailed(self.args.worker_id, command.request_id, str(exc)))
 
