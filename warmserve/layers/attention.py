@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from warmserve.layers.norm import RMSNorm
+from warmserve.layers.rotary import apply_rotary
+
 
 @dataclass
 class AttentionMetadata:
@@ -53,10 +56,16 @@ def attend_one_sequence(
 ) -> torch.Tensor:
     """queries [q, heads, dim] are the last q positions of keys/values [k, kv_heads, dim]."""
     query_len, context_len = queries.shape[0], keys.shape[0]
+    group = queries.shape[1] // keys.shape[1]
+    if queries.is_cuda and group > 1:
+        # The GPU's flash kernel takes no grouped heads (enable_gqa falls back to the math path,
+        # some twenty operations a layer): give it every query head its own key/value head.
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    grouped = keys.shape[1] != queries.shape[1]
     queries, keys, values = (t.transpose(0, 1) for t in (queries, keys, values))
     if query_len == context_len and sliding_window is None:
         out = F.scaled_dot_product_attention(
-            queries, keys, values, is_causal=True, scale=scale, enable_gqa=True
+            queries, keys, values, is_causal=True, scale=scale, enable_gqa=grouped
         )
     else:
         query_pos = torch.arange(context_len - query_len, context_len, device=queries.device)
@@ -65,7 +74,7 @@ def attend_one_sequence(
         if sliding_window is not None:
             mask &= key_pos[None, :] > query_pos[:, None] - sliding_window
         out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+            queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=grouped
         )
     return out.transpose(0, 1)
 
@@ -139,7 +148,8 @@ def paged_decode_reference(
 
 
 class PagedAttention(nn.Module):
-    """Writes this step's keys and values into the cache, then attends over the cache."""
+    """Splits a fused q/k/v projection into heads (normed and rotated as the model asks), writes
+    the keys and values into the cache, then attends over the cache."""
 
     def __init__(
         self,
@@ -160,13 +170,38 @@ class PagedAttention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        qkv: torch.Tensor,
+        meta: AttentionMetadata,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
     ) -> torch.Tensor:
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
-        on_gpu = q.is_cuda
+        """qkv: [tokens, (heads + 2 * kv_heads) * head_dim], the fused projection's output.
+        Queries and keys get the per-head RMSNorm and the rotary embedding where given."""
+        on_gpu = qkv.is_cuda
+        if on_gpu:
+            from warmserve.layers.triton_fused import prepare_qkv  # triton: GPU hosts only
+
+            qk_norm = (q_norm.weight, k_norm.weight, q_norm.eps) if q_norm is not None else None
+            q, k, v = prepare_qkv(
+                qkv,
+                self.num_heads,
+                self.num_kv_heads,
+                rotary,
+                qk_norm,
+                self.k_cache,
+                self.v_cache,
+                meta.slot_mapping,
+                store_kv=not meta.decode_only,
+            )
+        else:
+            q, k, v = self.split_heads(qkv)
+            if q_norm is not None:
+                q, k = q_norm(q), k_norm(k)
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         if not meta.decode_only:
             out = paged_prefill(
                 q,
@@ -190,3 +225,12 @@ class PagedAttention(nn.Module):
                 q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window
             )
         return out.reshape(-1, self.num_heads * self.head_dim)
+
+    def split_heads(self, qkv: torch.Tensor):
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        return (
+            q.reshape(-1, self.num_heads, self.head_dim),
+            k.reshape(-1, self.num_kv_heads, self.head_dim),
+            v.reshape(-1, self.num_kv_heads, self.head_dim),
+        )

@@ -65,6 +65,28 @@ class ColumnParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(0, self.tp_rank * rows, rows))
 
 
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Projections of one input that the checkpoint keeps apart (q/k/v, gate/up) computed as one
+    matrix product: each rank's weight is its slice of every projection, stacked. A checkpoint
+    tensor loads into its own rows (its `shard`)."""
+
+    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool = False):
+        tp_size = tp_world_size()
+        self.shard_sizes = list(shard_sizes)  # full output size of each projection
+        self.rank_sizes = [divide(size, tp_size, "output size") for size in shard_sizes]
+        super().__init__(in_features, sum(shard_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: int) -> None:
+        check_shape(loaded, (self.shard_sizes[shard], *param.shape[1:]))
+        rows = self.rank_sizes[shard]
+        start = sum(self.rank_sizes[:shard])
+        param.data.narrow(0, start, rows).copy_(loaded.narrow(0, self.tp_rank * rows, rows))
+
+    def split(self, out: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's output of each projection (views of `out`)."""
+        return list(out.split(self.rank_sizes, dim=-1))
+
+
 class RowParallelLinear(LinearBase):
     """Splits the input features; the partial outputs are summed across ranks."""
 

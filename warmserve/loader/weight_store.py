@@ -1,8 +1,9 @@
 """The host weight store: each model's weights in one shared-memory segment that any worker maps.
 
 The controller owns the store and decides what stays (least recently used copies go first when
-the byte budget is full). A segment is the checkpoint's safetensors data regions laid end to end,
-read from disk in large chunks by several threads; the manifest says where each tensor lies.
+the byte budget is full). A segment holds the checkpoint's tensors in the order a forward pass
+reads them, read from disk in large chunks by several threads; the manifest says where each
+tensor lies.
 Workers map a segment read-only by name, so a model unloaded from one worker reloads on any other
 without touching the disk.
 """
@@ -26,7 +27,8 @@ from warmserve.loader.checkpoint import Checkpoint
 from warmserve.protocol import TensorEntry, WeightSegment
 
 SHM_DIR = "/dev/shm"
-ALIGNMENT = 4096  # page-aligned file regions: device copies and O_DIRECT-style reads like it
+ALIGNMENT = 4096  # segment sizes: whole pages
+TENSOR_ALIGNMENT = 256  # where a tensor (or a stack of neighbours) starts: what GEMMs like
 READ_CHUNK_BYTES = 64 * 2**20
 READ_THREADS = 4
 READY_WORD = struct.Struct("<Q")
@@ -111,8 +113,7 @@ class HostWeightStore:
         disk. The segment can be handed to workers at once: its `.ready` word says how many
         bytes from the start are in place, so a worker copies to the GPU while the disk is
         still being read (None: no room, as for store_checkpoint)."""
-        regions = _file_regions(checkpoint)
-        size = sum(_align(end - start) for _, start, end in regions) or ALIGNMENT
+        tensors, jobs, size = _layout(checkpoint)
         with self._lock:
             if not self._make_room(size):
                 return None
@@ -120,7 +121,6 @@ class HostWeightStore:
             shm_name = f"warmserve-{self.instance}-{self._counter}"
         mapping = _create_shm(shm_name, size)
         ready = _create_shm(ready_name(shm_name), READY_WORD.size)
-        tensors, jobs = _layout(checkpoint, regions)
         segment = WeightSegment(shm_name=shm_name, size=size, tensors=tensors)
         with self._lock:
             self._entries[key] = _Stored(
@@ -172,15 +172,6 @@ class HostWeightStore:
                 self._drop(key)
 
 
-def _file_regions(checkpoint: Checkpoint) -> list[tuple[str, int, int]]:
-    """(file, first data byte, end of data) for each safetensors file."""
-    bounds: dict[str, list[int]] = {}
-    for info in checkpoint.tensors.values():
-        start, end = bounds.setdefault(info.file, [info.offset, info.offset + info.nbytes])
-        bounds[info.file] = [min(start, info.offset), max(end, info.offset + info.nbytes)]
-    return [(file, start, end) for file, (start, end) in sorted(bounds.items())]
-
-
 def _create_shm(name: str, size: int) -> mmap.mmap:
     fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
@@ -195,31 +186,70 @@ def _unlink(name: str) -> None:
         os.unlink(os.path.join(SHM_DIR, name))
 
 
+# Projections that models stack into one matrix product, in stack order: the store puts each
+# group side by side, so that the stacked weight is one view of the device copy.
+STACKED_NEIGHBOURS = {
+    "q_proj": ("qkv", 0),
+    "k_proj": ("qkv", 1),
+    "v_proj": ("qkv", 2),
+    "gate_proj": ("gate_up", 0),
+    "up_proj": ("gate_up", 1),
+}
+
+
+def forward_order(name: str) -> tuple:
+    """Sort key of a checkpoint tensor in the segment: the order a forward pass reads them
+    (embeddings, then layer by layer in numeric order, the output head last), with stacked
+    neighbours side by side; a load's copy then lands the first layers first."""
+    parts = name.split(".")
+    module, attribute = (parts[-2], parts[-1]) if len(parts) > 1 else ("", parts[-1])
+    key: list[tuple] = [(int(parts[0] == "lm_head"), 0, "")]
+    key += [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts[:-2]]
+    group, index = STACKED_NEIGHBOURS.get(module, (module, 0))
+    return (*key, (1, 0, group), (1, 0, attribute), (0, index, ""))
+
+
 def _layout(
-    checkpoint: Checkpoint, regions: list[tuple[str, int, int]]
-) -> tuple[list[TensorEntry], list[tuple[str, int, int, int]]]:
-    """Where each tensor lands in the segment, and the reads that fill it, in segment order:
-    (file, file offset, segment offset, length)."""
-    jobs = []
-    placement: dict[str, int] = {}  # file -> segment offset of its first data byte
-    cursor = 0
-    for file, start, end in regions:
-        placement[file] = cursor - start
-        for chunk_start in range(start, end, READ_CHUNK_BYTES):
-            chunk_end = min(end, chunk_start + READ_CHUNK_BYTES)
-            jobs.append((file, chunk_start, cursor + chunk_start - start, chunk_end - chunk_start))
-        cursor += _align(end - start)
-    tensors = [
-        TensorEntry(
-            info.name,
-            _dtype_name(info.dtype),
-            list(info.shape),
-            placement[info.file] + info.offset,
-            info.nbytes,
+    checkpoint: Checkpoint,
+) -> tuple[list[TensorEntry], list[tuple[str, int, int, int]], int]:
+    """Where each tensor lands in the segment (forward order), the reads that fill it in
+    segment order, (file, file offset, segment offset, length), and the segment's size."""
+    infos = sorted(checkpoint.tensors.values(), key=lambda info: forward_order(info.name))
+    tensors, jobs = [], []
+    cursor, previous_key = 0, None
+    for info in infos:
+        key = forward_order(info.name)
+        neighbour = previous_key is not None and _same_stack(previous_key, key)
+        if not neighbour:
+            cursor = -(-cursor // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
+        tensors.append(
+            TensorEntry(info.name, _dtype_name(info.dtype), list(info.shape), cursor, info.nbytes)
         )
-        for info in checkpoint.tensors.values()
-    ]
-    return tensors, jobs
+        for start in range(0, info.nbytes, READ_CHUNK_BYTES):
+            length = min(READ_CHUNK_BYTES, info.nbytes - start)
+            job = (info.file, info.offset + start, cursor + start, length)
+            if jobs and _continues(jobs[-1], job):
+                last = jobs.pop()
+                job = (last[0], last[1], last[2], last[3] + length)
+            jobs.append(job)
+        cursor += info.nbytes
+        previous_key = key
+    return tensors, jobs, _align(cursor) or ALIGNMENT
+
+
+def _same_stack(previous: tuple, key: tuple) -> bool:
+    """Whether `key` is the next projection of the stack that `previous` belongs to."""
+    return previous[:-1] == key[:-1] and previous[-1][1] + 1 == key[-1][1]
+
+
+def _continues(last: tuple[str, int, int, int], job: tuple[str, int, int, int]) -> bool:
+    """Whether `job` reads on from where `last` stopped, in the file and in the segment."""
+    return (
+        last[0] == job[0]
+        and last[1] + last[3] == job[1]
+        and last[2] + last[3] == job[2]
+        and last[3] + job[3] <= READ_CHUNK_BYTES
+    )
 
 
 def _read_jobs(jobs, mapping: mmap.mmap, ready: mmap.mmap, size: int) -> None:
@@ -244,7 +274,7 @@ def _read_jobs(jobs, mapping: mmap.mmap, ready: mmap.mmap, size: int) -> None:
             done[index] = True
             while prefix < len(jobs) and done[prefix]:
                 prefix += 1
-            # Alignment padding after a file counts as ready with the chunk before it.
+            # Alignment padding counts as ready with the read before it.
             READY_WORD.pack_into(ready, 0, jobs[prefix][2] if prefix < len(jobs) else size)
 
     try:

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from warmserve.layers.attention import AttentionMetadata, PagedAttention
-from warmserve.layers.linear import ColumnParallelLinear, RowParallelLinear
+from warmserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from warmserve.layers.norm import RMSNorm
 from warmserve.layers.parallel import divide, tp_world_size
-from warmserve.layers.rotary import RotaryEmbedding, apply_rotary
+from warmserve.layers.rotary import RotaryEmbedding
 from warmserve.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from warmserve.models.config import ModelConfig
-from warmserve.models.weights import load_parameters
+from warmserve.models.weights import FUSED_PROJECTIONS, Target, fused_target, load_parameters
 
 
 class LlamaAttention(nn.Module):
@@ -23,46 +23,38 @@ class LlamaAttention(nn.Module):
         self, config: ModelConfig, qkv_bias: bool, qk_norm: bool, sliding_window: int | None
     ):
         super().__init__()
-        # Projections stay separate, as in the checkpoint, so that each parameter is one
-        # contiguous range of the host weight store and a reload is one bulk copy.
         hidden, head_dim = config.hidden_size, config.head_dim
         tp = tp_world_size()
         heads = divide(config.num_heads, tp, "number of attention heads")
         kv_heads = divide(config.num_kv_heads, tp, "number of key/value heads")
-        self.q_proj = ColumnParallelLinear(hidden, config.num_heads * head_dim, qkv_bias)
-        self.k_proj = ColumnParallelLinear(hidden, config.num_kv_heads * head_dim, qkv_bias)
-        self.v_proj = ColumnParallelLinear(hidden, config.num_kv_heads * head_dim, qkv_bias)
+        kv_size = config.num_kv_heads * head_dim
+        self.qkv_proj = MergedColumnParallelLinear(
+            hidden, [config.num_heads * head_dim, kv_size, kv_size], qkv_bias
+        )
         self.o_proj = RowParallelLinear(config.num_heads * head_dim, hidden)
         self.q_norm = RMSNorm(head_dim, config.norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.norm_eps) if qk_norm else None
-        self.head_dim = head_dim
         self.attn = PagedAttention(heads, head_dim, kv_heads, head_dim**-0.5, sliding_window)
 
     def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta):
-        tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, -1, self.head_dim)
-        k = self.k_proj(x).view(tokens, -1, self.head_dim)
-        v = self.v_proj(x)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        return self.o_proj(self.attn(q, k, v, meta))
+        attended = self.attn(self.qkv_proj(x), meta, rotary, self.q_norm, self.k_norm)
+        return self.o_proj(attended)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         size = config.intermediate_size
-        self.gate_proj = ColumnParallelLinear(config.hidden_size, size)
-        self.up_proj = ColumnParallelLinear(config.hidden_size, size)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size])
         self.down_proj = RowParallelLinear(size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate_up = self.gate_up_proj(x)
         if x.is_cuda:
             from warmserve.layers.triton_fused import silu_and_mul  # triton: GPU hosts only
 
-            return self.down_proj(silu_and_mul(gate, up))
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -129,13 +121,14 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
-    def parameter_name(self, checkpoint_name: str) -> str | None:
-        """The parameter a checkpoint tensor loads into; None for tensors this model ignores."""
+    def parameter_name(self, checkpoint_name: str) -> Target | None:
+        """The parameter (and shard of a stacked one) that a checkpoint tensor loads into; None
+        for tensors this model ignores."""
         if "rotary_emb.inv_freq" in checkpoint_name:
             return None
         if self.tie_word_embeddings and checkpoint_name == "lm_head.weight":
             return None
-        return checkpoint_name
+        return fused_target(checkpoint_name, FUSED_PROJECTIONS)
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_parameters(self, tensors)

@@ -12,6 +12,7 @@ from torch import nn
 from warmserve.layers.attention import AttentionMetadata, PagedAttention
 from warmserve.layers.linear import (
     ColumnParallelLinear,
+    MergedColumnParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
 )
@@ -19,9 +20,12 @@ from warmserve.layers.norm import LayerNorm
 from warmserve.layers.parallel import divide, tp_world_size
 from warmserve.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from warmserve.models.config import ModelConfig
-from warmserve.models.weights import load_parameters
+from warmserve.models.weights import FUSED_PROJECTIONS, Target, fused_target, load_parameters
 
 POSITION_OFFSET = 2  # OPT's position table reserves its first two rows
+ATTENTION_PROJECTIONS = {
+    name: FUSED_PROJECTIONS[name] for name in ("q_proj", "k_proj", "v_proj")
+}  # fc1 and fc2 have nothing to stack with
 
 
 class OPTAttention(nn.Module):
@@ -29,15 +33,12 @@ class OPTAttention(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         heads = divide(config.num_heads, tp_world_size(), "number of attention heads")
-        self.q_proj = ColumnParallelLinear(hidden, hidden, bias)
-        self.k_proj = ColumnParallelLinear(hidden, hidden, bias)
-        self.v_proj = ColumnParallelLinear(hidden, hidden, bias)
+        self.qkv_proj = MergedColumnParallelLinear(hidden, [hidden, hidden, hidden], bias)
         self.out_proj = RowParallelLinear(hidden, hidden, bias)
         self.attn = PagedAttention(heads, config.head_dim, heads, config.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        attended = self.attn(self.q_proj(x), self.k_proj(x), self.v_proj(x), meta)
-        return self.out_proj(attended)
+        return self.out_proj(self.attn(self.qkv_proj(x), meta))
 
 
 class OPTDecoderLayer(nn.Module):
@@ -129,14 +130,15 @@ class OPTForCausalLM(nn.Module):
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.decoder.layers]
 
-    def parameter_name(self, checkpoint_name: str) -> str | None:
-        """The parameter a checkpoint tensor loads into; None for tensors this model ignores."""
+    def parameter_name(self, checkpoint_name: str) -> Target | None:
+        """The parameter (and shard of a stacked one) that a checkpoint tensor loads into; None
+        for tensors this model ignores."""
         if self.tie_word_embeddings and checkpoint_name == "lm_head.weight":
             return None
         # Some OPT checkpoints name tensors "decoder.*" rather than "model.decoder.*".
         if checkpoint_name.startswith("decoder."):
-            return f"model.{checkpoint_name}"
-        return checkpoint_name
+            checkpoint_name = f"model.{checkpoint_name}"
+        return fused_target(checkpoint_name, ATTENTION_PROJECTIONS)
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_parameters(self, tensors)

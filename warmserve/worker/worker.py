@@ -221,6 +221,7 @@ class Worker:
         if weights is None:
             self.forgotten.add(shm_name)
         else:
+            torch.cuda.synchronize(self.device)  # a load's copy from it may still be running
             weights.close()
 
     def add_request(self, command: AddRequest) -> None:
