@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.engine import Engine
 from warmserve.layers.attention import AttentionMetadata, paged_decode_reference, paged_prefill
 from warmserve.layers.triton_attention import paged_decode
+from warmserve.loader.checkpoint import Checkpoint
+from warmserve.loader.weight_store import HostWeightStore, SegmentWeights
 from warmserve.testing.checkpoints import build_checkpoint
 
 
@@ -154,12 +157,65 @@ def check_fused_kernels(report: dict) -> None:
         reference = rotary.apply_rotary(heads, cos, sin)
         fused = triton_fused.apply_rotary(heads.cuda(), cos.cuda(), sin.cuda())
         report[f"rotary {name}"] = relative_error(fused, reference)
-        gate = torch.randn(37, 3072, generator=generator).to(dtype)
-        up = torch.randn(37, 3072, generator=generator).to(dtype)
+        gate_up = torch.randn(37, 2 * 3072, generator=generator).to(dtype)
+        gate, up = gate_up.split(3072, dim=-1)
         reference = torch.nn.functional.silu(gate) * up
         report[f"silu_and_mul {name}"] = relative_error(
-            triton_fused.silu_and_mul(gate.cuda(), up.cuda()), reference
+            triton_fused.silu_and_mul(gate_up.cuda()), reference
         )
+        check_prepare_qkv(report, dtype, generator)
+
+
+def check_prepare_qkv(report: dict, dtype: torch.dtype, generator: torch.Generator) -> None:
+    """The fused split/q-k norm/rotary/cache-write kernel against PagedAttention's CPU path, for
+    Qwen3 (norm and rotary), Llama (rotary) and OPT (neither) head layouts."""
+    from warmserve.layers import triton_fused
+    from warmserve.layers.attention import PagedAttention
+    from warmserve.layers.norm import RMSNorm
+    from warmserve.layers.rotary import RotaryEmbedding, apply_rotary
+
+    for label, heads, kv_heads, head_dim, with_norm, with_rotary in (
+        ("qwen3", 16, 8, 128, True, True),
+        ("llama", 32, 8, 128, False, True),
+        ("opt", 12, 12, 64, False, False),
+    ):
+        tokens, blocks, block_size = 37, 8, 16
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator)
+        qkv = qkv.to(dtype)
+        slots = torch.randperm(blocks * block_size, generator=generator)[:tokens]
+        attention = PagedAttention(heads, head_dim, kv_heads, head_dim**-0.5)
+        norms = None
+        if with_norm:
+            norms = (RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6))
+            for norm in norms:
+                norm.weight.data = (1 + 0.1 * torch.randn(head_dim, generator=generator)).to(dtype)
+        rotary = RotaryEmbedding(head_dim, 1e6)(torch.arange(tokens) * 7) if with_rotary else None
+        q, k, v = attention.split_heads(qkv)
+        if norms is not None:
+            q, k = norms[0](q), norms[1](k)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        cache = torch.zeros(2, blocks, block_size, kv_heads, head_dim, dtype=dtype, device="cuda")
+        fused_q, fused_k, fused_v = triton_fused.prepare_qkv(
+            qkv.cuda(),
+            heads,
+            kv_heads,
+            tuple(t.cuda() for t in rotary) if rotary is not None else None,
+            (norms[0].weight.cuda(), norms[1].weight.cuda(), 1e-6) if norms else None,
+            cache[0],
+            cache[1],
+            slots.cuda(),
+            store_kv=True,
+        )
+        cached_k = cache[0].view(-1, kv_heads, head_dim)[slots.cuda()]
+        cached_v = cache[1].view(-1, kv_heads, head_dim)[slots.cuda()]
+        report[f"prepare_qkv {label} {str(dtype)[6:]} (q, k, v, cached k, cached v)"] = [
+            relative_error(fused_q, q),
+            relative_error(fused_k, k),
+            relative_error(fused_v, v),
+            relative_error(cached_k, k),
+            relative_error(cached_v, v),
+        ]
 
 
 def check_greedy_against_transformers(report: dict, root: Path) -> None:
@@ -199,6 +255,36 @@ def check_greedy_against_transformers(report: dict, root: Path) -> None:
         )
         report[f"graphs captured {family}"] = sorted(engine.runner.decode_graphs.graphs)
         engine.close()
+        report[f"host-store load (stacked views of one arena) equal {family}"] = (
+            _greedy_from_host_store(path, prompts, greedy) == outputs
+        )
+
+
+def _greedy_from_host_store(path: Path, prompts, greedy) -> dict[str, list[int]]:
+    """The same greedy run with the weights bound as views of one copy of a registered host-store
+    segment (a reload's path), for comparison with the checkpoint load's."""
+    store = HostWeightStore(8 * 2**30, f"gpucheck{os.getpid()}")
+    weights = SegmentWeights(store.store_checkpoint(str(path), Checkpoint(path)))
+    weights.register_for_dma()
+    engine = Engine.create(
+        json.loads((path / "config.json").read_text()),
+        weights,
+        device="cuda",
+        dtype="float32",
+        engine_config=EngineConfig(max_num_seqs=8),
+    )
+    assert engine.skeleton_key is not None, "the arena path was not taken"
+    for index, prompt in enumerate(prompts):
+        engine.add_request(str(index), prompt, greedy)
+    outputs = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            outputs[output.request_id].append(output.token_id)
+    engine.close()
+    torch.cuda.synchronize()
+    weights.close()
+    store.close()
+    return outputs
 
 
 def main() -> None:

@@ -73,6 +73,25 @@ def copy_bandwidth(report, size=2 * GIB):
     pinned = torch.empty(size, dtype=torch.uint8).pin_memory()
     report["pinned (cudaHostAlloc)"] = gbps(pinned)
     report["pinned, 64 MiB chunks"] = gbps(pinned, 64 * 2**20)
+    del target
+    # As a swap does it: the target freed to the driver and allocated again before each copy.
+    allocations, copies = [], []
+    for _ in range(5):
+        torch.cuda.empty_cache()
+        sync()
+        started = time.perf_counter()
+        fresh = torch.empty(size, dtype=torch.uint8, device="cuda")
+        allocated = time.perf_counter()
+        fresh.copy_(pinned, non_blocking=True)
+        sync()
+        allocations.append(allocated - started)
+        copies.append(time.perf_counter() - allocated)
+        del fresh
+    report["pinned into a fresh allocation: cudaMalloc ms, copy GB/s"] = [
+        statistics.median(allocations) * 1e3,
+        size / statistics.median(copies) / 1e9,
+    ]
+    target = torch.empty(size, dtype=torch.uint8, device="cuda")
     del pinned
 
     def registered(mapping, label):
@@ -201,6 +220,8 @@ def swap_phases(report, root: Path, shape="qwen3-0.6b", family="qwen3", repeats=
     t5 = time.perf_counter()
     engine.scheduler.finish_step(seqs, token)
     engine.sequences.pop("split", None)
+    for _, segment_weights in weights:
+        segment_weights.close()
     report["first token split ms"] = {
         "schedule": (t1 - t0) * 1e3,
         "build_inputs": (t2 - t1) * 1e3,
@@ -242,6 +263,13 @@ def decode_kernels(report, shape, family, batch, context=512):
         engine.step()
         times.append(time.perf_counter() - started)
     entry = {"graph step ms": statistics.median(times) * 1e3}
+    graph = engine.runner.decode_graphs.graphs[engine.runner.decode_graphs.bucket(batch)]
+    sync()
+    started = time.perf_counter()
+    for _ in range(20):
+        graph.replay()
+    sync()
+    entry["graph replay alone ms"] = (time.perf_counter() - started) / 20 * 1e3
     seqs = engine.scheduler.schedule()
     inputs = engine.runner.build_inputs(seqs)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
