@@ -1,9 +1,9 @@
 """Decode steps replayed from CUDA graphs, one graph per batch-size bucket, captured the first
 time a bucket is needed (never between a load and its first token, which is a prefill).
 
-A graph reads its inputs from static device buffers; a step copies its metadata into them in one
-host-to-device copy per buffer. Rows beyond the real batch point at a scratch block of the KV
-cache, so padding never touches a sequence's cache.
+A graph reads its inputs from one static device buffer; a step fills a pinned twin of it on the
+host and copies it over in one asynchronous copy. Rows beyond the real batch point at a scratch
+block of the KV cache, so padding never touches a sequence's cache.
 """
 
 from __future__ import annotations
@@ -31,18 +31,18 @@ class DecodeGraphs:
         self.block_size = block_size
         self.scratch_block = scratch_block
         self.max_blocks = max_blocks
-        size = self.buckets[-1]
-        self.input_ids = torch.zeros(size, dtype=torch.long, device=device)
-        self.positions = torch.zeros(size, dtype=torch.long, device=device)
-        self.slot_mapping = torch.zeros(size, dtype=torch.long, device=device)
-        self.context_lens = torch.ones(size, dtype=torch.int32, device=device)
-        self.block_tables = torch.full(
-            (size, max_blocks), scratch_block, dtype=torch.int32, device=device
-        )
-        # Host staging for one step's metadata. Not pinned: pinning costs milliseconds at load
-        # time, and these copies are a few kilobytes.
-        self.host_vectors = torch.zeros(4, size, dtype=torch.long)
-        self.host_tables = torch.zeros(size, max_blocks, dtype=torch.int32)
+        size = self.size = self.buckets[-1]
+        # A step's metadata in one buffer, so that it crosses to the device in one copy: input
+        # ids, positions, cache slots and context lengths ([4, size]), then the block tables
+        # ([size, max_blocks]). The graphs read the device buffer's views.
+        self.static = torch.zeros(4 * size + size * max_blocks, dtype=torch.long, device=device)
+        vectors = self.static[: 4 * size].view(4, size)
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = vectors
+        self.block_tables = self.static[4 * size :].view(size, max_blocks)
+        self.block_tables.fill_(scratch_block)
+        self.context_lens.fill_(1)
+        self.staging: torch.Tensor | None = None  # pinned twin of `static`, made at first use
+        self.staged = None  # the event after the last copy out of `staging`
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -54,21 +54,28 @@ class DecodeGraphs:
         """Logits [batch, vocab] for a decode step (one new token per sequence)."""
         batch = len(inputs.input_ids)
         bucket = self.bucket(batch)
-        vectors, tables = self.host_vectors[:, :bucket], self.host_tables[:bucket]
-        scratch_slot = self.scratch_block * self.block_size
-        vectors[0, :batch] = torch.tensor(inputs.input_ids)
-        vectors[1, :batch] = torch.tensor(inputs.positions)
-        vectors[2, :batch] = torch.tensor(inputs.slot_mapping)
-        vectors[3, :batch] = torch.tensor(inputs.context_lens)
-        vectors[:, batch:] = torch.tensor([[0], [0], [scratch_slot], [1]])
-        tables.fill_(self.scratch_block)
+        if self.staging is None:  # pinning costs time: not at load, on the first decode step
+            self.staging = torch.zeros_like(self.static, device="cpu").pin_memory()
+            self.staging[4 * self.size :] = self.scratch_block
+        elif self.staged is not None:
+            self.staged.synchronize()  # the last step's copy has read the staging buffer
+        host = self.staging.numpy()
+        vectors = host[: 4 * self.size].reshape(4, self.size)
+        vectors[0, :batch] = inputs.input_ids
+        vectors[1, :batch] = inputs.positions
+        vectors[2, :batch] = inputs.slot_mapping
+        vectors[3, :batch] = inputs.context_lens
+        # Padding rows: one token of context in the scratch block, so they never touch a
+        # sequence's cache. Columns past a row's table are never read (its context ends there).
+        vectors[:, batch:bucket] = [[0], [0], [self.scratch_block * self.block_size], [1]]
+        tables = host[4 * self.size :].reshape(self.size, self.max_blocks)
         for row, table in enumerate(inputs.block_tables):
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        self.input_ids[:bucket].copy_(vectors[0])
-        self.positions[:bucket].copy_(vectors[1])
-        self.slot_mapping[:bucket].copy_(vectors[2])
-        self.context_lens[:bucket].copy_(vectors[3])
-        self.block_tables[:bucket].copy_(tables)
+            tables[row, : len(table)] = table
+        tables[batch:bucket, 0] = self.scratch_block
+        used = 4 * self.size + bucket * self.max_blocks
+        self.static[:used].copy_(self.staging[:used], non_blocking=True)
+        self.staged = torch.cuda.Event()
+        self.staged.record()
         if bucket not in self.graphs:
             self._capture(bucket)
         self.graphs[bucket].replay()

@@ -6,6 +6,7 @@ forward on its shard; only the lead samples.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -135,22 +136,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        device = self.device
+        seqs, tokens = len(inputs.query_lens), len(inputs.input_ids)
         max_blocks = max(len(table) for table in inputs.block_tables)
-        tables = torch.zeros(len(inputs.block_tables), max_blocks, dtype=torch.long)
-        for row, table in enumerate(inputs.block_tables):
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+        last_rows = [end - 1 for end in itertools.accumulate(inputs.query_lens)]
+        flat = [
+            *inputs.input_ids,
+            *inputs.positions,
+            *inputs.slot_mapping,
+            *inputs.context_lens,
+            *last_rows,
+        ]
+        for table in inputs.block_tables:
+            flat += table
+            flat += [0] * (max_blocks - len(table))
+        staged = torch.tensor(flat, dtype=torch.long)
+        if self.device.type == "cuda":
+            # Pinned, so the copy is asynchronous: a pageable copy would hold the host until the
+            # stream reaches it, and after a load that is behind the whole weight copy.
+            staged = staged.pin_memory()
+        on_device = staged.to(self.device, non_blocking=True)
+        input_ids, positions, slots, context_lens, last = on_device[: 3 * tokens + 2 * seqs].split(
+            [tokens, tokens, tokens, seqs, seqs]
+        )
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(inputs.slot_mapping, dtype=torch.long, device=device),
+            slot_mapping=slots,
             query_lens=inputs.query_lens,
-            context_lens=torch.tensor(inputs.context_lens, dtype=torch.long, device=device),
+            context_lens=context_lens,
             context_lens_host=inputs.context_lens,
-            block_tables=tables.to(device),
+            block_tables=on_device[3 * tokens + 2 * seqs :].view(seqs, max_blocks),
             max_context_len=max(inputs.context_lens),
             decode_only=all(n == 1 for n in inputs.query_lens),
         )
-        input_ids = torch.tensor(inputs.input_ids, dtype=torch.long, device=device)
-        positions = torch.tensor(inputs.positions, dtype=torch.long, device=device)
         hidden = self.model(input_ids, positions, meta)
-        last = torch.tensor(inputs.query_lens, device=device).cumsum(0) - 1
         return self.model.compute_logits(hidden.index_select(0, last)).float()
