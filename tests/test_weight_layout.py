@@ -122,8 +122,9 @@ def test_projections_apart_in_memory_are_refused_by_name(checkpoint_factory, sto
         weights.close()
 
 
-def test_reload_from_the_store_generates_what_the_checkpoint_load_does(checkpoint_factory, store):
-    path = checkpoint_factory("qwen3")
+def test_reloads_from_the_store_generate_what_checkpoint_loads_do(checkpoint_factory, store):
+    """A, then B (same shape, other weights: the recorded binding is replayed), then A again."""
+    paths = [checkpoint_factory("qwen3", seed=seed) for seed in (0, 1)]
     config = EngineConfig(max_num_seqs=4)
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -135,16 +136,25 @@ def test_reload_from_the_store_generates_what_the_checkpoint_load_does(checkpoin
         engine.close()
         return tokens
 
-    expected = generate(Engine.from_checkpoint(path, dtype="float32", engine_config=config))
-    weights = SegmentWeights(store.store_checkpoint("qwen3", Checkpoint(path)))
+    expected = [
+        generate(Engine.from_checkpoint(path, dtype="float32", engine_config=config))
+        for path in paths
+    ]
+    assert expected[0] != expected[1]
+    segments = [
+        SegmentWeights(store.store_checkpoint(str(path), Checkpoint(path))) for path in paths
+    ]
     try:
-        engine = Engine.create(
-            json.loads((path / "config.json").read_text()),
-            weights,
-            dtype="float32",
-            engine_config=config,
-        )
-        assert engine.skeleton_key is not None  # bound to one arena, not copied tensor by tensor
-        assert generate(engine) == expected
+        for index in (0, 1, 0):
+            engine = Engine.create(
+                json.loads((paths[index] / "config.json").read_text()),
+                segments[index],
+                dtype="float32",
+                engine_config=config,
+            )
+            assert engine.skeleton is not None  # bound to one arena, not copied tensor by tensor
+            assert engine.skeleton.layout == segments[index].layout
+            assert generate(engine) == expected[index]
     finally:
-        weights.close()
+        for segment in segments:
+            segment.close()

@@ -8,25 +8,24 @@ import gc
 import json
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.block_manager import BlockManager
 from warmserve.engine.model_runner import ModelRunner
 from warmserve.engine.scheduler import Scheduler, SchedulerLimits
 from warmserve.engine.sequence import Sequence
+from warmserve.engine.skeletons import SKELETONS, Skeleton
 from warmserve.layers.parallel import tp_world_size
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_json
 from warmserve.loader.weight_store import SegmentWeights
 from warmserve.models.config import ModelConfig
 from warmserve.models.registry import model_class
-from warmserve.models.weights import WeightLoadError, bind_parameters
+from warmserve.models.weights import WeightLoadError, parameter_slots
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,7 +84,9 @@ class Engine:
         self.max_model_len = scheduler.limits.max_model_len
         self.generators: dict[str, torch.Generator] = {}
         self.sequences: dict[str, Sequence] = {}
-        self.skeleton_key: tuple | None = None  # set when the model may be kept as a skeleton
+        # Set when the model's module tree is kept for a reload once it is unloaded.
+        self.skeleton_key: tuple | None = None
+        self.skeleton: Skeleton | None = None
         self.load_phases: dict[str, float] = {}
 
     @classmethod
@@ -139,7 +140,7 @@ class Engine:
         architecture = model_class(raw_config)
         config = ModelConfig.from_dict(raw_config)
         torch_dtype = resolve_dtype(dtype, config.torch_dtype)
-        skeleton_key = None
+        skeleton_key, skeleton = None, None
         phases: dict[str, float] = {}
         if isinstance(weights, SegmentWeights) and _bindable(weights, torch_dtype):
             skeleton_key = (
@@ -147,9 +148,10 @@ class Engine:
                 json.dumps(raw_config, sort_keys=True),
                 str(torch_dtype),
             )
-            model = _model_on_arena(
+            skeleton = _model_on_arena(
                 architecture, config, weights, device, torch_dtype, skeleton_key, phases
             )
+            model = skeleton.model
         else:
             with torch.device(device), default_dtype(torch_dtype):
                 model = architecture(config)
@@ -161,7 +163,9 @@ class Engine:
                 model.load_weights(tensors)
             model.to(device)  # buffers built on the CPU (rotary frequencies)
         weights_done = time.perf_counter()
-        weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights_bytes = sum(
+            module._parameters[name].nbytes for module, name in parameter_slots(model).values()
+        )
         attention = model.attention_layers()[0]
         block_size = engine_config.block_size
         block_bytes = (
@@ -209,7 +213,7 @@ class Engine:
         )
         scheduler = Scheduler(limits, BlockManager(num_blocks, block_size), eos_token_ids)
         engine = cls(config, runner, scheduler, weights_bytes)
-        engine.skeleton_key = skeleton_key
+        engine.skeleton_key, engine.skeleton = skeleton_key, skeleton
         engine.load_phases = {
             **phases,
             "weights_s": weights_done - started,
@@ -299,10 +303,10 @@ class Engine:
     def close(self) -> None:
         """Frees the weights and the KV cache (and releases the other ranks)."""
         self.runner.release_followers()
-        model = self.runner.model
         self.runner.close()
-        if self.skeleton_key is not None:
-            keep_skeleton(self.skeleton_key, model)
+        if self.skeleton is not None:
+            SKELETONS.keep(self.skeleton_key, self.skeleton)
+            self.skeleton = None
         self.runner = None
         self.sequences.clear()
         self.generators.clear()
@@ -317,46 +321,27 @@ def _bindable(weights: SegmentWeights, dtype: torch.dtype) -> bool:
     return tp_world_size() == 1 and weights.dtypes == {str(dtype).removeprefix("torch.")}
 
 
-# Module trees of unloaded models, their parameters on the meta device: a reload of the same
-# architecture and config rebinds parameters instead of building some thousand modules again.
-_SKELETONS: OrderedDict[tuple, nn.Module] = OrderedDict()
-SKELETONS_KEPT = 4
-
-
-def keep_skeleton(key: tuple, model: nn.Module) -> None:
-    for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is not None:
-                module._parameters[name] = nn.Parameter(
-                    torch.empty_like(param, device="meta"), requires_grad=False
-                )
-    for attention in model.attention_layers():
-        attention.k_cache = attention.v_cache = None
-    _SKELETONS[key] = model
-    _SKELETONS.move_to_end(key)
-    while len(_SKELETONS) > SKELETONS_KEPT:
-        _SKELETONS.popitem(last=False)
-
-
 def _model_on_arena(
     architecture, config, weights: SegmentWeights, device, dtype, key: tuple, phases: dict
-) -> nn.Module:
+) -> Skeleton:
     """A reload without per-tensor work: one device allocation, one bulk copy of the segment
     (asynchronous from registered host memory), parameters bound as views of it."""
     started = time.perf_counter()
-    model = _SKELETONS.pop(key, None)
-    if model is None:
+    skeleton = SKELETONS.take(key)
+    fresh = skeleton is None
+    if fresh:
         with torch.device("meta"), default_dtype(dtype):
-            model = architecture(config)
+            skeleton = Skeleton.of(architecture(config))
     built = time.perf_counter()
     arena = torch.empty(weights.segment.size, dtype=torch.uint8, device=device)
     weights.copy_into(arena)
     issued = time.perf_counter()
-    bind_parameters(model, weights.views_into(arena))
-    for module in model.modules():  # buffers built on the CPU (rotary frequencies), once
-        for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.device != device:
-                module._buffers[name] = buffer.to(device)
+    skeleton.bind(weights, arena)
+    if fresh:  # buffers built on the CPU (rotary frequencies) move once; the skeleton keeps them
+        for module in skeleton.model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device != device:
+                    module._buffers[name] = buffer.to(device)
     bound = time.perf_counter()
     # The copy from registered memory is left running: everything that follows (the KV cache,
     # the reply, the first request's prefill launches) overlaps it, and the first kernel that
@@ -368,7 +353,7 @@ def _model_on_arena(
         bind_s=bound - issued,
         registered=float(weights.registered),
     )
-    return model
+    return skeleton
 
 
 def activation_reserve(

@@ -58,11 +58,12 @@ def attend_one_sequence(
     query_len, context_len = queries.shape[0], keys.shape[0]
     group = queries.shape[1] // keys.shape[1]
     if queries.is_cuda and group > 1:
-        # The GPU's flash kernel takes no grouped heads (enable_gqa falls back to the math path,
-        # some twenty operations a layer): give it every query head its own key/value head.
+        # The GPU's fused kernels take no grouped heads (enable_gqa falls back to the math path,
+        # some twenty operations a layer): give every query head its own key/value head.
         keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
     grouped = keys.shape[1] != queries.shape[1]
-    queries, keys, values = (t.transpose(0, 1) for t in (queries, keys, values))
+    # [1, heads, tokens, dim]: the fused kernels (flash, memory-efficient) take 4-d inputs only.
+    queries, keys, values = (t.transpose(0, 1).unsqueeze(0) for t in (queries, keys, values))
     if query_len == context_len and sliding_window is None:
         out = F.scaled_dot_product_attention(
             queries, keys, values, is_causal=True, scale=scale, enable_gqa=grouped
@@ -76,7 +77,7 @@ def attend_one_sequence(
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=grouped
         )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def paged_prefill(

@@ -11,6 +11,7 @@ without touching the disk.
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import struct
@@ -357,9 +358,17 @@ class SegmentWeights:
         raw = base[entry.offset : entry.offset + entry.nbytes]
         return raw.view(getattr(torch, entry.dtype)).view(entry.shape)
 
-    @property
+    @functools.cached_property
     def dtypes(self) -> set[str]:
         return {entry.dtype for entry in self.segment.tensors}
+
+    @functools.cached_property
+    def layout(self) -> tuple:
+        """Where every tensor lies: segments with equal layouts bind to a model the same way."""
+        return tuple(
+            (entry.name, entry.dtype, tuple(entry.shape), entry.offset)
+            for entry in self.segment.tensors
+        )
 
     def register_for_dma(self) -> None:
         result = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.segment.size, 0)
