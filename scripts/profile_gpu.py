@@ -292,6 +292,63 @@ def decode_kernels(report, shape, family, batch, context=512):
     torch.cuda.empty_cache()
 
 
+def attention_sweep(report, heads=32, kv_heads=8, head_dim=128, block_size=16, context=544):
+    """The paged decode kernel's launch settings at the 8B shape, batch 1 and 64: time and the
+    KV bytes read per second."""
+    from warmserve.layers.triton_attention import paged_decode
+
+    results = {}
+    for batch in (1, 64):
+        blocks = -(-context // block_size)
+        cache_shape = (batch * blocks + 1, block_size, kv_heads, head_dim)
+        k_cache = torch.randn(cache_shape, dtype=torch.bfloat16, device="cuda")
+        v_cache = torch.randn(cache_shape, dtype=torch.bfloat16, device="cuda")
+        tables = torch.randperm(batch * blocks, device="cuda").view(batch, blocks)
+        lens = torch.full((batch,), context, dtype=torch.long, device="cuda")
+        q = torch.randn(batch, heads, head_dim, dtype=torch.bfloat16, device="cuda")
+        kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
+        reference = paged_decode(q, k_cache, v_cache, tables, lens, 0.088)
+        for tile_blocks in (4, 8):
+            for per_sm in (2, 4, 8):
+                for warps in (4, 8):
+                    for stages in (2, 3):
+                        options = dict(
+                            tile_blocks=tile_blocks,
+                            programs_per_sm=per_sm,
+                            num_warps=warps,
+                            num_stages=stages,
+                        )
+                        try:
+                            out = paged_decode(q, k_cache, v_cache, tables, lens, 0.088, **options)
+                            error = (
+                                (out - reference).float().norm() / reference.float().norm()
+                            ).item()
+                            arguments = (q, k_cache, v_cache, tables, lens, 0.088)
+                            seconds = timed(
+                                lambda a=arguments, o=options: paged_decode(*a, **o),
+                                repeats=20,
+                            )
+                        except Exception as exc:  # a setting the compiler refuses
+                            results[f"b{batch} {options}"] = repr(exc)[:80]
+                            continue
+                        results[f"b{batch} t{tile_blocks} p{per_sm} w{warps} s{stages}"] = (
+                            round(seconds * 1e6, 1),
+                            round(kv_bytes / seconds / 1e9),
+                            round(error, 5),
+                        )
+    best = {}
+    for key, value in results.items():
+        if isinstance(value, tuple):
+            batch = key.split()[0]
+            if batch not in best or value[0] < best[batch][1][0]:
+                best[batch] = (key, value)
+    report["attention sweep (us, GB/s, rel err)"] = results
+    report["attention best"] = best
+    report["attention default"] = {
+        key: value for key, value in results.items() if " t4 p2 w4 s3" in key
+    }
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="profile-out")
@@ -309,6 +366,7 @@ def main():
         "env": lambda: environment(report),
         "copy": lambda: copy_bandwidth(report),
         "swap": lambda: swap_phases(report, Path(args.checkpoints)),
+        "attention": lambda: attention_sweep(report),
         "decode": lambda: [
             decode_kernels(report, "qwen3-0.6b", "qwen3", 1),
             decode_kernels(report, "llama-3.1-8b", "llama", 1),

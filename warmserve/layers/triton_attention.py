@@ -20,6 +20,9 @@ import triton
 import triton.language as tl
 
 TILE_BLOCKS = 4  # cache blocks per loop iteration: 64 tokens with 16-token blocks
+PROGRAMS_PER_SM = 2  # context splits are added until there are this many programs per SM
+NUM_WARPS = 4
+NUM_STAGES = 3
 
 
 @triton.jit
@@ -138,11 +141,19 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def split_count(seqs: int, kv_heads: int, max_blocks: int, device: torch.device) -> int:
-    """Enough context splits for about two programs per SM, never a split without a tile."""
+def split_count(
+    seqs: int,
+    kv_heads: int,
+    max_blocks: int,
+    device: torch.device,
+    programs_per_sm: int = PROGRAMS_PER_SM,
+    tile_blocks: int = TILE_BLOCKS,
+) -> int:
+    """Enough context splits for `programs_per_sm` programs per SM, never a split without a
+    tile."""
     programs = seqs * kv_heads
-    wanted = -(-2 * _multiprocessors(device.index or 0) // programs)
-    return max(1, min(wanted, -(-max_blocks // TILE_BLOCKS), 64))
+    wanted = -(-programs_per_sm * _multiprocessors(device.index or 0) // programs)
+    return max(1, min(wanted, -(-max_blocks // tile_blocks), 64))
 
 
 def paged_decode(
@@ -152,12 +163,18 @@ def paged_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    tile_blocks: int = TILE_BLOCKS,
+    programs_per_sm: int = PROGRAMS_PER_SM,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
-    """q: [seqs, heads, head_dim] (one query per sequence) -> [seqs, heads, head_dim]."""
+    """q: [seqs, heads, head_dim] (one query per sequence) -> [seqs, heads, head_dim]. The
+    keyword arguments tune the launch (scripts/profile_gpu.py sweeps them)."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     max_blocks = block_tables.shape[1]
-    splits = split_count(seqs, kv_heads, max_blocks, q.device)
+    splits = split_count(seqs, kv_heads, max_blocks, q.device, programs_per_sm, tile_blocks)
     blocks_per_split = -(-max_blocks // splits)
     group = heads // kv_heads
     part_out = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device)
@@ -185,9 +202,11 @@ def paged_decode(
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        TILE=TILE_BLOCKS * block_size,
+        TILE=tile_blocks * block_size,
         SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     out = torch.empty_like(q)
     _merge_kernel[(seqs, heads)](
