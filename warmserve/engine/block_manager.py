@@ -36,13 +36,12 @@ class BlockManager:
             raise ValueError("the KV cache needs at least one block of at least one token")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.num_blocks = num_blocks
+        # Blocks come into being when first handed out (a load builds no thousands of objects):
+        # the free list gives never-used ids in increasing order, after every freed one.
+        self.blocks: list[Block] = []
         self.free_block_ids: deque[int] = deque(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
 
     @property
     def num_free_blocks(self) -> int:
@@ -77,7 +76,10 @@ class BlockManager:
         seq.num_computed_tokens = min(computed, len(seq) - 1)
 
     def _take_free_block(self) -> Block:
-        block = self.blocks[self.free_block_ids.popleft()]
+        block_id = self.free_block_ids.popleft()
+        if block_id == len(self.blocks):
+            self.blocks.append(Block(block_id))
+        block = self.blocks[block_id]
         if block.hash != NO_HASH and self.hash_to_block.get(block.hash) == block.block_id:
             del self.hash_to_block[block.hash]
         block.hash, block.token_ids, block.ref_count = NO_HASH, (), 1
