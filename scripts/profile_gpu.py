@@ -91,6 +91,25 @@ def copy_bandwidth(report, size=2 * GIB):
         statistics.median(allocations) * 1e3,
         size / statistics.median(copies) / 1e9,
     ]
+    # The same, the fresh target first written at device speed (a memset).
+    allocations, copies = [], []
+    for _ in range(5):
+        torch.cuda.empty_cache()
+        sync()
+        started = time.perf_counter()
+        fresh = torch.empty(size, dtype=torch.uint8, device="cuda")
+        fresh.zero_()
+        sync()
+        allocated = time.perf_counter()
+        fresh.copy_(pinned, non_blocking=True)
+        sync()
+        allocations.append(allocated - started)
+        copies.append(time.perf_counter() - allocated)
+        del fresh
+    report["pinned into a fresh, zeroed allocation: alloc+memset ms, copy GB/s"] = [
+        statistics.median(allocations) * 1e3,
+        size / statistics.median(copies) / 1e9,
+    ]
     target = torch.empty(size, dtype=torch.uint8, device="cuda")
     del pinned
 
@@ -270,6 +289,30 @@ def decode_kernels(report, shape, family, batch, context=512):
         graph.replay()
     sync()
     entry["graph replay alone ms"] = (time.perf_counter() - started) / 20 * 1e3
+    from warmserve.layers.sampling import sample
+
+    parts = defaultdict(float)
+    for _ in range(10):
+        t0 = time.perf_counter()
+        seqs = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        inputs = engine.runner.build_inputs(seqs)
+        t2 = time.perf_counter()
+        logits = engine.runner.decode_graphs.run(inputs)
+        t3 = time.perf_counter()
+        tokens = sample(logits, [seq.params for seq in seqs], [None] * len(seqs)).tolist()
+        t4 = time.perf_counter()
+        engine.scheduler.finish_step(seqs, tokens)
+        t5 = time.perf_counter()
+        for name, value in (
+            ("schedule", t1 - t0),
+            ("build_inputs", t2 - t1),
+            ("graphs.run (host)", t3 - t2),
+            ("gpu wait + sample", t4 - t3),
+            ("finish_step", t5 - t4),
+        ):
+            parts[name] += value * 1e3 / 10
+    entry["step parts ms"] = dict(parts)
     seqs = engine.scheduler.schedule()
     inputs = engine.runner.build_inputs(seqs)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
@@ -290,6 +333,22 @@ def decode_kernels(report, shape, family, batch, context=512):
     report[f"decode {shape} batch {batch}"] = entry
     engine.close()
     torch.cuda.empty_cache()
+
+
+def graph_time(fn, calls=20, replays=5) -> float:
+    """GPU time of one call of `fn`, from a CUDA graph of `calls` calls (no launch overhead)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    sync()
+    started = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    sync()
+    return (time.perf_counter() - started) / (calls * replays)
 
 
 def attention_sweep(report, heads=32, kv_heads=8, head_dim=128, block_size=16, context=544):
@@ -324,9 +383,8 @@ def attention_sweep(report, heads=32, kv_heads=8, head_dim=128, block_size=16, c
                                 (out - reference).float().norm() / reference.float().norm()
                             ).item()
                             arguments = (q, k_cache, v_cache, tables, lens, 0.088)
-                            seconds = timed(
-                                lambda a=arguments, o=options: paged_decode(*a, **o),
-                                repeats=20,
+                            seconds = graph_time(
+                                lambda a=arguments, o=options: paged_decode(*a, **o)
                             )
                         except Exception as exc:  # a setting the compiler refuses
                             results[f"b{batch} {options}"] = repr(exc)[:80]

@@ -104,7 +104,7 @@ class CommandDone(msgspec.Struct, tag=True, frozen=True):
     memory_used_bytes: int = 0
     max_model_len: int = 0
     seconds: float = 0.0
-    phases: dict[str, float] = {}  # where a load's time went (weights, KV cache)
+    phases: dict[str, float] = {}  # where a load's or unload's time went
 
 
 class TokenOutput(msgspec.Struct, array_like=True, frozen=True):

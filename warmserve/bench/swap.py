@@ -186,7 +186,7 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
             deadline = time.monotonic() + 600
             while len(controller.registered_segments) < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-        loads, first_tokens, unloads, swaps, phases = [], [], [], [], []
+        loads, first_tokens, unloads, swaps, phases, unload_phases = [], [], [], [], [], []
         await controller.load("a", str(a))
         current = "a"
         for _ in range(repeats):
@@ -194,6 +194,7 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
             started = time.perf_counter()
             await controller.unload(current)
             unloaded = time.perf_counter()
+            unload_phases.append(controller.last_unload_phases)
             loaded = await controller.load(target, str(a if target == "a" else b))
             assert loaded.source == "host-cache"
             phases.append(loaded.worker_phases)
@@ -220,6 +221,7 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
             memory_idle_bytes=idle,
             memory_after_unload_bytes=after,
             worker_load_phases=phases,
+            worker_unload_phases=unload_phases,
         )
         return result
 

@@ -123,6 +123,8 @@ class Controller:
         self.counters = {"auto_loads": 0, "evictions": 0, "idle_unloads": 0}
         # shm name -> workers that registered that host-store segment for DMA
         self.registered_segments: dict[str, set[int]] = {}
+        # Where the lead worker's time went in the last unload (benchmarks read it).
+        self.last_unload_phases: dict[str, float] = {}
         self._auto_loads: dict[str, asyncio.Task] = {}
         self._checkpoints: dict[Path, tuple[tuple, tuple[Checkpoint, ModelTokenizer]]] = {}
         self._background: set[asyncio.Task] = set()
@@ -588,7 +590,12 @@ class Controller:
         owned = self._owned_handles(deployment)
         if owned:
             with contextlib.suppress(ControllerError):
-                await self._command(owned, lambda rank, command_id: UnloadModel(command_id))
+                replies = await self._command(
+                    owned, lambda rank, command_id: UnloadModel(command_id)
+                )
+                lead = replies[0]
+                if isinstance(lead, CommandDone):
+                    self.last_unload_phases = {"worker_s": lead.seconds, **lead.phases}
         for handle in self._owned_handles(deployment):
             handle.state, handle.model = "idle", None
 

@@ -323,25 +323,34 @@ class Worker:
 
     def unload(self, command: UnloadModel) -> None:
         started = time.perf_counter()
-        self.drop_model()
-        self.reply(command.command_id, seconds=time.perf_counter() - started)
+        phases = self.drop_model()
+        self.reply(command.command_id, seconds=time.perf_counter() - started, phases=phases)
 
-    def drop_model(self) -> None:
-        """Frees the model and leaves the tensor-parallel group; safe to call in any state."""
+    def drop_model(self) -> dict[str, float]:
+        """Frees the model and leaves the tensor-parallel group; safe to call in any state.
+        Returns where the time went."""
+        started = time.perf_counter()
         engine, self.engine = self.engine, None
         if engine is not None:
             try:
                 engine.close()
             except Exception:
                 traceback.print_exc()  # a dead peer cannot be released; the memory still goes
+        closed = time.perf_counter()
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:
                 traceback.print_exc()
         self.tp_rank, self.tp_size = 0, 1
+        left = time.perf_counter()
         if self.device.type == "cuda":
             release_cached_gpu_memory()
+        return {
+            "close_s": closed - started,
+            "leave_group_s": left - closed,
+            "release_memory_s": time.perf_counter() - left,
+        }
 
     def reply(self, command_id: int, **fields) -> None:
         self.send(
