@@ -232,12 +232,7 @@ def check_greedy_against_transformers(report: dict, root: Path) -> None:
             path, device="cuda", dtype="float32", engine_config=EngineConfig(max_num_seqs=8)
         )
         greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-        for index, prompt in enumerate(prompts):
-            engine.add_request(str(index), prompt, greedy)
-        outputs = {str(i): [] for i in range(len(prompts))}
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                outputs[output.request_id].append(output.token_id)
+        outputs = _greedy_outputs(engine, prompts, greedy)
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
         reference.generation_config.eos_token_id = None  # as ignore_eos: EOS ids stay choosable
         equal = 0
@@ -260,6 +255,16 @@ def check_greedy_against_transformers(report: dict, root: Path) -> None:
         )
 
 
+def _greedy_outputs(engine: Engine, prompts, greedy) -> dict[str, list[int]]:
+    for index, prompt in enumerate(prompts):
+        engine.add_request(str(index), prompt, greedy)
+    outputs = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            outputs[output.request_id].append(output.token_id)
+    return outputs
+
+
 def _greedy_from_host_store(path: Path, prompts, greedy) -> dict[str, list[int]]:
     """The same greedy run with the weights bound as views of one copy of a registered host-store
     segment (a reload's path), for comparison with the checkpoint load's."""
@@ -274,12 +279,7 @@ def _greedy_from_host_store(path: Path, prompts, greedy) -> dict[str, list[int]]
         engine_config=EngineConfig(max_num_seqs=8),
     )
     assert engine.skeleton_key is not None, "the arena path was not taken"
-    for index, prompt in enumerate(prompts):
-        engine.add_request(str(index), prompt, greedy)
-    outputs = {str(i): [] for i in range(len(prompts))}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            outputs[output.request_id].append(output.token_id)
+    outputs = _greedy_outputs(engine, prompts, greedy)
     engine.close()
     torch.cuda.synchronize()
     weights.close()

@@ -74,42 +74,28 @@ def copy_bandwidth(report, size=2 * GIB):
     report["pinned (cudaHostAlloc)"] = gbps(pinned)
     report["pinned, 64 MiB chunks"] = gbps(pinned, 64 * 2**20)
     del target
-    # As a swap does it: the target freed to the driver and allocated again before each copy.
-    allocations, copies = [], []
-    for _ in range(5):
-        torch.cuda.empty_cache()
-        sync()
-        started = time.perf_counter()
-        fresh = torch.empty(size, dtype=torch.uint8, device="cuda")
-        allocated = time.perf_counter()
-        fresh.copy_(pinned, non_blocking=True)
-        sync()
-        allocations.append(allocated - started)
-        copies.append(time.perf_counter() - allocated)
-        del fresh
-    report["pinned into a fresh allocation: cudaMalloc ms, copy GB/s"] = [
-        statistics.median(allocations) * 1e3,
-        size / statistics.median(copies) / 1e9,
-    ]
-    # The same, the fresh target first written at device speed (a memset).
-    allocations, copies = [], []
-    for _ in range(5):
-        torch.cuda.empty_cache()
-        sync()
-        started = time.perf_counter()
-        fresh = torch.empty(size, dtype=torch.uint8, device="cuda")
-        fresh.zero_()
-        sync()
-        allocated = time.perf_counter()
-        fresh.copy_(pinned, non_blocking=True)
-        sync()
-        allocations.append(allocated - started)
-        copies.append(time.perf_counter() - allocated)
-        del fresh
-    report["pinned into a fresh, zeroed allocation: alloc+memset ms, copy GB/s"] = [
-        statistics.median(allocations) * 1e3,
-        size / statistics.median(copies) / 1e9,
-    ]
+    # As a swap does it: the target freed to the driver and allocated again before each copy,
+    # then the same with the fresh target first written at device speed (a memset).
+    for zeroed, label in ((False, "cudaMalloc"), (True, "cudaMalloc+memset")):
+        allocations, copies = [], []
+        for _ in range(5):
+            torch.cuda.empty_cache()
+            sync()
+            started = time.perf_counter()
+            fresh = torch.empty(size, dtype=torch.uint8, device="cuda")
+            if zeroed:
+                fresh.zero_()
+                sync()
+            allocated = time.perf_counter()
+            fresh.copy_(pinned, non_blocking=True)
+            sync()
+            allocations.append(allocated - started)
+            copies.append(time.perf_counter() - allocated)
+            del fresh
+        report[f"pinned into a fresh allocation: {label} ms, copy GB/s"] = [
+            statistics.median(allocations) * 1e3,
+            size / statistics.median(copies) / 1e9,
+        ]
     target = torch.empty(size, dtype=torch.uint8, device="cuda")
     del pinned
 

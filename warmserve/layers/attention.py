@@ -57,9 +57,10 @@ def attend_one_sequence(
     """queries [q, heads, dim] are the last q positions of keys/values [k, kv_heads, dim]."""
     query_len, context_len = queries.shape[0], keys.shape[0]
     group = queries.shape[1] // keys.shape[1]
-    if queries.is_cuda and group > 1:
-        # The GPU's fused kernels take no grouped heads (enable_gqa falls back to the math path,
-        # some twenty operations a layer): give every query head its own key/value head.
+    if queries.is_cuda and group > 1 and queries.dtype == torch.float32:
+        # Only flash takes grouped heads, and flash takes no float32: the memory-efficient
+        # kernel would fall back to the math path (some twenty operations a layer), so every
+        # query head gets its own key/value head.
         keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
     grouped = keys.shape[1] != queries.shape[1]
     # [1, heads, tokens, dim]: the fused kernels (flash, memory-efficient) take 4-d inputs only.
