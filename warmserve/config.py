@@ -98,6 +98,10 @@ class ServerConfig:
     load_timeout_s: float = 600.0
     # How long an unload lets requests in flight finish before it ends them with an error.
     unload_grace_s: float = 10.0
+    # A GPU worker hands an unloaded model's memory to the driver this long after the unload,
+    # unless a load comes first: a swap's next model then takes the same memory (no cudaFree,
+    # no cudaMalloc, and its copy lands in memory the GPU has already mapped).
+    memory_release_delay_s: float = 0.25
     # Requests one model may hold waiting beyond the batch its engine runs (max_num_seqs);
     # more are refused at once with 503 and Retry-After.
     max_queued_requests: int = 256

@@ -142,6 +142,13 @@ class SegmentRegistered(msgspec.Struct, tag=True, frozen=True):
     seconds: float
 
 
+class MemoryReleased(msgspec.Struct, tag=True, frozen=True):
+    """The worker handed the device memory it kept after an unload (or a load) to the driver."""
+
+    worker_id: int
+    memory_used_bytes: int
+
+
 WorkerEvent = (
     WorkerReady
     | WorkerFailed
@@ -150,6 +157,7 @@ WorkerEvent = (
     | RequestFailed
     | ModelLost
     | SegmentRegistered
+    | MemoryReleased
 )
 
 command_encoder = msgspec.msgpack.Encoder()

@@ -189,6 +189,7 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
         loads, first_tokens, unloads, swaps, phases, unload_phases = [], [], [], [], [], []
         await controller.load("a", str(a))
         current = "a"
+        await first_token(controller, current)  # A has served (and its copy has landed)
         for _ in range(repeats):
             target = "b" if current == "a" else "a"
             started = time.perf_counter()
@@ -211,7 +212,15 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
             reference_a if current == "a" else reference_b
         )
         await controller.unload(current)
+        # The memory goes back to the driver after the release delay (a load would reuse it).
+        unloaded = time.monotonic()
+        while (
+            controller.workers()[0].memory_used_bytes > idle + 64 * 2**20
+            and time.monotonic() - unloaded < 10
+        ):
+            await asyncio.sleep(0.01)
         after = controller.workers()[0].memory_used_bytes
+        released_after = time.monotonic() - unloaded
         result.update(
             load_host_cache_s=summary(loads),
             unload_s=summary(unloads),
@@ -220,6 +229,7 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
             output_unchanged_after_swaps=same_a,
             memory_idle_bytes=idle,
             memory_after_unload_bytes=after,
+            memory_released_after_s=released_after,
             worker_load_phases=phases,
             worker_unload_phases=unload_phases,
         )
@@ -280,6 +290,8 @@ def decode_timings(
             "memory_floor_ms": floor * 1e3,
         }
     engine.close()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return results
 
 
@@ -382,7 +394,8 @@ def render_markdown(results: dict) -> str:
         "",
         "| shape | GiB | copy floor ms | swap ms (x floor) | host-cache load ms | unload ms "
         "| first token after load ms | hand-written swap ms | disk load GB/s (read GB/s, cache) "
-        "| fresh transformers s | memory after unload − idle MiB | output same after swaps |",
+        "| fresh transformers s | memory after unload − idle MiB (released after s) "
+        "| output same after swaps |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape, entry in results["shapes"].items():
@@ -402,7 +415,8 @@ def render_markdown(results: dict) -> str:
             f"{entry['disk_load_gbps']:.2f} ({entry['disk_read_gbps']:.2f}, "
             f"{entry['disk_page_cache']})",
             f"{fresh:.1f}" if fresh else "–",
-            f"{(w['memory_after_unload_bytes'] - w['memory_idle_bytes']) / 2**20:.1f}",
+            f"{(w['memory_after_unload_bytes'] - w['memory_idle_bytes']) / 2**20:.1f} "
+            f"({w['memory_released_after_s']:.2f})",
             str(w["output_unchanged_after_swaps"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -49,6 +49,7 @@ from warmserve.protocol import (
     CommandDone,
     ForgetSegment,
     LoadModel,
+    MemoryReleased,
     ModelLost,
     RegisterSegment,
     RequestFailed,
@@ -154,6 +155,7 @@ class Controller:
                 event_address=event_address,
                 memory_budget_bytes=int(self.config.cpu_worker_memory_gb * GIB),
                 gpu_memory_utilization=self.config.gpu_memory_utilization,
+                memory_release_delay_s=self.config.memory_release_delay_s,
                 num_threads=threads,
                 parent_pid=os.getpid(),
             )
@@ -266,6 +268,8 @@ class Controller:
                 deployment.client.fail(event.request_id, event.error)
         elif isinstance(event, SegmentRegistered):
             self.registered_segments.setdefault(event.shm_name, set()).add(event.worker_id)
+        elif isinstance(event, MemoryReleased):
+            self.pool.handles[event.worker_id].memory_used_bytes = event.memory_used_bytes
         elif isinstance(event, ModelLost):
             deployment = self._deployment_on(event.worker_id)
             loaded_by = deployment.load_command_ids.get(event.worker_id) if deployment else None

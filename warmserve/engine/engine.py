@@ -310,9 +310,8 @@ class Engine:
         self.runner = None
         self.sequences.clear()
         self.generators.clear()
-        # The model holds no reference cycles, so its memory is back now: hand it to the driver.
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        # The model holds no reference cycles, so its memory is back in the caching allocator
+        # now; the owner decides when the driver gets it (torch.cuda.empty_cache).
 
 
 def _bindable(weights: SegmentWeights, dtype: torch.dtype) -> bool:

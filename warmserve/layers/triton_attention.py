@@ -21,8 +21,10 @@ import triton.language as tl
 
 TILE_BLOCKS = 4  # cache blocks per loop iteration: 64 tokens with 16-token blocks
 PROGRAMS_PER_SM = 2  # context splits are added until there are this many programs per SM
-NUM_WARPS = 4
-NUM_STAGES = 3
+NUM_STAGES = 2
+# Warps per program: 4 while programs are few (small batches), 8 once there are more programs
+# than SMs; scripts/profile_gpu.py's sweep at the 8B shape found these best on an H100.
+NUM_WARPS = None
 
 
 @triton.jit
@@ -166,7 +168,7 @@ def paged_decode(
     *,
     tile_blocks: int = TILE_BLOCKS,
     programs_per_sm: int = PROGRAMS_PER_SM,
-    num_warps: int = NUM_WARPS,
+    num_warps: int | None = NUM_WARPS,
     num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
     """q: [seqs, heads, head_dim] (one query per sequence) -> [seqs, heads, head_dim]. The
@@ -177,6 +179,8 @@ def paged_decode(
     splits = split_count(seqs, kv_heads, max_blocks, q.device, programs_per_sm, tile_blocks)
     blocks_per_split = -(-max_blocks // splits)
     group = heads // kv_heads
+    if num_warps is None:
+        num_warps = 8 if seqs * kv_heads * splits > _multiprocessors(q.device.index or 0) else 4
     part_out = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device)
     part_max = torch.empty(seqs, heads, splits, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)

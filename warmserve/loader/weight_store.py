@@ -278,9 +278,12 @@ def _read_jobs(jobs, mapping: mmap.mmap, ready: mmap.mmap, size: int) -> None:
             # Alignment padding counts as ready with the read before it.
             READY_WORD.pack_into(ready, 0, jobs[prefix][2] if prefix < len(jobs) else size)
 
+    # Reads go in file order (the disk likes it sequential); the ready word still advances over
+    # the segment's prefix (forward order), so a copy chasing it follows as the layers complete.
+    in_file_order = sorted(range(len(jobs)), key=lambda index: jobs[index][:2])
     try:
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            list(pool.map(read, range(len(jobs))))
+            list(pool.map(read, in_file_order))
         READY_WORD.pack_into(ready, 0, size)
     finally:
         for fd in descriptors.values():

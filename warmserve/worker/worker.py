@@ -36,6 +36,7 @@ from warmserve.protocol import (
     CommandDone,
     ForgetSegment,
     LoadModel,
+    MemoryReleased,
     ModelLost,
     RegisterSegment,
     RequestFailed,
@@ -64,6 +65,7 @@ class WorkerArgs:
     event_address: str
     memory_budget_bytes: int | None  # CPU workers: the memory that stands in for a GPU's
     gpu_memory_utilization: float
+    memory_release_delay_s: float  # see ServerConfig
     num_threads: int | None
     parent_pid: int
 
@@ -110,6 +112,9 @@ class Worker:
         self.segments: dict[str, SegmentWeights] = {}
         self.forgotten: set[str] = set()
         self.registered_events: list[SegmentRegistered] = []
+        # When the device memory kept by the caching allocator goes back to the driver (None:
+        # nothing pending). An unload keeps it so that a load right after reuses it.
+        self.release_due: float | None = None
 
     def send(self, event) -> None:
         self.events.send(event_encoder.encode(event))
@@ -129,7 +134,11 @@ class Worker:
     def memory_budget(self) -> int | None:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            return int(free - (1.0 - self.args.gpu_memory_utilization) * total)
+            # Memory this process keeps cached (an unloaded model's) is free for the next one.
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(
+                self.device
+            )
+            return int(free + cached - (1.0 - self.args.gpu_memory_utilization) * total)
         return self.args.memory_budget_bytes
 
     # ---- main loop ------------------------------------------------------------------------
@@ -156,9 +165,11 @@ class Worker:
             while self.registered_events:
                 self.send(self.registered_events.pop(0))
             busy = self.engine is not None and self.engine.has_unfinished_requests()
-            if not self.commands.poll(0 if busy else IDLE_POLL_MS):
+            if not self.commands.poll(0 if busy else self.idle_poll_ms()):
                 if busy:
                     self.step()
+                elif self.release_due is not None and time.monotonic() >= self.release_due:
+                    self.release_memory()
                 elif os.getppid() != self.args.parent_pid:
                     return  # the server is gone
                 continue
@@ -170,6 +181,21 @@ class Worker:
                 self.handle(command)
                 if not self.commands.poll(0):
                     break
+
+    def idle_poll_ms(self) -> int:
+        if self.release_due is None:
+            return IDLE_POLL_MS
+        return max(0, min(IDLE_POLL_MS, int((self.release_due - time.monotonic()) * 1000) + 1))
+
+    def release_memory(self) -> None:
+        """Hands the caching allocator's unused device memory to the driver (all of it when no
+        model is loaded), and tells the controller what the worker holds now."""
+        self.release_due = None
+        if self.engine is None:
+            release_cached_gpu_memory()
+        else:
+            torch.cuda.empty_cache()
+        self.send(MemoryReleased(self.args.worker_id, self.memory_used()))
 
     def warm_up(self) -> None:
         if os.environ.get(FAIL_WARMUP_ENV) == "1":
@@ -270,6 +296,8 @@ class Worker:
             self.tp_rank, self.tp_size = command.tp_rank, command.tp_size
             self.engine = self.build_engine(command)
             self.load_command_id = command.command_id
+            if self.release_due is not None:  # what the new model did not reuse goes back later
+                self.release_due = time.monotonic() + self.args.memory_release_delay_s
         except Exception as exc:
             self.drop_model()
             gc.collect()  # a failed build may leave tensors in the traceback's frames
@@ -323,12 +351,13 @@ class Worker:
 
     def unload(self, command: UnloadModel) -> None:
         started = time.perf_counter()
-        phases = self.drop_model()
+        phases = self.drop_model(release_now=False)
         self.reply(command.command_id, seconds=time.perf_counter() - started, phases=phases)
 
-    def drop_model(self) -> dict[str, float]:
+    def drop_model(self, release_now: bool = True) -> dict[str, float]:
         """Frees the model and leaves the tensor-parallel group; safe to call in any state.
-        Returns where the time went."""
+        Without `release_now`, a GPU's memory stays with the caching allocator for the next load
+        and goes to the driver after the release delay. Returns where the time went."""
         started = time.perf_counter()
         engine, self.engine = self.engine, None
         if engine is not None:
@@ -345,7 +374,11 @@ class Worker:
         self.tp_rank, self.tp_size = 0, 1
         left = time.perf_counter()
         if self.device.type == "cuda":
-            release_cached_gpu_memory()
+            if release_now or self.args.memory_release_delay_s <= 0:
+                self.release_due = None
+                release_cached_gpu_memory()
+            else:
+                self.release_due = time.monotonic() + self.args.memory_release_delay_s
         return {
             "close_s": closed - started,
             "leave_group_s": left - closed,
