@@ -42,6 +42,10 @@ class DecodeGraphs:
         self.block_tables.fill_(scratch_block)
         self.context_lens.fill_(1)
         self.staging: torch.Tensor | None = None  # pinned twin of `static`, made at first use
+        # The block table each staging row holds, and how much of it is written: a sequence's
+        # table only grows while it runs, so a step writes only the blocks added since the last.
+        self.row_tables: list[list[int] | None] = [None] * size
+        self.row_lengths = [0] * size
         self.staged = None  # the event after the last copy out of `staging`
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -70,8 +74,13 @@ class DecodeGraphs:
         vectors[:, batch:bucket] = [[0], [0], [self.scratch_block * self.block_size], [1]]
         tables = host[4 * self.size :].reshape(self.size, self.max_blocks)
         for row, table in enumerate(inputs.block_tables):
-            tables[row, : len(table)] = table
+            written = self.row_lengths[row] if self.row_tables[row] is table else 0
+            if len(table) > written:
+                tables[row, written : len(table)] = table[written:]
+                self.row_tables[row], self.row_lengths[row] = table, len(table)
         tables[batch:bucket, 0] = self.scratch_block
+        for row in range(batch, bucket):
+            self.row_tables[row] = None
         used = 4 * self.size + bucket * self.max_blocks
         self.static[:used].copy_(self.staging[:used], non_blocking=True)
         self.staged = torch.cuda.Event()
