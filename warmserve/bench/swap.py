@@ -437,7 +437,85 @@ def render_markdown(results: dict) -> str:
                 f"({decode['step_ms'] / decode['memory_floor_ms']:.2f}x) "
                 f"| {reference['step_ms']:.2f} | {reference['step_ms'] / decode['step_ms']:.1f}x |"
             )
+    lines += ["", "Targets (issue 11), each against this run's own baselines:", ""]
+    lines += ["| target | measured | |", "|---|---|---|"]
+    lines += [
+        f"| {name} | {measured} | {'met' if met else 'missed'} |"
+        for name, measured, met in targets(results)
+    ]
     return "\n".join(lines) + "\n"
+
+
+def targets(results: dict) -> list[tuple[str, str, bool]]:
+    """(target, what was measured, met) for every target that this run's shapes allow."""
+    rows = []
+    for shape, entry in results["shapes"].items():
+        w = entry["warmserve"]
+        floor_ms = entry["floor_s"] * 1e3
+        swap_ms = w["swap_s"]["median"] * 1e3
+        bound = 1.15 * floor_ms + 15
+        rows.append(
+            (
+                f"swap ≤ 1.15 × floor + 15 ms, {shape}",
+                f"{swap_ms:.1f} vs {bound:.1f} ms",
+                swap_ms <= bound,
+            )
+        )
+        hand = entry.get("handwritten", {}).get("load_first_token_s")
+        if hand:
+            hand_ms = hand["median"] * 1e3
+            rows.append(
+                (
+                    f"swap faster than hand-written, {shape}",
+                    f"{swap_ms:.1f} vs {hand_ms:.1f} ms",
+                    swap_ms < hand_ms,
+                )
+            )
+        unload_ms = w["unload_s"]["median"] * 1e3
+        rows.append((f"unload ≤ 20 ms, {shape}", f"{unload_ms:.1f} ms", unload_ms <= 20))
+        share = entry["disk_load_gbps"] / entry["disk_read_gbps"]
+        rows.append(
+            (
+                f"disk load ≥ 80 % of read bandwidth, {shape}",
+                f"{share:.0%} ({entry['disk_load_gbps']:.2f} of {entry['disk_read_gbps']:.2f} GB/s, {entry['disk_page_cache']})",
+                share >= 0.8,
+            )
+        )
+        extra_mib = (w["memory_after_unload_bytes"] - w["memory_idle_bytes"]) / 2**20
+        rows.append(
+            (
+                f"memory after unload within 64 MiB of idle, {shape}",
+                f"{extra_mib:.1f} MiB",
+                extra_mib <= 64,
+            )
+        )
+        decode = {int(batch): value for batch, value in entry["decode"].items()}
+        reference = {int(batch): value for batch, value in entry["transformers_decode"].items()}
+        if 64 in decode:
+            speedup = reference[64]["step_ms"] / decode[64]["step_ms"]
+            rows.append(
+                (
+                    f"batch-64 throughput ≥ 10 × transformers generate, {shape}",
+                    f"{speedup:.1f}x",
+                    speedup >= 10,
+                )
+            )
+        if shape == "llama-3.1-8b":
+            for batch in (1, 64):
+                ratio = decode[batch]["step_ms"] / decode[batch]["memory_floor_ms"]
+                rows.append(
+                    (
+                        f"Llama-3.1-8B decode step ≤ 1.3 × memory floor, batch {batch}",
+                        f"{ratio:.2f}x ({decode[batch]['step_ms']:.2f} ms)",
+                        ratio <= 1.3,
+                    )
+                )
+        if shape == "qwen3-0.6b":
+            step = decode[1]["step_ms"]
+            rows.append(
+                ("Qwen3-0.6B batch-1 time per token ≤ 1.5 ms", f"{step:.2f} ms", step <= 1.5)
+            )
+    return rows
 
 
 def _ms(samples: dict) -> str:
