@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from warmserve import Controller, SamplingParams, ServerConfig
+from warmserve.bench.swap import wait_for_memory_release
 from warmserve.config import EngineConfig
 from warmserve.testing.checkpoints import ensure_checkpoint
 
@@ -174,6 +175,7 @@ async def run(out: Path, rehearsal: bool) -> dict:
         report["tp2_again_equal"] = (await outputs(controller, "llama-tp2")) == tp2
         await controller.unload("llama-tp2")
         report["pids_unchanged"] = [w.pid for w in controller.workers()] == pids
+        report["memory_released_after_s"] = await wait_for_memory_release(controller)
         report["memory_after_unload_minus_idle_mib"] = [
             (w.memory_used_bytes - w.memory_idle_bytes) / 2**20 for w in controller.workers()
         ]

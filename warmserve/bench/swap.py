@@ -212,15 +212,8 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
             reference_a if current == "a" else reference_b
         )
         await controller.unload(current)
-        # The memory goes back to the driver after the release delay (a load would reuse it).
-        unloaded = time.monotonic()
-        while (
-            controller.workers()[0].memory_used_bytes > idle + 64 * 2**20
-            and time.monotonic() - unloaded < 10
-        ):
-            await asyncio.sleep(0.01)
+        released_after = await wait_for_memory_release(controller)
         after = controller.workers()[0].memory_used_bytes
-        released_after = time.monotonic() - unloaded
         result.update(
             load_host_cache_s=summary(loads),
             unload_s=summary(unloads),
@@ -234,6 +227,18 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
             worker_unload_phases=unload_phases,
         )
         return result
+
+
+async def wait_for_memory_release(controller, slack: int = 64 * 2**20, limit_s: float = 10.0):
+    """Seconds until every worker is back within `slack` of its idle memory: an unload hands its
+    memory to the driver after the release delay (a load in between would have reused it)."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s and any(
+        worker.memory_used_bytes > worker.memory_idle_bytes + slack
+        for worker in controller.workers()
+    ):
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
 
 
 # ---- decode --------------------------------------------------------------------------------
