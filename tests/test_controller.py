@@ -11,7 +11,7 @@ from support import PROMPTS, hf_greedy, run_controller
 
 from warmserve import SamplingParams
 from warmserve.controller.errors import CheckpointInvalid, ModelExists, NoCapacity, PathForbidden
-from warmserve.engine.tokenizer import ModelTokenizer
+from warmserve.controller.tokenizer import ModelTokenizer
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 

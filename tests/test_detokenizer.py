@@ -7,8 +7,8 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from warmserve.engine.detokenizer import IncrementalDetokenizer
-from warmserve.engine.tokenizer import ChatTemplateError, ModelTokenizer
+from warmserve.controller.detokenizer import IncrementalDetokenizer
+from warmserve.controller.tokenizer import ChatTemplateError, ModelTokenizer
 
 REPLACEMENT = "\ufffd"
 MULTILINGUAL = (

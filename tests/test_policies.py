@@ -11,7 +11,7 @@ from support import PROMPTS, hf_greedy
 from warmserve import Controller, SamplingParams, ServerConfig
 from warmserve.config import ModelSpec
 from warmserve.controller.errors import ModelNotFound, NoCapacity
-from warmserve.engine.tokenizer import ModelTokenizer
+from warmserve.controller.tokenizer import ModelTokenizer
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 

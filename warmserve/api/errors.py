@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from warmserve.config import ConfigError
 from warmserve.controller.errors import ControllerError
-from warmserve.engine.tokenizer import ChatTemplateError
+from warmserve.controller.tokenizer import ChatTemplateError
 
 logger = logging.getLogger("warmserve.api")
 

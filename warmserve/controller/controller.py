@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from warmserve.config import DTYPES, ModelSpec, SamplingParams, ServerConfig
+from warmserve.controller import engine_client
 from warmserve.controller.errors import (
     CheckpointInvalid,
     ControllerError,
@@ -31,16 +32,14 @@ from warmserve.controller.errors import (
     NoCapacity,
     Overloaded,
     PathForbidden,
-    PromptTooLong,
 )
 from warmserve.controller.placement import choose_workers
 from warmserve.controller.policies import KEEP_ALIVE_CHECK_S, eviction_candidate, expired
 from warmserve.controller.pool import StartupError, WorkerHandle, WorkerPool, default_num_threads
 from warmserve.controller.registry import load_registry
+from warmserve.controller.tokenizer import ModelTokenizer
 from warmserve.controller.types import GenerationChunk, LoadResult, ModelInfo, WorkerInfo
-from warmserve.engine import client as engine_client
-from warmserve.engine.engine import TORCH_DTYPES, RequestRejected
-from warmserve.engine.tokenizer import ModelTokenizer
+from warmserve.engine.engine import TORCH_DTYPES
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_model_config
 from warmserve.loader.weight_store import HostWeightStore
 from warmserve.models.config import ModelConfig
@@ -703,10 +702,6 @@ class Controller:
             try:
                 async for chunk in deployment.client.generate(prompt, params):
                     yield chunk
-            except engine_client.PromptTooLong as exc:
-                raise PromptTooLong(str(exc)) from None
-            except RequestRejected as exc:
-                raise InvalidRequest(str(exc)) from None
             except engine_client.RequestAborted as exc:
                 raise ModelUnavailable(str(exc)) from None
             finally:

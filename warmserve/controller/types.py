@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from warmserve.engine.client import GenerationChunk
+from warmserve.controller.engine_client import GenerationChunk
 
 __all__ = ["GenerationChunk", "LoadResult", "ModelInfo", "WorkerInfo"]
 

@@ -7,7 +7,7 @@ the decoded tail is a whole character (no U+FFFD at its end). With stop strings,
 
 from __future__ import annotations
 
-from warmserve.engine.tokenizer import ModelTokenizer
+from warmserve.controller.tokenizer import ModelTokenizer
 
 PROMPT_CONTEXT_TOKENS = 5  # decoding starts with a few prompt tokens so spacing comes out right
 REPLACEMENT_CHAR = "\ufffd"

@@ -9,14 +9,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from warmserve.config import SamplingParams
-from warmserve.engine.detokenizer import IncrementalDetokenizer
-from warmserve.engine.engine import RequestRejected
-from warmserve.engine.tokenizer import ModelTokenizer
+from warmserve.controller.detokenizer import IncrementalDetokenizer
+from warmserve.controller.errors import InvalidRequest, PromptTooLong
+from warmserve.controller.tokenizer import ModelTokenizer
 from warmserve.protocol import AbortRequest, AddRequest, TokenOutput
-
-
-class PromptTooLong(RequestRejected):
-    pass
 
 
 class RequestAborted(Exception):
@@ -69,14 +65,14 @@ class EngineClient:
     def prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
-            raise RequestRejected("the prompt is empty")
+            raise InvalidRequest("the prompt is empty")
         if len(token_ids) >= self.max_model_len:
             raise PromptTooLong(
                 f"the prompt has {len(token_ids)} tokens; this model's context is "
                 f"{self.max_model_len} tokens, and at least one must be left to generate"
             )
         if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in token_ids):
-            raise RequestRejected(f"prompt token ids must be integers in [0, {self.vocab_size})")
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {self.vocab_size})")
         return token_ids
 
     async def generate(
