@@ -16,6 +16,7 @@ import sys
 import time
 
 from warmserve.client import AdminClient, ServerError
+from warmserve.config import CPU_WORKER_MEMORY_GB, DTYPES, EngineConfig
 from warmserve.text_tables import format_bytes, format_table
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -49,10 +50,40 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})",
     )
     serve.add_argument(
+        "--gpu-memory-utilization",
+        type=_fraction,
+        default=0.9,
+        help="share of each GPU's memory warmserve may use, CUDA context included (default 0.9)",
+    )
+    serve.add_argument(
+        "--worker-memory-gb",
+        type=_positive_float,
+        help="cap on what models may take on each worker (on CPU: the memory each worker "
+        f"stands in for, default {CPU_WORKER_MEMORY_GB:g})",
+    )
+    serve.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        help="context length of a model whose load names none (default: the checkpoint's)",
+    )
+    serve.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        default=EngineConfig.max_num_seqs,
+        help=f"sequences each model runs at once (default {EngineConfig.max_num_seqs})",
+    )
+    serve.add_argument(
         "--max-queued-requests",
         type=_non_negative_int,
         default=256,
-        help="requests a model may hold waiting beyond its running batch; more get 503",
+        help="requests a model may hold waiting (for its load, or beyond its running batch); "
+        "more get 503 (default 256)",
+    )
+    serve.add_argument(
+        "--queue-timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds a request waits for its model to be loaded before a 503 (default 60)",
     )
     serve.set_defaults(run=run_serve)
 
@@ -60,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("name", help="the name clients put in 'model'")
     load.add_argument("path", help="checkpoint directory, relative to the server's --model-root")
     load.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size")
-    load.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    load.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     load.add_argument("--max-model-len", type=_positive_int)
     load.add_argument("--port", type=int, help="also serve this model alone on this port")
     load.set_defaults(run=run_load)
@@ -109,6 +140,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -143,7 +188,12 @@ def run_serve(args: argparse.Namespace) -> int:
         models_file=args.models,
         host_cache_gb=args.host_cache_gb,
         api_key=args.api_key or None,
+        worker_memory_gb=args.worker_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
         max_queued_requests=args.max_queued_requests,
+        queue_timeout_s=args.queue_timeout,
+        engine=EngineConfig(max_num_seqs=args.max_num_seqs),
     )
     # Bound before the workers start, so a taken port fails at once; connections are refused
     # until the pool is warm and the gateway listens.
@@ -245,6 +295,8 @@ def run_ps(args: argparse.Namespace) -> int:
                     "LOAD S",
                     "LAST USED",
                     "IN FLIGHT",
+                    "QUEUED",
+                    "MEMORY",
                     "KEEP ALIVE",
                     "PINNED",
                     "PORT",
@@ -260,6 +312,8 @@ def run_ps(args: argparse.Namespace) -> int:
                         _seconds(model["load_seconds"]),
                         _ago(model["last_used"], now),
                         model["requests_in_flight"],
+                        model["requests_queued"],
+                        format_bytes(model["memory_bytes"]) if model["memory_bytes"] else "-",
                         _keep_alive(model["keep_alive"]),
                         "yes" if model["pinned"] else "no",
                         model["port"] or "-",
@@ -276,15 +330,17 @@ def run_ps(args: argparse.Namespace) -> int:
     print()
     print(
         format_table(
-            ["WORKER", "PID", "DEVICE", "STATE", "MODEL", "MEMORY USED", "MEMORY TOTAL"],
+            ["WORKER", "PID", "DEVICE", "STATE", "MODELS", "USED", "FREE", "USABLE", "TOTAL"],
             [
                 [
                     worker["id"],
                     worker["pid"] or "-",
                     worker["device"],
                     worker["state"],
-                    worker["model"] or "-",
+                    _resident_models(worker["models"]),
                     format_bytes(worker["memory_used_bytes"]),
+                    format_bytes(worker["memory_free_bytes"]),
+                    format_bytes(worker["memory_usable_bytes"]),
                     format_bytes(worker["memory_total_bytes"]),
                 ]
                 for worker in workers
@@ -298,6 +354,13 @@ def run_demo(args: argparse.Namespace) -> int:
     from warmserve.demo import run_demo_in_process
 
     return run_demo_in_process(args.dir)
+
+
+def _resident_models(models: list[dict]) -> str:
+    """The models sharing a worker, each with what it takes there."""
+    if not models:
+        return "-"
+    return ", ".join(f"{m['name']} ({format_bytes(m['memory_bytes'])})" for m in models)
 
 
 def _seconds(value: float | None) -> str:

@@ -156,7 +156,7 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
 
     greedy = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     check = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    config = ServerConfig(device=device, workers=1, host_cache_gb=256, cpu_worker_memory_gb=64)
+    config = ServerConfig(device=device, workers=1, host_cache_gb=256, worker_memory_gb=64)
 
     async def first_token(controller, name) -> list[int]:
         tokens = []

@@ -36,11 +36,13 @@ class EngineClient:
         tokenizer: ModelTokenizer,
         max_model_len: int,
         vocab_size: int,
+        deployment_id: str,
         send: Callable[[object], None],
     ):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.deployment_id = deployment_id
         self.send = send
         self.streams: dict[str, asyncio.Queue] = {}
 
@@ -85,7 +87,7 @@ class EngineClient:
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop)
         finished = False
         try:
-            self.send(AddRequest(request_id, token_ids, params))
+            self.send(AddRequest(self.deployment_id, request_id, token_ids, params))
             generated = 0
             while not finished:
                 item = await stream.get()
@@ -107,4 +109,4 @@ class EngineClient:
             del self.streams[request_id]
             # Unfinished (the caller went away) or cut by a stop string: the worker stops too.
             if not finished or detokenizer.stop_matched is not None:
-                self.send(AbortRequest(request_id))
+                self.send(AbortRequest(self.deployment_id, request_id))

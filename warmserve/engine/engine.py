@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from warmserve.config import EngineConfig, SamplingParams
+from warmserve.config import DTYPE_ITEMSIZE, EngineConfig, SamplingParams
 from warmserve.engine.block_manager import BlockManager
 from warmserve.engine.model_runner import ModelRunner
 from warmserve.engine.scheduler import Scheduler, SchedulerLimits
@@ -22,12 +22,14 @@ from warmserve.engine.sequence import Sequence
 from warmserve.engine.skeletons import SKELETONS, Skeleton
 from warmserve.layers.parallel import tp_world_size
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_json
-from warmserve.loader.weight_store import SegmentWeights
+from warmserve.loader.segment_weights import SegmentWeights
+from warmserve.loader.tensors import iter_checkpoint_tensors
 from warmserve.models.config import ModelConfig
+from warmserve.models.memory_plan import kv_block_bytes, plan_memory
 from warmserve.models.registry import model_class
 from warmserve.models.weights import WeightLoadError, parameter_slots
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPE_ITEMSIZE}
 
 
 class InsufficientMemory(RuntimeError):
@@ -81,6 +83,7 @@ class Engine:
         self.runner = runner
         self.scheduler = scheduler
         self.weights_bytes = weights_bytes
+        self.activation_bytes = 0  # kept free for a step's activations (part of the footprint)
         self.max_model_len = scheduler.limits.max_model_len
         self.generators: dict[str, torch.Generator] = {}
         self.sequences: dict[str, Sequence] = {}
@@ -168,33 +171,27 @@ class Engine:
         )
         attention = model.attention_layers()[0]
         block_size = engine_config.block_size
-        block_bytes = (
-            2
-            * len(model.attention_layers())
-            * block_size
-            * attention.num_kv_heads
-            * attention.head_dim
-            * torch_dtype.itemsize
+        memory = plan_memory(
+            config,
+            engine_config,
+            weights_bytes=weights_bytes,
+            itemsize=torch_dtype.itemsize,
+            block_bytes=kv_block_bytes(
+                len(model.attention_layers()),
+                attention.num_kv_heads,
+                attention.head_dim,
+                block_size,
+                torch_dtype.itemsize,
+            ),
+            max_model_len=max_model_len,
+            budget_bytes=memory_budget_bytes,
         )
-        limit = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-        num_blocks = engine_config.max_num_seqs * -(-limit // block_size)
-        kv_budget = engine_config.kv_cache_bytes
-        if kv_budget is None and memory_budget_bytes is not None:
-            kv_budget = (
-                memory_budget_bytes
-                - weights_bytes
-                - activation_reserve(config, engine_config, limit, torch_dtype)
-            )
-        if kv_budget is None:
-            kv_budget = engine_config.max_kv_cache_bytes
-        kv_budget = min(kv_budget, engine_config.max_kv_cache_bytes)
-        num_blocks = min(num_blocks, kv_budget // block_bytes)
-        if num_blocks < 1:
+        if memory.num_blocks < 1:
             raise InsufficientMemory(
                 f"no memory left for the KV cache: weights take {weights_bytes / 2**20:.0f} MiB "
                 f"of a {(memory_budget_bytes or 0) / 2**20:.0f} MiB budget"
             )
-        limit = min(limit, num_blocks * block_size)
+        num_blocks, limit = memory.num_blocks, memory.max_model_len
         runner = ModelRunner(
             model,
             device,
@@ -213,6 +210,7 @@ class Engine:
         )
         scheduler = Scheduler(limits, BlockManager(num_blocks, block_size), eos_token_ids)
         engine = cls(config, runner, scheduler, weights_bytes)
+        engine.activation_bytes = memory.activation_bytes
         engine.skeleton_key, engine.skeleton = skeleton_key, skeleton
         engine.load_phases = {
             **phases,
@@ -234,7 +232,7 @@ class Engine:
         try:
             return cls.create(
                 checkpoint.config,
-                checkpoint.iter_tensors(),
+                iter_checkpoint_tensors(checkpoint),
                 eos_token_ids=eos_token_ids(checkpoint.path, checkpoint.config),
                 **kwargs,
             )
@@ -248,6 +246,11 @@ class Engine:
     @property
     def memory_bytes(self) -> int:
         return self.weights_bytes + self.runner.kv_cache_bytes
+
+    @property
+    def footprint_bytes(self) -> int:
+        """What the model takes from its worker: weights, KV cache and activation headroom."""
+        return self.memory_bytes + self.activation_bytes
 
     @property
     def vocab_size(self) -> int:
@@ -353,13 +356,3 @@ def _model_on_arena(
         registered=float(weights.registered),
     )
     return skeleton
-
-
-def activation_reserve(
-    config: ModelConfig, engine_config: EngineConfig, max_model_len: int, dtype: torch.dtype
-) -> int:
-    """A bound on the memory a step's activations take, kept free of the KV cache."""
-    tokens = max(engine_config.max_num_batched_tokens, max_model_len)
-    width = 4 * config.hidden_size + 3 * config.intermediate_size
-    logits = engine_config.max_num_seqs * config.vocab_size * 4 * 2
-    return tokens * width * dtype.itemsize + logits
