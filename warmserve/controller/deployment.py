@@ -95,7 +95,12 @@ class Deployments:
         return self._by_id.get(deployment_id)
 
     def on_worker(self, worker_id: int) -> list[Deployment]:
-        return [d for d in self._by_name.values() if worker_id in d.workers]
+        """The deployments that worker still holds (not those it was told to drop)."""
+        return [
+            d
+            for d in self._by_name.values()
+            if worker_id in d.workers and not d.workers_released
+        ]
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
