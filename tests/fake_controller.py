@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from warmserve.config import ModelSpec, SamplingParams
+from warmserve.controller.admission import QueueStats
 from warmserve.controller.errors import (
     InvalidRequest,
     ModelExists,
@@ -18,9 +19,17 @@ from warmserve.controller.errors import (
     NoCapacity,
     PathForbidden,
 )
-from warmserve.controller.types import GenerationChunk, LoadResult, ModelInfo, WorkerInfo
+from warmserve.controller.types import (
+    GenerationChunk,
+    LoadResult,
+    ModelInfo,
+    ResidentModel,
+    WorkerInfo,
+)
 
 VOCAB_SIZE = 100
+# Each fake worker has room for one fake model.
+MODEL_BYTES = WORKER_USABLE_BYTES = 1 << 30
 
 
 class FakeTokenizer:
@@ -35,8 +44,12 @@ class FakeTokenizer:
 class FakeController:
     def __init__(self, workers: int = 2):
         self._workers = [
-            WorkerInfo(i, 1000 + i, "cpu", "idle", None, 4 << 30, 0, 0) for i in range(workers)
+            WorkerInfo(
+                i, 1000 + i, "cpu", "ready", [], 4 << 30, 0, 0, WORKER_USABLE_BYTES, 1 << 30
+            )
+            for i in range(workers)
         ]
+        self.queue_stats = QueueStats()
         self._models: dict[str, ModelInfo] = {}
         self._listeners = []
         self.loads_seen = 0
@@ -65,12 +78,14 @@ class FakeController:
             raise PathForbidden(f"{path} is outside the model root")
         if name in self._models:
             raise ModelExists(f"model {name!r} is already loaded")
-        idle = [worker for worker in self._workers if worker.state == "idle"]
-        if len(idle) < tensor_parallel_size:
-            raise NoCapacity("no idle workers")
-        chosen = idle[:tensor_parallel_size]
+        free = [worker for worker in self._workers if worker.memory_free_bytes >= MODEL_BYTES]
+        if len(free) < tensor_parallel_size:
+            raise NoCapacity("no room: explicitly loaded models hold the memory")
+        chosen = free[:tensor_parallel_size]
         for worker in chosen:
-            worker.state, worker.model, worker.memory_used_bytes = "loaded", name, 1 << 20
+            worker.models.append(ResidentModel(name, MODEL_BYTES, "loaded"))
+            worker.memory_used_bytes += MODEL_BYTES
+            worker.memory_free_bytes -= MODEL_BYTES
         self.loads_seen += 1
         source = "host-cache" if self.loads_seen > 1 else "disk"
         self._models[name] = ModelInfo(
@@ -94,8 +109,10 @@ class FakeController:
         self._emit("unloading", name)
         del self._models[name]
         for worker in self._workers:
-            if worker.model == name:
-                worker.state, worker.model, worker.memory_used_bytes = "idle", None, 0
+            if any(model.name == name for model in worker.models):
+                worker.models = [model for model in worker.models if model.name != name]
+                worker.memory_used_bytes -= MODEL_BYTES
+                worker.memory_free_bytes += MODEL_BYTES
         self._emit("unloaded", name)
         return 0.002
 

@@ -116,7 +116,10 @@ class Admission:
             if deployment is None or (deployment.state == DeploymentState.FAILED and registered):
                 if not registered:
                     raise ModelNotFound(f"model {name!r} is neither loaded nor registered")
-                await _until(self._shared_load(name), deadline)
+                # A load that started for earlier waiters may give up on its own deadline;
+                # this request then starts another until its own deadline.
+                with contextlib.suppress(QueueTimeout):
+                    await _until(self._shared_load(name), deadline)
                 continue
             if deployment.state == DeploymentState.LOADED:
                 return deployment
