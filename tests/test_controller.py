@@ -59,7 +59,9 @@ def test_lifecycle_load_generate_unload_reload(checkpoints):
         worker = controller.workers()[0]
         assert resident(controller)[0] == ["a"]
         assert worker.memory_used_bytes > worker.memory_idle_bytes
-        assert worker.memory_free_bytes == worker.memory_usable_bytes - worker.models[0].memory_bytes
+        assert (
+            worker.memory_free_bytes == worker.memory_usable_bytes - worker.models[0].memory_bytes
+        )
         await controller.unload("a")
         worker = controller.workers()[0]
         assert resident(controller) == [[], []]

@@ -16,7 +16,7 @@ import sys
 import time
 
 from warmserve.client import AdminClient, ServerError
-from warmserve.config import CPU_WORKER_MEMORY_GB, DTYPES, EngineConfig
+from warmserve.config import CPU_WORKER_MEMORY_GB, DTYPES, EngineConfig, ServerConfig
 from warmserve.text_tables import format_bytes, format_table
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="requests a model may hold waiting (for its load, or beyond its running batch); "
         "more get 503 (default 256)",
+    )
+    serve.add_argument(
+        "--min-residency",
+        type=_non_negative_float,
+        default=ServerConfig.min_residency_s,
+        help="seconds a model loaded on demand stays before it may be evicted for another, so "
+        f"that alternating requests are served in groups (default {ServerConfig.min_residency_s:g})",
     )
     serve.add_argument(
         "--queue-timeout",
@@ -147,6 +154,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -172,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from warmserve.api.server import bind_socket
-    from warmserve.config import ConfigError, ServerConfig
+    from warmserve.config import ConfigError
     from warmserve.controller.pool import StartupError
     from warmserve.controller.registry import RegistryError
 
@@ -193,6 +207,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         max_queued_requests=args.max_queued_requests,
         queue_timeout_s=args.queue_timeout,
+        min_residency_s=args.min_residency,
         engine=EngineConfig(max_num_seqs=args.max_num_seqs),
     )
     # Bound before the workers start, so a taken port fails at once; connections are refused

@@ -97,9 +97,7 @@ class Deployments:
     def on_worker(self, worker_id: int) -> list[Deployment]:
         """The deployments that worker still holds (not those it was told to drop)."""
         return [
-            d
-            for d in self._by_name.values()
-            if worker_id in d.workers and not d.workers_released
+            d for d in self._by_name.values() if worker_id in d.workers and not d.workers_released
         ]
 
     def __contains__(self, name: str) -> bool:

@@ -153,14 +153,13 @@ class Lifecycle:
             return True
         possible = 0
         for room in rooms:
-            freeable = room.free_bytes + sum(
-                d.memory_bytes
-                for d in room.residents
-                if d.may_make_room or d.state == DeploymentState.UNLOADING
-            )
-            if tp == 1 and room.exclusive:
+            going = [
+                d for d in room.residents if d.may_make_room or d.state == DeploymentState.UNLOADING
+            ]
+            # A tensor-parallel model needs its workers empty; nothing joins one that holds it.
+            if (tp > 1 or room.exclusive) and len(going) < len(room.residents):
                 continue
-            if freeable >= need:
+            if room.free_bytes + sum(d.memory_bytes for d in going) >= need:
                 possible += 1
         return possible >= tp
 
