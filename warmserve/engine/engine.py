@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from warmserve.loader.weight_store import SegmentWeights
 from warmserve.models.config import ModelConfig
 from warmserve.models.registry import model_class
 from warmserve.models.weights import WeightLoadError, parameter_slots
+
+if TYPE_CHECKING:
+    from warmserve.engine.structured_output import StructuredOutputs
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,6 +92,10 @@ class Engine:
         self.skeleton_key: tuple | None = None
         self.skeleton: Skeleton | None = None
         self.load_phases: dict[str, float] = {}
+        # Where tokenizer.json lies (structured output builds its vocabulary from it), and the
+        # constrained requests' grammars, made on the first such request.
+        self.tokenizer_dir: Path | None = None
+        self.structured_outputs: StructuredOutputs | None = None
 
     @classmethod
     def create(
@@ -101,11 +109,13 @@ class Engine:
         engine_config: EngineConfig = EngineConfig(),
         memory_budget_bytes: int | None = None,
         eos_token_ids: Iterable[int] = (),
+        tokenizer_dir: Path | None = None,
     ) -> Engine:
         """Builds the model on `device` with `weights` (checkpoint tensors, a host-store segment,
-        or None for random weights: the worker's warm-up model) and sizes the KV cache."""
+        or None for random weights: the worker's warm-up model) and sizes the KV cache.
+        `tokenizer_dir` holds the tokenizer.json that structured output needs."""
         try:
-            return cls._build(
+            engine = cls._build(
                 raw_config,
                 weights,
                 device=device,
@@ -121,6 +131,8 @@ class Engine:
             # frees memory and reports the failure).
             traceback.clear_frames(error.__traceback__)
             raise
+        engine.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+        return engine
 
     @classmethod
     def _build(
@@ -236,6 +248,7 @@ class Engine:
                 checkpoint.config,
                 checkpoint.iter_tensors(),
                 eos_token_ids=eos_token_ids(checkpoint.path, checkpoint.config),
+                tokenizer_dir=checkpoint.path,
                 **kwargs,
             )
         except WeightLoadError as exc:
@@ -265,6 +278,8 @@ class Engine:
             )
         if any(not 0 <= token < self.vocab_size for token in prompt_token_ids):
             raise RequestRejected(f"token ids must lie in [0, {self.vocab_size})")
+        if params.structured_output is not None:
+            self._add_grammar(request_id, params)
         seq = Sequence(request_id, prompt_token_ids, params)
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device)
@@ -273,9 +288,34 @@ class Engine:
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
-    def abort_request(self, request_id: str) -> bool:
-        seq = self.sequences.pop(request_id, None)
+    def _add_grammar(self, request_id: str, params: SamplingParams) -> None:
+        # Imported here: xgrammar takes a second to import, which only the workers that serve
+        # structured output pay, once per process.
+        from warmserve.engine.structured_output import GrammarError, StructuredOutputs
+
+        if self.tokenizer_dir is None or not (self.tokenizer_dir / "tokenizer.json").is_file():
+            raise RequestRejected("structured output needs the model's tokenizer.json")
+        if self.structured_outputs is None:
+            self.structured_outputs = StructuredOutputs(
+                self.tokenizer_dir / "tokenizer.json",
+                self.vocab_size,
+                tuple(sorted(self.scheduler.eos_token_ids)),
+                self.scheduler.limits.max_num_seqs,
+                self.runner.device,
+            )
+        try:
+            self.structured_outputs.add(request_id, params.structured_output)
+        except GrammarError as exc:
+            raise RequestRejected(str(exc)) from None
+
+    def _forget(self, request_id: str) -> Sequence | None:
         self.generators.pop(request_id, None)
+        if self.structured_outputs is not None:
+            self.structured_outputs.remove(request_id)
+        return self.sequences.pop(request_id, None)
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self._forget(request_id)
         return seq is not None and self.scheduler.abort(request_id) is not None
 
     def has_unfinished_requests(self) -> bool:
@@ -286,14 +326,15 @@ class Engine:
         if not seqs:
             return []
         generators = [self.generators.get(seq.request_id) for seq in seqs]
-        tokens = self.runner.execute(seqs, generators)
+        tokens = self.runner.execute(seqs, generators, self.structured_outputs)
+        if self.structured_outputs is not None:
+            self.structured_outputs.accept(seqs, tokens)
         self.scheduler.finish_step(seqs, tokens)
         outputs = []
         for seq, token in zip(seqs, tokens, strict=True):
             outputs.append(StepOutput(seq.request_id, token, seq.finish_reason))
             if seq.finish_reason is not None:
-                self.sequences.pop(seq.request_id, None)
-                self.generators.pop(seq.request_id, None)
+                self._forget(seq.request_id)
         return outputs
 
     def follow(self) -> None:
@@ -310,6 +351,9 @@ class Engine:
         self.runner = None
         self.sequences.clear()
         self.generators.clear()
+        if self.structured_outputs is not None:
+            self.structured_outputs.close()
+            self.structured_outputs = None
         # The model holds no reference cycles, so its memory is back in the caching allocator
         # now; the owner decides when the driver gets it (torch.cuda.empty_cache).
 

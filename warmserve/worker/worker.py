@@ -331,7 +331,11 @@ class Worker:
             weights = SegmentWeights(command.segment)
         try:
             return Engine.create(
-                config, weights, eos_token_ids=eos_token_ids(model_dir, config), **options
+                config,
+                weights,
+                eos_token_ids=eos_token_ids(model_dir, config),
+                tokenizer_dir=model_dir,
+                **options,
             )
         finally:
             if transient and command.segment.shm_name not in self.segments:
