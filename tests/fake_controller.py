@@ -24,8 +24,10 @@ VOCAB_SIZE = 100
 
 
 class FakeTokenizer:
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         lines = [f"{message['role']}: {message['content']}" for message in messages]
+        if tools:
+            lines.insert(0, "tools: " + ", ".join(tool["function"]["name"] for tool in tools))
         return "\n".join([*lines, "assistant:"])
 
     def encode(self, text: str) -> list[int]:
