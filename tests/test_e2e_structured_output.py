@@ -180,11 +180,27 @@ def test_guided_regex_and_choice_on_completions(server, shared_model):
             {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 7}}}},
             "response_format.json_schema.schema",
         ),
+        (
+            # Valid JSON Schema that no string satisfies: the worker's compiler refuses it.
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"schema": {"type": "string", "minLength": 5, "maxLength": 2}},
+                }
+            },
+            "response_format.json_schema.schema: the json_schema cannot be compiled",
+        ),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}}, "x"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex and guided_choice"),
     ],
-    ids=["bad-schema", "unknown-tool", "choice-without-tools", "two-constraints"],
+    ids=[
+        "bad-schema",
+        "unsatisfiable-schema",
+        "unknown-tool",
+        "choice-without-tools",
+        "two-constraints",
+    ],
 )
 def test_bad_constraints_are_refused_naming_the_field(server, shared_model, fields, named):
     with server.http() as http:

@@ -87,18 +87,37 @@ def test_greedy_json_object_is_an_object_or_cut_by_length(engine, tokenizer):
         assert completion.finish_reason == "length"
 
 
-def test_a_grammar_that_does_not_compile_refuses_the_request(engine):
+def test_a_grammar_that_does_not_compile_fails_its_request_alone(engine, tokenizer):
     broken = json.dumps({"type": "object", "properties": {"a": {"$ref": "#/missing"}}})
-    with pytest.raises(RequestRejected, match="json_schema cannot be compiled"):
-        engine.add_request("bad", [5, 6, 7], constrained("json_schema", broken))
+    engine.add_request("bad", [5, 6, 7], constrained("json_schema", broken))
+    engine.add_request("good", [5, 6, 7], constrained("regex", "[a-z]{4}"))
+    completions = run_to_completion(engine)
+    assert list(completions) == ["good"]
+    assert re.fullmatch("[a-z]{4}", tokenizer.decode(completions["good"].token_ids))
+    [(request_id, error)] = engine.take_failures()
+    assert request_id == "bad" and "json_schema cannot be compiled" in error
+    assert "bad" not in engine.sequences
+
+
+def test_a_model_without_tokenizer_json_refuses_structured_output(engine):
+    tokenizer_dir, engine.tokenizer_dir = engine.tokenizer_dir, None
+    try:
+        with pytest.raises(RequestRejected, match="tokenizer.json"):
+            engine.add_request("x", [5, 6, 7], constrained("regex", "a+"))
+    finally:
+        engine.tokenizer_dir = tokenizer_dir
     assert not engine.has_unfinished_requests()
 
 
-def test_an_aborted_request_drops_its_matcher(engine):
-    engine.add_request("gone", [5, 6, 7], constrained("regex", "a+"))
-    assert "gone" in engine.structured_outputs.matchers
-    engine.abort_request("gone")
-    assert "gone" not in engine.structured_outputs.matchers
+@pytest.mark.parametrize("steps", [0, 2], ids=["while-compiling", "while-running"])
+def test_an_aborted_request_leaves_nothing_behind(engine, steps):
+    engine.add_request("gone", [5, 6, 7], constrained("regex", "a{50}", max_tokens=60))
+    for _ in range(steps):
+        engine.step()
+    assert engine.abort_request("gone")
+    grammars = engine.structured_outputs
+    assert "gone" not in grammars.matchers and "gone" not in grammars.compiling
+    assert not engine.has_unfinished_requests()
 
 
 def test_the_gpu_mask_path_masks_what_the_cpu_kernel_masks():

@@ -15,10 +15,12 @@ class StructuredOutput:
     """A grammar the output must follow, compiled and enforced in the worker.
 
     `kind` is json_schema (spec: the schema as JSON text), json_object (spec unused), regex
-    (spec: the pattern) or choice (spec: a JSON list of the allowed strings)."""
+    (spec: the pattern) or choice (spec: a JSON list of the allowed strings). `field` is the
+    request field it came from, which an error names."""
 
     kind: str
     spec: str = ""
+    field: str = "structured output"
 
     def __post_init__(self) -> None:
         if self.kind not in STRUCTURED_OUTPUT_KINDS:

@@ -58,9 +58,10 @@ class ResponseFormat(BaseModel):
 
     def structured_output(self) -> StructuredOutput | None:
         if self.type == "json_object":
-            return StructuredOutput("json_object")
+            return StructuredOutput("json_object", field="response_format")
         if self.type == "json_schema":
-            return StructuredOutput("json_schema", json.dumps(self.json_schema.json_schema))
+            schema = json.dumps(self.json_schema.json_schema)
+            return StructuredOutput("json_schema", schema, "response_format.json_schema.schema")
         return None
 
 
@@ -157,9 +158,9 @@ class StructuredRequest(BaseModel):
         if self.response_format is not None and self.response_format.type != "text":
             return self.response_format.structured_output()
         if self.guided_json is not None:
-            return StructuredOutput("json_schema", json.dumps(self.guided_json))
+            return StructuredOutput("json_schema", json.dumps(self.guided_json), "guided_json")
         if self.guided_regex is not None:
-            return StructuredOutput("regex", self.guided_regex)
+            return StructuredOutput("regex", self.guided_regex, "guided_regex")
         if self.guided_choice is not None:
-            return StructuredOutput("choice", json.dumps(self.guided_choice))
+            return StructuredOutput("choice", json.dumps(self.guided_choice), "guided_choice")
         return None

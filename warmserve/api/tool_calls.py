@@ -67,9 +67,11 @@ class ToolCalling:
 
     def structured_output(self) -> StructuredOutput | None:
         if self.named is not None:
-            return StructuredOutput("json_schema", json.dumps(self.named.parameters_schema()))
+            schema = json.dumps(self.named.parameters_schema())
+            return StructuredOutput("json_schema", schema, "tools.function.parameters")
         if self.choice == "required":
-            return StructuredOutput("json_schema", json.dumps(self._required_schema()))
+            schema = json.dumps(self._required_schema())
+            return StructuredOutput("json_schema", schema, "tools.function.parameters")
         return None
 
     def _required_schema(self) -> dict[str, Any]:

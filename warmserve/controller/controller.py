@@ -264,7 +264,7 @@ class Controller:
         elif isinstance(event, RequestFailed):
             deployment = self._deployment_on(event.worker_id)
             if deployment is not None and deployment.client is not None:
-                deployment.client.fail(event.request_id, event.error)
+                deployment.client.fail(event.request_id, event.error, event.invalid_request)
         elif isinstance(event, SegmentRegistered):
             self.registered_segments.setdefault(event.shm_name, set()).add(event.worker_id)
         elif isinstance(event, MemoryReleased):

@@ -96,6 +96,7 @@ class Engine:
         # constrained requests' grammars, made on the first such request.
         self.tokenizer_dir: Path | None = None
         self.structured_outputs: StructuredOutputs | None = None
+        self.failures: list[tuple[str, str]] = []
 
     @classmethod
     def create(
@@ -278,35 +279,34 @@ class Engine:
             )
         if any(not 0 <= token < self.vocab_size for token in prompt_token_ids):
             raise RequestRejected(f"token ids must lie in [0, {self.vocab_size})")
-        if params.structured_output is not None:
-            self._add_grammar(request_id, params)
+        grammars = self._structured_outputs() if params.structured_output is not None else None
         seq = Sequence(request_id, prompt_token_ids, params)
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device)
             generator.manual_seed(params.seed)
             self.generators[request_id] = generator
         self.sequences[request_id] = seq
-        self.scheduler.add(seq)
+        if grammars is None:
+            self.scheduler.add(seq)
+        else:  # joins the scheduler once its grammar is compiled
+            grammars.add(seq)
 
-    def _add_grammar(self, request_id: str, params: SamplingParams) -> None:
-        # Imported here: xgrammar takes a second to import, which only the workers that serve
-        # structured output pay, once per process.
-        from warmserve.engine.structured_output import GrammarError, StructuredOutputs
-
+    def _structured_outputs(self) -> StructuredOutputs:
         if self.tokenizer_dir is None or not (self.tokenizer_dir / "tokenizer.json").is_file():
             raise RequestRejected("structured output needs the model's tokenizer.json")
         if self.structured_outputs is None:
-            self.structured_outputs = StructuredOutputs(
-                self.tokenizer_dir / "tokenizer.json",
-                self.vocab_size,
-                tuple(sorted(self.scheduler.eos_token_ids)),
-                self.scheduler.limits.max_num_seqs,
-                self.runner.device,
-            )
-        try:
-            self.structured_outputs.add(request_id, params.structured_output)
-        except GrammarError as exc:
-            raise RequestRejected(str(exc)) from None
+            # Imported here: xgrammar takes a second to import, which only the workers that
+            # serve structured output pay, once per process.
+            from warmserve.engine.structured_output import StructuredOutputs
+
+            self.structured_outputs = StructuredOutputs.of(self)
+        return self.structured_outputs
+
+    def take_failures(self) -> list[tuple[str, str]]:
+        """Requests that failed after they were added (a grammar that did not compile), with
+        why; the worker reports them to the server."""
+        failures, self.failures = self.failures, []
+        return failures
 
     def _forget(self, request_id: str) -> Sequence | None:
         self.generators.pop(request_id, None)
@@ -315,13 +315,20 @@ class Engine:
         return self.sequences.pop(request_id, None)
 
     def abort_request(self, request_id: str) -> bool:
-        seq = self._forget(request_id)
-        return seq is not None and self.scheduler.abort(request_id) is not None
+        if self._forget(request_id) is None:
+            return False
+        self.scheduler.abort(request_id)  # not there while its grammar compiles
+        return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        compiling = self.structured_outputs is not None and self.structured_outputs.compiling
+        return self.scheduler.has_unfinished() or bool(compiling)
 
     def step(self) -> list[StepOutput]:
+        if self.structured_outputs is not None:
+            for request_id, error in self.structured_outputs.admit_compiled(self.scheduler):
+                self._forget(request_id)
+                self.failures.append((request_id, error))
         seqs = self.scheduler.schedule()
         if not seqs:
             return []

@@ -274,6 +274,8 @@ class Worker:
                     [TokenOutput(o.request_id, o.token_id, o.finish_reason) for o in outputs],
                 )
             )
+        for request_id, error in self.engine.take_failures():
+            self.send(RequestFailed(self.args.worker_id, request_id, error, invalid_request=True))
 
     # ---- load and unload ------------------------------------------------------------------
 
