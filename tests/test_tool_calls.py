@@ -10,6 +10,7 @@ import pytest
 
 from warmserve.api.openai_schemas import ChatCompletionRequest
 from warmserve.api.tool_parsers import ParsedToolCall, parse_reply
+from warmserve.controller.tokenizer import ModelTokenizer
 
 NAMES = {"get_weather", "get_time"}
 WEATHER = ParsedToolCall("get_weather", '{"city": "Oslo"}')
@@ -79,9 +80,8 @@ def chat_request(**fields) -> ChatCompletionRequest:
         },
         {"type": "function", "function": {"name": "get_time"}},
     ]
-    return ChatCompletionRequest.model_validate(
-        {"messages": [{"role": "user", "content": "hi"}], "tools": tools, **fields}
-    )
+    fields = {"messages": [{"role": "user", "content": "hi"}], **fields}
+    return ChatCompletionRequest.model_validate({"tools": tools, **fields})
 
 
 def test_required_choice_forces_an_array_of_known_calls():
@@ -146,3 +146,46 @@ def test_named_stream_sends_arguments_as_they_come():
     first, second = stream(calling, ["{", "}"])
     assert first["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "{"}
     assert second == {"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]}
+
+
+# Qwen2.5's way of showing tools and earlier calls, cut down.
+TOOL_TEMPLATE = (
+    "{%- if tools %}<tools>{% for tool in tools %}{{ tool.function.name }};{% endfor %}</tools>"
+    "{% endif %}"
+    "{%- for message in messages %}{{ message.role }}:{{ message.content }}"
+    "{%- for call in message.tool_calls or [] %}"
+    "<tool_call>{{ call.function.name }} {{ call.function.arguments | tojson }}</tool_call>"
+    "{%- endfor %}{% if message.tool_call_id %}[{{ message.tool_call_id }}]{% endif %}|"
+    "{%- endfor %}"
+)
+
+
+def test_tools_and_tool_turns_reach_the_chat_template(llama_path, tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes((llama_path / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": TOOL_TEMPLATE}))
+    tokenizer = ModelTokenizer(tmp_path)
+    request = chat_request(
+        messages=[
+            {"role": "user", "content": "time?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+        ]
+    )
+    rendered = tokenizer.apply_chat_template(
+        [message.template_message() for message in request.messages],
+        tools=request.tool_calling().template_tools(),
+    )
+    assert rendered == (
+        "<tools>get_weather;get_time;</tools>user:time?|"
+        'assistant:<tool_call>get_time {"zone": "UTC"}</tool_call>|tool:12:00[call_1]|'
+    )

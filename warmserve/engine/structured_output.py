@@ -21,6 +21,7 @@ Where the time goes:
 from __future__ import annotations
 
 import json
+import re
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 # How long a step with nothing else to run waits for a grammar being compiled (the worker's
 # loop reads its commands between steps).
 IDLE_COMPILE_WAIT_S = 0.02
+
+
+# xgrammar's errors open with its log prefix: "[12:00:00] /project/cpp/file.cc:94: ".
+_XGRAMMAR_LOG_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: ")
 
 
 class GrammarError(ValueError):
@@ -105,7 +110,8 @@ def compile_grammar(
         literals = " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
         return compiler.compile_grammar(f"root ::= {literals}")
     except (RuntimeError, ValueError) as exc:
-        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        message = _XGRAMMAR_LOG_PREFIX.sub("", lines[-1])
         raise GrammarError(f"{spec.field}: the {spec.kind} cannot be compiled: {message}") from None
 
 
