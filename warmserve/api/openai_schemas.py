@@ -239,9 +239,8 @@ class ChatCompletionRequest(GenerationRequest):
                 "tool_choice: no tool is named '{name}'",
                 {"name": self.tool_choice.function.name},
             )
-        if (named or self.tool_choice == "required") and StructuredRequest.structured_output(
-            self
-        ) is not None:
+        constrained = StructuredRequest.structured_output(self) is not None
+        if (named or self.tool_choice == "required") and constrained:
             raise PydanticCustomError(
                 "tool_choice",
                 "a forced tool_choice constrains the output: it cannot be combined with "

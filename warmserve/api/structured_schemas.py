@@ -12,7 +12,7 @@ import json
 from typing import Annotated, Any, Literal
 
 import jsonschema
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from warmserve.config import StructuredOutput
@@ -119,8 +119,6 @@ class MessageToolCall(BaseModel):
 
 class StructuredRequest(BaseModel):
     """The fields shared by completions and chat completions."""
-
-    model_config = ConfigDict(extra="allow")
 
     response_format: ResponseFormat | None = None
     guided_json: JsonSchema | str | None = None
