@@ -152,7 +152,14 @@ class StructuredOutputs:
 
     def _compile(self, spec: StructuredOutput) -> xgrammar.CompiledGrammar:
         # The compiler too is made here: building a large vocabulary's TokenizerInfo takes time.
-        return compile_grammar(grammar_compiler(*self.compiler_key), spec)
+        try:
+            compiler = grammar_compiler(*self.compiler_key)
+        except Exception as exc:  # the request fails, not the model
+            raise GrammarError(
+                f"{spec.field}: structured output is not available for this model's tokenizer "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+        return compile_grammar(compiler, spec)
 
     def admit_compiled(self, scheduler: Scheduler) -> list[tuple[str, str]]:
         """Hands the sequences whose grammar is compiled to `scheduler` (their matchers made);
