@@ -16,6 +16,8 @@ from warmserve.config import SamplingParams, StructuredOutput
 from warmserve.engine.engine import RequestRejected
 from warmserve.layers.grammar import apply_token_bitmask, apply_token_bitmask_with_torch
 
+# The fixture tokenizer's stop tokens (EOS of the checkpoint).
+IM_END, ENDOFTEXT = 2, 0
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -50,13 +52,29 @@ def run(engine, params_by_id: dict[str, SamplingParams], seed: int = 0):
 
 
 def test_json_schema_output_validates_and_stops_at_the_grammars_end(engine, tokenizer):
+    """Once the object is closed only EOS may follow: the request ends there, without a step
+    to sample it."""
     params = {
         str(seed): constrained("json_schema", json.dumps(SCHEMA), seed=seed) for seed in range(4)
     }
     for completion in run(engine, params).values():
         assert completion.finish_reason == "stop"
+        assert not {IM_END, ENDOFTEXT} & set(completion.token_ids)
         text = tokenizer.decode(completion.token_ids)
         jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_a_grammar_that_may_go_on_ends_with_eos_or_length(engine, tokenizer):
+    params = {
+        str(seed): constrained("regex", "[a-z]+", seed=seed, max_tokens=30) for seed in range(4)
+    }
+    for completion in run(engine, params).values():
+        *letters, last = completion.token_ids
+        assert re.fullmatch("[a-z]*", tokenizer.decode(letters))
+        if completion.finish_reason == "stop":
+            assert last in (IM_END, ENDOFTEXT)
+        else:
+            assert completion.finish_reason == "length" and len(completion.token_ids) == 30
 
 
 def test_constrained_and_free_requests_share_a_batch(engine, tokenizer):

@@ -33,7 +33,7 @@ import xgrammar
 from warmserve.config import StructuredOutput
 from warmserve.engine.scheduler import Scheduler
 from warmserve.engine.sequence import Sequence
-from warmserve.layers.grammar import allocate_bitmask, apply_token_bitmask
+from warmserve.layers.grammar import allocate_bitmask, apply_token_bitmask, unpack_bitmask
 
 if TYPE_CHECKING:
     from warmserve.engine.engine import Engine
@@ -128,6 +128,8 @@ class StructuredOutputs:
         device: torch.device,
     ):
         self.compiler_key = (tokenizer_path, vocab_size, stop_token_ids)
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.vocab_size = vocab_size
         self.compiling: dict[str, tuple[Sequence, Future]] = {}
         self.matchers: dict[str, xgrammar.GrammarMatcher] = {}
         self.bitmask = allocate_bitmask(max_num_seqs, vocab_size, device)
@@ -202,12 +204,24 @@ class StructuredOutputs:
         return PendingMasks(self.bitmask, rows, filled)
 
     def accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
-        """Advances each constrained sequence's matcher with its sampled token; a sequence whose
-        grammar is complete (it took a stop token) or refused the token is done."""
+        """Advances each constrained sequence's matcher with its sampled token. A sequence is
+        done when its grammar is: it took a stop token, or it is complete and allows nothing
+        but a stop token (no step is spent on sampling that token), or it refused the token."""
         for seq, token in zip(seqs, tokens, strict=True):
             matcher = self.matchers.get(seq.request_id)
-            if matcher is not None and (not matcher.accept_token(token) or matcher.is_terminated()):
-                seq.grammar_done = True
+            if matcher is not None:
+                seq.grammar_done = self._grammar_done(matcher, token)
+
+    def _grammar_done(self, matcher: xgrammar.GrammarMatcher, token: int) -> bool:
+        if not matcher.accept_token(token) or matcher.is_terminated():
+            return True
+        return matcher.is_completed() and self._only_stop_tokens_allowed(matcher)
+
+    def _only_stop_tokens_allowed(self, matcher: xgrammar.GrammarMatcher) -> bool:
+        row = xgrammar.allocate_token_bitmask(1, self.vocab_size)
+        matcher.fill_next_token_bitmask(row)
+        allowed = unpack_bitmask(row[0], self.vocab_size).nonzero().flatten().tolist()
+        return set(allowed) <= self.stop_token_ids
 
     def close(self) -> None:
         self.compiler_thread.shutdown(wait=True, cancel_futures=True)

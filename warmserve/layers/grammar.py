@@ -43,8 +43,12 @@ def apply_token_bitmask_with_torch(
 ) -> None:
     """The GPU path, in device-agnostic torch ops; `bitmask` is on the logits' device."""
     index = torch.tensor(rows, device=logits.device)
-    shifts = torch.arange(BITS_PER_WORD, device=logits.device, dtype=torch.int32)
-    words = bitmask.index_select(0, index)
-    allowed = ((words.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, : logits.shape[-1]].bool()
+    allowed = unpack_bitmask(bitmask.index_select(0, index), logits.shape[-1])
     masked = logits.index_select(0, index).masked_fill_(~allowed, float("-inf"))
     logits.index_copy_(0, index, masked)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[..., words] packed bits -> [..., vocab_size] booleans, True where a token is allowed."""
+    shifts = torch.arange(BITS_PER_WORD, device=bitmask.device, dtype=torch.int32)
+    return ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :vocab_size].bool()
