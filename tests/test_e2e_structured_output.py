@@ -59,6 +59,23 @@ def test_sdk_parse_returns_the_pydantic_object(server, shared_model):
     assert Trip.model_validate_json(choice.message.content) == choice.message.parsed
 
 
+def test_sdk_parse_of_a_strict_function_tool(server, shared_model):
+    import openai
+
+    completion = server.openai().chat.completions.parse(
+        model=shared_model,
+        messages=MESSAGES,
+        tools=[openai.pydantic_function_tool(Trip)],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=100,
+        seed=2,
+    )
+    [call] = completion.choices[0].message.tool_calls
+    assert call.function.name == "Trip"
+    assert isinstance(call.function.parsed_arguments, Trip)
+
+
 def test_json_object_replies_are_json_objects(server, shared_model):
     """Random weights may write one string forever (cut by max_tokens); every reply the
     grammar ended is a JSON object, and some do end."""
