@@ -189,3 +189,25 @@ def test_tools_and_tool_turns_reach_the_chat_template(llama_path, tmp_path):
         "<tools>get_weather;get_time;</tools>user:time?|"
         'assistant:<tool_call>get_time {"zone": "UTC"}</tool_call>|tool:12:00[call_1]|'
     )
+
+
+def test_required_stream_sends_each_calls_arguments_as_they_come():
+    """Split anywhere, even inside the name or an escape, the deltas add up to the calls of
+    the whole reply; braces and quotes inside strings do not end the arguments."""
+    calling = chat_request(tool_choice="required").tool_calling()
+    text = (
+        '[{"name": "get_weather", "parameters": {"place": "O}s\\"l{o", "n": [1, {"a": 2}]}}, '
+        '{"name": "get_time", "parameters": {}}]'
+    )
+    whole = calling.reply(text)
+    assert [call.name for call in whole.tool_calls] == ["get_weather", "get_time"]
+    deltas = stream(calling, list(text))
+    calls: dict[int, dict] = {}
+    for delta in deltas:
+        [call] = delta["tool_calls"]
+        entry = calls.setdefault(call["index"], {"name": "", "arguments": ""})
+        entry["name"] += call["function"].get("name", "")
+        entry["arguments"] += call["function"]["arguments"]
+    assert [ParsedToolCall(**calls[index]) for index in sorted(calls)] == whole.tool_calls
+    # The first call's arguments went out before the reply was complete.
+    assert len(deltas) > 4

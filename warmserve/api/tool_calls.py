@@ -7,13 +7,15 @@
   tools each, so the arguments always parse against the tool's schema (vLLM's format).
 - a named function: the grammar forces that function's arguments object.
 
-Streams send content as it comes, holding back what may open a tool call; a named call streams
-its arguments as they are generated; other calls are sent whole once the reply is complete.
+Streams send content as it comes, holding back what may open a tool call; forced calls (named
+or required) stream their arguments as they are generated; calls found in free text ("auto")
+are sent whole once the reply is complete.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -113,16 +115,79 @@ class ToolCalling:
 
 
 def _forced_array(text: str, names: set[str]) -> ParsedReply:
-    """The reply of a "required" choice; text the grammar did not finish (cut by max_tokens)
-    stays content."""
+    """The reply of a "required" choice. The arguments are the generated text itself, as a
+    stream sends them; text the grammar did not finish (cut by max_tokens) stays content."""
     try:
-        values = json.loads(text)
-    except json.JSONDecodeError:
+        complete = all(call_from_object(value, names) for value in json.loads(text))
+    except (json.JSONDecodeError, TypeError):
+        complete = False
+    scanner = ForcedCallsScanner()
+    scanner.feed(text)
+    if not complete or not scanner.calls:
         return ParsedReply(text, [])
-    calls = [call_from_object(value, names) for value in values]
-    if not calls or None in calls:
-        return ParsedReply(text, [])
-    return ParsedReply(None, calls)
+    return ParsedReply(None, [ParsedToolCall(name, arguments) for name, arguments in scanner.calls])
+
+
+class ForcedCallsScanner:
+    """Reads the calls of a "required" reply, `[{"name": "...", "parameters": {...}}, ...]` as
+    the grammar writes it, while the text grows: each call's name once it is complete, then
+    its arguments as they come."""
+
+    # A call's opening up to its arguments' "{", where the arguments begin.
+    HEADER = re.compile(r'\}?\s*[\[,]\s*\{"name":\s*"([^"\\]*)",\s*"parameters":\s*(?=\{)')
+
+    def __init__(self):
+        self.text = ""
+        self.position = 0  # how far the text has been read
+        self.calls: list[tuple[str, str]] = []  # (name, arguments so far)
+        self.in_arguments = False
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+
+    def feed(self, piece: str) -> list[tuple[int, str | None, str]]:
+        """(call index, its name when the call is new, new arguments text) for each change."""
+        self.text += piece
+        changes = []
+        while True:
+            if not self.in_arguments:
+                header = self.HEADER.match(self.text, self.position)
+                if header is None:
+                    return changes
+                self.position, self.in_arguments = header.end(), True
+                self.calls.append((header.group(1), ""))
+                changes.append((len(self.calls) - 1, header.group(1), ""))
+            start = self.position
+            closed = self._read_arguments()
+            if self.position > start:
+                name, arguments = self.calls[-1]
+                self.calls[-1] = (name, arguments + self.text[start : self.position])
+                changes.append((len(self.calls) - 1, None, self.text[start : self.position]))
+            if not closed:
+                return changes
+            self.in_arguments = False
+
+    def _read_arguments(self) -> bool:
+        """Advances over the arguments object; True once it is closed."""
+        while self.position < len(self.text):
+            char = self.text[self.position]
+            self.position += 1
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return True
+        return False
 
 
 class ReplyStream:
@@ -133,6 +198,8 @@ class ReplyStream:
         self.text = ""
         self.sent = 0  # characters of the text sent as content
         self.named_call_id: str | None = None
+        self.forced_calls = ForcedCallsScanner()
+        self.forced_call_ids: list[str] = []
         self.called = False
 
     def feed(self, piece: str) -> list[dict[str, Any]]:
@@ -140,7 +207,7 @@ class ReplyStream:
         if self.calling.named is not None:
             return [self._named_arguments(piece)] if piece else []
         if self.calling.choice == "required":
-            return []
+            return [self._forced_call_delta(*change) for change in self.forced_calls.feed(piece)]
         if self.calling.choice == "none":
             self.sent = len(self.text)
             return [{"content": piece}] if piece else []
@@ -153,6 +220,9 @@ class ReplyStream:
         if self.calling.named is not None:
             self.called = True
             return [self._named_arguments("")] if self.named_call_id is None else []
+        if self.forced_call_ids:
+            self.called = True
+            return []
         reply = self.calling.reply(self.text)
         if not reply.tool_calls:
             return self._content_until(len(self.text))
@@ -169,6 +239,13 @@ class ReplyStream:
             call = ParsedToolCall(self.calling.named.name, piece)
             return {"tool_calls": [{"index": 0, **tool_call_body(call, self.named_call_id)}]}
         return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+
+    def _forced_call_delta(self, index: int, name: str | None, arguments: str) -> dict[str, Any]:
+        if name is None:
+            return {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}
+        self.forced_call_ids.append(new_tool_call_id())
+        call = ParsedToolCall(name, arguments)
+        return {"tool_calls": [{"index": index, **tool_call_body(call, self.forced_call_ids[-1])}]}
 
     def _content_until(self, end: int) -> list[dict[str, Any]]:
         if end <= self.sent:
