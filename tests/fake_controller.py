@@ -33,8 +33,10 @@ MODEL_BYTES = WORKER_USABLE_BYTES = 1 << 30
 
 
 class FakeTokenizer:
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         lines = [f"{message['role']}: {message['content']}" for message in messages]
+        if tools:
+            lines.insert(0, "tools: " + ", ".join(tool["function"]["name"] for tool in tools))
         return "\n".join([*lines, "assistant:"])
 
     def encode(self, text: str) -> list[int]:
@@ -57,6 +59,8 @@ class FakeController:
         self.last_prompt: str | list[int] | None = None
         self.last_params: SamplingParams | None = None
         self.last_keep_alive: float | None = None
+        # When set, a generation streams these pieces of text and stops (a scripted reply).
+        self.reply_pieces: list[str] | None = None
         self.registry: dict[str, ModelSpec] = {}
         self.counters = {"auto_loads": 0, "evictions": 0, "idle_unloads": 0}
         self.host_cache_bytes = 0
@@ -161,7 +165,12 @@ class FakeController:
         prompt_tokens = len(prompt) if isinstance(prompt, list) else len(prompt.split())
         info.requests_in_flight += 1
         try:
-            for index in range(params.max_tokens):
+            for index, piece in enumerate(self.reply_pieces or ()):
+                last = index == len(self.reply_pieces) - 1
+                yield GenerationChunk(
+                    piece, [index], "stop" if last else None, prompt_tokens, index + 1
+                )
+            for index in range(0 if self.reply_pieces else params.max_tokens):
                 if index and name in self.failing_models:
                     raise ModelUnavailable(f"model {name!r} was unloaded")
                 await asyncio.sleep(self.token_delay_s)

@@ -11,6 +11,29 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar the output must follow, compiled and enforced in the worker.
+
+    `kind` is json_schema (spec: the schema as JSON text), json_object (spec unused), regex
+    (spec: the pattern) or choice (spec: a JSON list of the allowed strings). `field` is the
+    request field it came from, which an error names."""
+
+    kind: str
+    spec: str = ""
+    field: str = "structured output"
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_OUTPUT_KINDS:
+            raise ConfigError(
+                f"structured output kind must be one of {sorted(STRUCTURED_OUTPUT_KINDS)}, "
+                f"got {self.kind!r}"
+            )
+
+
+STRUCTURED_OUTPUT_KINDS = {"json_schema", "json_object", "regex", "choice"}
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
@@ -20,6 +43,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:

@@ -162,6 +162,8 @@ class RequestFailed(msgspec.Struct, tag=True, frozen=True):
     deployment: str
     request_id: str
     error: str
+    # The request itself is at fault (a grammar that does not compile): the client gets a 400.
+    invalid_request: bool = False
 
 
 class ModelLost(msgspec.Struct, tag=True, frozen=True):

@@ -55,10 +55,10 @@ class EngineClient:
         if stream is not None:
             stream.put_nowait(output)
 
-    def fail(self, request_id: str, reason: str) -> None:
+    def fail(self, request_id: str, reason: str, invalid_request: bool = False) -> None:
         stream = self.streams.get(request_id)
         if stream is not None:
-            stream.put_nowait(RequestAborted(reason))
+            stream.put_nowait(InvalidRequest(reason) if invalid_request else RequestAborted(reason))
 
     def fail_all(self, reason: str) -> None:
         for request_id in list(self.streams):
@@ -95,7 +95,7 @@ class EngineClient:
                 while not stream.empty():  # the worker may be ahead of this consumer
                     batch.append(stream.get_nowait())
                 for item in batch:
-                    if isinstance(item, RequestAborted):
+                    if isinstance(item, (RequestAborted, InvalidRequest)):
                         raise item
                 new_tokens = [item.token_id for item in batch]
                 finish_reason = batch[-1].finish_reason

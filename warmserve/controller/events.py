@@ -53,7 +53,7 @@ class EventRouter:
         elif isinstance(event, RequestFailed):
             deployment = self.deployments.by_id(event.deployment)
             if deployment is not None and deployment.client is not None:
-                deployment.client.fail(event.request_id, event.error)
+                deployment.client.fail(event.request_id, event.error, event.invalid_request)
         elif isinstance(event, WorkerReady):
             self.ledger.worker_ready(event.worker_id, event.memory_usable_bytes)
             # A replacement worker maps the host store's segments like the others did.

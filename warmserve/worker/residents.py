@@ -105,6 +105,8 @@ class ResidentModels:
                     [TokenOutput(o.request_id, o.token_id, o.finish_reason) for o in outputs],
                 )
             )
+        for request_id, error in model.engine.take_failures():
+            self.send(RequestFailed(self.worker_id, key, request_id, error, invalid_request=True))
 
     # ---- load and drop --------------------------------------------------------------------
 
@@ -161,7 +163,11 @@ class ResidentModels:
             weights = SegmentWeights(command.segment)
         try:
             return Engine.create(
-                config, weights, eos_token_ids=eos_token_ids(model_dir, config), **options
+                config,
+                weights,
+                eos_token_ids=eos_token_ids(model_dir, config),
+                tokenizer_dir=model_dir,
+                **options,
             )
         finally:
             if transient and command.segment.shm_name not in segments:
