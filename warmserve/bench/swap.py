@@ -250,8 +250,10 @@ def decode_timings(
     batches: tuple[int, ...],
     context: int,
     steps: int,
-    hbm_gbps: float,
+    hbm_gbps: float | None = None,
 ) -> dict:
+    """Median step time of a full decode batch per batch size; with `hbm_gbps`, also the time
+    the step's bytes (weights + KV cache read) take at that bandwidth."""
     from warmserve.engine.engine import Engine
 
     max_len = context + steps + 16
@@ -287,13 +289,14 @@ def decode_timings(
         for request_id in list(engine.sequences):
             engine.abort_request(request_id)
         step = statistics.median(times)
-        floor = (engine.weights_bytes + batch * (context + steps) * kv_per_token) / hbm_gbps / 1e9
         results[batch] = {
             "step_ms": step * 1e3,
             "step_min_ms": min(times) * 1e3,
             "tokens_per_s": batch / step,
-            "memory_floor_ms": floor * 1e3,
         }
+        if hbm_gbps:
+            step_bytes = engine.weights_bytes + batch * (context + steps) * kv_per_token
+            results[batch]["memory_floor_ms"] = step_bytes / hbm_gbps / 1e6
     engine.close()
     if device == "cuda":
         torch.cuda.empty_cache()
