@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from warmserve.bench.report import update_section
 from warmserve.config import EngineConfig, SamplingParams, ServerConfig
 from warmserve.testing.checkpoints import ensure_checkpoint
 
@@ -386,14 +387,15 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
     markdown = render_markdown(results)
-    Path(args.markdown).write_text(markdown)
+    # Its own section: the serving benchmarks' sections and hand-written text stay.
+    update_section(Path(args.markdown), "warmserve bench", markdown)
     print(markdown)
     return 0
 
 
 def render_markdown(results: dict) -> str:
     lines = [
-        "# Benchmarks",
+        "## `warmserve bench`: swap, load and decode",
         "",
         f"Device: **{results['device']}**. Command: `{results['command']}`.",
         f"Pinned host-to-device copy: {results['h2d_gbps']:.1f} GB/s; device memory copy: "

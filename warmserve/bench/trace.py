@@ -34,7 +34,7 @@ QUICK = {  # two tiny models on one CPU worker, so that they swap; CI runs this
     "rate": 4.0,
     "input_len": 16,
     "output_len": 4,
-    "ideal_requests": 2,
+    "ideal_requests": 3,
 }
 COUNTERS = {
     "auto_loads": "warmserve_auto_loads_total",
@@ -178,22 +178,24 @@ async def measure(url: str, names: list[str], trace, args) -> dict:
             phases[phase] = phase_figures(run, ideal, before, after)
             phases[phase]["resident_after"] = await resident_models(client)
             print(f"{phase}: {phase_line(phases[phase])}", flush=True)
-    return {"ideal": ideal, "phases": phases}
+        totals = await counters(client)
+    return {"ideal": ideal, "phases": phases, "counters_at_end": totals}
 
 
 async def alone(send: http_load.Sender, name: str, args) -> dict:
     """A model's warm latency with nothing else running: a first request loads it (timed as
-    the load), then `ideal_requests` requests one at a time."""
+    the load), a second one is not timed (the first requests after a load still pay for lazy
+    set-up), then `ideal_requests` requests one at a time; their median is the ideal."""
     rng = random.Random(f"{args.seed}-{name}")
 
     def request() -> http_load.BenchRequest:
         return http_load.BenchRequest(name, random_prompt(rng, args.input_len), args.output_len)
 
-    first = await send(request())
+    first, settling = await send(request()), await send(request())
     warm = [await send(request()) for _ in range(args.ideal_requests)]
-    if not first.ok or not all(result.ok for result in warm):
-        failed = next(result for result in (first, *warm) if not result.ok)
-        raise RuntimeError(f"{name} alone failed: {failed.status} {failed.error}")
+    failed = [result for result in (first, settling, *warm) if not result.ok]
+    if failed:
+        raise RuntimeError(f"{name} alone failed: {failed[0].status} {failed[0].error}")
     return {
         "first_request_s": first.latency,
         "ttft_s": statistics.median(result.ttft for result in warm),
