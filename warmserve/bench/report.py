@@ -41,3 +41,8 @@ def number(value: float | None, digits: int = 1) -> str:
 def distribution(figures: dict, digits: int = 1) -> str:
     """mean / median / p99 of a distribution_ms entry."""
     return " / ".join(number(figures[key], digits) for key in ("mean", "median", "p99"))
+
+
+def targets_table(targets: list[dict]) -> str:
+    rows = [[t["target"], t["measured"], "met" if t["met"] else "missed"] for t in targets]
+    return table(["target", "measured", ""], rows) if rows else "(none at this run's settings)"

@@ -19,13 +19,26 @@ import random
 import sys
 from pathlib import Path
 
-from warmserve.bench import http_load, report
+from warmserve.bench import http_load, options, report
 from warmserve.bench.server_process import BenchServer
 from warmserve.bench.workloads import fixed_lengths, random_prompt, sharegpt_like_lengths
 
 MODEL_NAME = "bench"
 MIXES = ("fixed", "sharegpt")
+FULL = {
+    "shape": "llama-3.1-8b",
+    "concurrency": [1, 16, 64, 128],
+    "rates": [1.0, 4.0, 16.0],
+    "mixes": list(MIXES),
+    "input_len": 512,
+    "output_len": 128,
+    "min_requests": 16,
+    "duration_s": 20.0,
+    "decode_steps": 32,
+    "length_scale": 1.0,
+}
 QUICK = {  # tiny model, small sweep: CI runs this in seconds on CPU
+    **FULL,
     "shape": "tiny",
     "concurrency": [1, 4],
     "rates": [8.0],
@@ -40,83 +53,66 @@ QUICK = {  # tiny model, small sweep: CI runs this in seconds on CPU
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--quick", action="store_true", help="tiny model, small sweep (CI)")
+    options.add_common_arguments(parser, "tiny model, small sweep (CI)")
+    parser.add_argument("--shape", help=f"of the built model (default {FULL['shape']})")
+    parser.add_argument("--model-path", help="an existing checkpoint folder instead of --shape")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="default 1 16 64 128")
+    parser.add_argument("--rates", type=float, nargs="+", help="requests/s; default 1 4 16")
+    parser.add_argument("--mixes", nargs="+", choices=MIXES, help="default both")
+    parser.add_argument("--input-len", type=int, help="of the fixed mix (default 512)")
+    parser.add_argument("--output-len", type=int, help="of the fixed mix (default 128)")
     parser.add_argument(
-        "--shape", default="llama-3.1-8b", help="a shape of warmserve/bench/checkpoints.py"
+        "--min-requests",
+        type=int,
+        help="per concurrency level, which sends max(this, 4 x clients); default 16",
     )
-    parser.add_argument("--model-path", help="an existing checkpoint instead of --shape")
-    parser.add_argument("--dtype", help="of the built checkpoint (default: bfloat16 on a GPU)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 128])
-    parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 4.0, 16.0])
-    parser.add_argument("--mixes", nargs="+", choices=MIXES, default=list(MIXES))
-    parser.add_argument("--input-len", type=int, default=512)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument(
-        "--min-requests", type=int, default=16, help="per concurrency level (at least 4 each)"
-    )
-    parser.add_argument("--duration-s", type=float, default=20.0, help="per Poisson rate")
-    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--duration-s", type=float, help="of each Poisson rate (default 20)")
+    parser.add_argument("--decode-steps", type=int, help="timed engine steps (default 32)")
     parser.add_argument("--max-model-len", type=int, help="of the loaded model")
-    parser.add_argument(
-        "--serve-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="passed to `warmserve serve` (repeat; use --serve-arg=--flag for flags)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoints", default=".checkpoints/bench")
-    parser.add_argument("--out", default="bench-results", help="folder for serve-<model>.json")
-    parser.add_argument("--markdown", default="BENCHMARKS.md")
-    # Shrinks the ShareGPT-like lengths to a tiny model's context (quick runs set it).
-    parser.set_defaults(length_scale=1.0)
+    parser.add_argument("--length-scale", type=float, help="shrinks the ShareGPT-like mix")
 
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: `warmserve ps` and the other client commands build this parser too.
-    import torch
-
     from warmserve.bench.checkpoints import bench_checkpoint, model_config
+    from warmserve.bench.swap import decode_timings
 
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    options.apply_presets(args, FULL, QUICK)
+    device = options.resolve_device(args.device)
     if args.model_path:
         checkpoint, model = Path(args.model_path).resolve(), Path(args.model_path).name
     else:
-        checkpoint, model = bench_checkpoint(Path(args.checkpoints), args.shape, dtype), args.shape
-    serve_args = list(args.serve_arg)
-    if args.quick:
-        serve_args = ["--workers", "1", *serve_args]  # one CPU worker is all a tiny model needs
+        dtype = args.dtype or options.default_dtype(device)
+        checkpoint = bench_checkpoint(Path(args.checkpoints), args.shape, dtype)
+        model = args.shape
+    serve_args = [*options.quick_serve_args(args), *args.serve_arg]
     context_len = args.max_model_len or model_config(checkpoint)["max_position_embeddings"]
     scenarios = build_scenarios(args, context_len)
     results: dict = {
         "command": "warmserve bench serve " + " ".join(sys.argv[3:]),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": options.device_name(device),
         "model": model,
         "checkpoint": str(checkpoint),
         "serve_args": serve_args,
+        "fixed_lengths": [args.input_len, args.output_len],
     }
     out = Path(args.out)
-    server_log = out / f"serve-{model}.log"
-    results["http"] = asyncio.run(
-        http_runs(device, checkpoint, serve_args, server_log, args, scenarios)
-    )
+    log = out / f"serve-{model}.log"
+    results["http"] = asyncio.run(http_runs(device, checkpoint, serve_args, log, args, scenarios))
+    # The baselines are for the fixed lengths' concurrency sweep.
     fixed = [s for s in scenarios if s["mix"] == "fixed" and s["kind"] == "concurrency"]
-    results["python_api"] = asyncio.run(python_api_runs(device, checkpoint, args, fixed))
-    from warmserve.bench.swap import decode_timings
-
-    results["engine_decode"] = decode_timings(
-        checkpoint, device, tuple(args.concurrency), args.input_len, args.decode_steps
-    )
-    results["comparison"] = comparison(results, args.concurrency)
+    if fixed:
+        results["python_api"] = asyncio.run(python_api_runs(device, checkpoint, args, fixed))
+        results["engine_decode"] = decode_timings(
+            checkpoint, device, tuple(args.concurrency), args.input_len, args.decode_steps
+        )
+        results["comparison"] = comparison(results, args.concurrency)
+    results["targets"] = [
+        {"target": name, "measured": measured, "met": met}
+        for name, measured, met in targets(results)
+    ]
     report.write_json(out / f"serve-{model}.json", results)
-    markdown = render_markdown(results, args)
+    markdown = render_markdown(results)
     report.update_section(Path(args.markdown), f"warmserve bench serve {model}", markdown)
     print(markdown)
     return 0 if all(entry["failed"] == 0 for entry in results["http"].values()) else 1
@@ -213,13 +209,47 @@ def summary_line(figures: dict) -> str:
     )
 
 
-def render_markdown(results: dict, args: argparse.Namespace) -> str:
+# Issue 16's output-rate targets for 64 clients at 512 in / 128 out, by shape.
+OUTPUT_RATE_TARGETS = {"llama-3.1-8b": 4000, "qwen3-0.6b": 15000}
+
+
+def targets(results: dict) -> list[tuple[str, str, bool]]:
+    """(target, what was measured, met) for each of issue 16's targets this run can check."""
+    http, model = results["http"], results["model"]
+    issue_lengths = results["fixed_lengths"] == [512, 128]
+    rows = []
+    at_64 = http.get("fixed concurrency 64")
+    if at_64 and "comparison" in results:
+        ratio = next(r for r in results["comparison"] if r["concurrency"] == 64)
+        ratio = ratio["http_over_python_api"]
+        rows.append(("64 clients: HTTP ≥ 0.9 × the Python API", f"{ratio:.2f}x", ratio >= 0.9))
+    if at_64 and issue_lengths and model in OUTPUT_RATE_TARGETS:
+        floor, rate = OUTPUT_RATE_TARGETS[model], at_64["output_throughput"]
+        rows.append((f"64 clients: ≥ {floor:,} output tok/s", f"{rate:,.0f}", rate >= floor))
+    alone = http.get("fixed concurrency 1")
+    if alone and issue_lengths and model == "llama-3.1-8b":
+        ttft = alone["ttft_ms"]["median"]
+        rows.append(("1 client: TTFT median ≤ 25 ms", f"{ttft:.1f} ms", ttft <= 25))
+    poisson = http.get("fixed rate 4")
+    if poisson and issue_lengths and model == "llama-3.1-8b":
+        p99 = poisson["ttft_ms"]["p99"]
+        rows.append(("Poisson 4 req/s: TTFT p99 ≤ 100 ms", f"{p99:.1f} ms", p99 <= 100))
+    for name, figures in http.items():
+        itl = figures["itl_ms"]
+        if " concurrency " in name and itl["median"]:
+            ratio = itl["p99"] / itl["median"]
+            rows.append((f"{name}: ITL p99 ≤ 3 × median", f"{ratio:.1f}x", ratio <= 3))
+    return rows
+
+
+def render_markdown(results: dict) -> str:
+    input_len, output_len = results["fixed_lengths"]
     lines = [
         f"## `warmserve bench serve`: {results['model']}",
         "",
         f"Device: **{results['device']}**. Command: `{results['command']}`; server flags: "
-        f"`{' '.join(results['serve_args']) or 'defaults'}`. Fixed lengths: {args.input_len} in / "
-        f"{args.output_len} out; *sharegpt*: the seeded lognormal mix of "
+        f"`{' '.join(results['serve_args']) or 'defaults'}`. Fixed lengths: {input_len} in / "
+        f"{output_len} out; *sharegpt*: the seeded lognormal mix of "
         "`warmserve/bench/workloads.py`. Streaming `/v1/completions`, greedy, `ignore_eos`. "
         "Latencies in ms as mean / median / p99, defined as in `vllm bench serve`.",
         "",
@@ -242,24 +272,30 @@ def render_markdown(results: dict, args: argparse.Namespace) -> str:
         )
     header = ["run", "completed", "req/s", "output tok/s", "total tok/s", "TTFT", "TPOT"]
     lines += [report.table([*header, "ITL", "E2E"], rows), ""]
-    lines += [
-        "Same run, fixed lengths: the Python API (`Controller.generate` in-process, same "
-        "requests, same concurrency) and the engine alone decoding a full batch of that size:",
-        "",
-    ]
-    rows = [
-        [
-            row["concurrency"],
-            report.number(row["http_output_throughput"], 0),
-            report.number(row["python_api_output_throughput"], 0),
-            f"{row['http_over_python_api']:.2f}x",
-            report.number(row["engine_decode_tokens_per_s"], 0),
-            report.number(row["http_ttft_median_ms"]),
-            report.number(row["python_api_ttft_median_ms"]),
+    if "comparison" in results:
+        lines += [
+            "Same run, fixed lengths: the Python API (`Controller.generate` in-process, same "
+            "requests, same concurrency) and the engine alone decoding a full batch of that size:",
+            "",
         ]
-        for row in results["comparison"]
+        rows = [
+            [
+                row["concurrency"],
+                report.number(row["http_output_throughput"], 0),
+                report.number(row["python_api_output_throughput"], 0),
+                f"{row['http_over_python_api']:.2f}x",
+                report.number(row["engine_decode_tokens_per_s"], 0),
+                report.number(row["http_ttft_median_ms"]),
+                report.number(row["python_api_ttft_median_ms"]),
+            ]
+            for row in results["comparison"]
+        ]
+        header = ["clients", "HTTP output tok/s", "Python API output tok/s", "HTTP / API"]
+        header += ["engine decode tok/s", "HTTP TTFT median ms", "API TTFT median ms"]
+        lines += [report.table(header, rows), ""]
+    lines += [
+        "Targets (issue 16) this run can check:",
+        "",
+        report.targets_table(results["targets"]),
     ]
-    header = ["clients", "HTTP output tok/s", "Python API output tok/s", "HTTP / API"]
-    header += ["engine decode tok/s", "HTTP TTFT median ms", "API TTFT median ms"]
-    lines.append(report.table(header, rows))
     return "\n".join(lines) + "\n"

@@ -22,16 +22,25 @@ import statistics
 import sys
 from pathlib import Path
 
-from warmserve.bench import http_load, report
+from warmserve.bench import http_load, options, report
 from warmserve.bench.server_process import BenchServer
 from warmserve.bench.workloads import random_prompt
 
-DEFAULT_MODELS = ["qwen3-0.6b", "llama-3.2-1b", "llama-3.1-8b", "llama-3.1-8b"]
+FULL = {  # issue 15's trace: four models, 36 GB together in bf16
+    "models": ["qwen3-0.6b", "llama-3.2-1b", "llama-3.1-8b", "llama-3.1-8b"],
+    "requests": 80,
+    "clients": 8,
+    "rate": 4.0,
+    "input_len": 64,
+    "output_len": 16,
+    "ideal_requests": 5,
+    "keep_alive": "5m",
+}
 QUICK = {  # two tiny models on one CPU worker, so that they swap; CI runs this
+    **FULL,
     "models": ["tiny", "tiny-opt"],
     "requests": 8,
     "clients": 2,
-    "rate": 4.0,
     "input_len": 16,
     "output_len": 4,
     "ideal_requests": 3,
@@ -47,56 +56,36 @@ COUNTERS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--quick", action="store_true", help="two tiny models, few requests (CI)")
+    options.add_common_arguments(parser, "two tiny models, few requests (CI)")
     parser.add_argument(
         "--models",
         nargs="+",
-        default=DEFAULT_MODELS,
         metavar="SHAPE",
-        help="one shape per model (repeat a shape for several models of it)",
+        help="one shape per model, a shape repeated for several models of it "
+        f"(default {' '.join(FULL['models'])})",
     )
     parser.add_argument(
         "--popularity", type=float, nargs="+", help="weight per model (default N, N-1, ..., 1)"
     )
-    parser.add_argument("--requests", type=int, default=80, help="in the trace")
-    parser.add_argument("--clients", type=int, default=8, help="of the concurrent phase")
-    parser.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
-    parser.add_argument("--input-len", type=int, default=64)
-    parser.add_argument("--output-len", type=int, default=16)
-    parser.add_argument("--ideal-requests", type=int, default=5, help="timed per model alone")
-    parser.add_argument("--keep-alive", default="5m", help="of every registered model")
-    parser.add_argument("--dtype", help="of the built checkpoints (default: bfloat16 on a GPU)")
+    parser.add_argument("--requests", type=int, help="in the trace (default 80)")
+    parser.add_argument("--clients", type=int, help="of the concurrent phase (default 8)")
+    parser.add_argument("--rate", type=float, help="Poisson arrivals per second (default 4)")
+    parser.add_argument("--input-len", type=int, help="prompt tokens (default 64)")
+    parser.add_argument("--output-len", type=int, help="generated tokens (default 16)")
+    parser.add_argument("--ideal-requests", type=int, help="timed per model alone (default 5)")
+    parser.add_argument("--keep-alive", help="of every registered model (default 5m)")
     parser.add_argument("--worker-memory-gb", type=float, help="passed to `warmserve serve`")
     parser.add_argument("--gpu-memory-utilization", type=float, help="passed to `warmserve serve`")
-    parser.add_argument(
-        "--serve-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="passed to `warmserve serve` (repeat; use --serve-arg=--flag for flags)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoints", default=".checkpoints/bench")
-    parser.add_argument("--out", default="bench-results", help="folder for trace.json")
-    parser.add_argument("--markdown", default="BENCHMARKS.md")
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here: `warmserve ps` and the other client commands build this parser too.
-    import torch
-
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    options.apply_presets(args, FULL, QUICK)
     popularity = args.popularity or list(range(len(args.models), 0, -1))
     if len(popularity) != len(args.models):
         raise SystemExit("warmserve: error: --popularity needs one weight per model")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = options.resolve_device(args.device)
     root = Path(args.checkpoints)
-    names = prepare_models(root, args.models, args.dtype or default_dtype(device))
+    names = prepare_models(root, args.models, args.dtype or options.default_dtype(device))
     out = Path(args.out)
     registry = out / "trace-models.yaml"
     registry.parent.mkdir(parents=True, exist_ok=True)
@@ -107,35 +96,34 @@ def run(args: argparse.Namespace) -> int:
             for name in names
         )
     )
-    serve_args = ["--models", str(registry.resolve())]
+    serve_args = ["--models", str(registry.resolve()), *options.quick_serve_args(args)]
     if args.worker_memory_gb is not None:
         serve_args += ["--worker-memory-gb", str(args.worker_memory_gb)]
     if args.gpu_memory_utilization is not None:
         serve_args += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    if args.quick:
-        serve_args += ["--workers", "1"]
     serve_args += args.serve_arg
-    weights = dict(zip(names, popularity, strict=True))
     results: dict = {
         "command": "warmserve bench trace " + " ".join(sys.argv[3:]),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": options.device_name(device),
         "models": dict(zip(names, args.models, strict=True)),
-        "popularity": {name: weight / sum(popularity) for name, weight in weights.items()},
+        "popularity": {
+            name: weight / sum(popularity) for name, weight in zip(names, popularity, strict=True)
+        },
         "serve_args": serve_args,
+        "lengths": [args.input_len, args.output_len],
     }
     trace = build_trace(names, popularity, args)
-    log = out / "trace-serve.log"
-    with BenchServer(device, root.resolve(), serve_args, log) as server:
+    with BenchServer(device, root.resolve(), serve_args, out / "trace-serve.log") as server:
         results.update(asyncio.run(measure(server.url, names, trace, args)))
+    results["targets"] = [
+        {"target": name, "measured": measured, "met": met}
+        for name, measured, met in targets(results)
+    ]
     report.write_json(out / "trace.json", results)
-    markdown = render_markdown(results, args)
+    markdown = render_markdown(results)
     report.update_section(Path(args.markdown), "warmserve bench trace", markdown)
     print(markdown)
     return 0
-
-
-def default_dtype(device: str) -> str:
-    return "bfloat16" if device == "cuda" else "float32"
 
 
 def prepare_models(root: Path, shapes: list[str], dtype: str) -> list[str]:
@@ -164,11 +152,16 @@ async def measure(url: str, names: list[str], trace, args) -> dict:
         send = http_load.http_sender(client)
         ideal = {name: await alone(send, name, args) for name in names}
         phases = {}
-        for phase, runner in (
-            ("sequential", lambda: http_load.run_clients(trace, send, 1)),
-            (f"{args.clients} clients", lambda: http_load.run_clients(trace, send, args.clients)),
+        for phase, description, runner in (
+            ("sequential", "1 client", lambda: http_load.run_clients(trace, send, 1)),
             (
-                f"Poisson {args.rate:g}/s",
+                "clients",
+                f"{args.clients} clients",
+                lambda: http_load.run_clients(trace, send, args.clients),
+            ),
+            (
+                "poisson",
+                f"Poisson {args.rate:g} req/s",
                 lambda: http_load.run_poisson(trace, send, args.rate, args.seed),
             ),
         ):
@@ -176,8 +169,9 @@ async def measure(url: str, names: list[str], trace, args) -> dict:
             run = await runner()
             after = await counters(client)
             phases[phase] = phase_figures(run, ideal, before, after)
+            phases[phase]["description"] = description
             phases[phase]["resident_after"] = await resident_models(client)
-            print(f"{phase}: {phase_line(phases[phase])}", flush=True)
+            print(f"{description}: {phase_line(phases[phase])}", flush=True)
         totals = await counters(client)
     return {"ideal": ideal, "phases": phases, "counters_at_end": totals}
 
@@ -247,27 +241,46 @@ def phase_line(figures: dict) -> str:
     )
 
 
-def render_markdown(results: dict, args: argparse.Namespace) -> str:
+def targets(results: dict) -> list[tuple[str, str, bool]]:
+    """(target, what was measured, met) for issue 15's targets that this run can check."""
+    phases = results["phases"]
+    rows = []
+    for phase in ("clients", "poisson"):
+        refused = phases[phase]["failed"]
+        rows.append((f"{phases[phase]['description']}: 0 refused", str(refused), refused == 0))
+    ratio = phases["sequential"]["latency_over_ideal"]
+    if ratio is not None:
+        rows.append(("sequential: ≤ 1.1 × all-resident ideal", f"{ratio:.2f}x", ratio <= 1.1))
+    if list(results["models"].values()) == ["llama-3.1-8b"] * 8:
+        p99 = phases["clients"]["ttft_ms"]["p99"]
+        met = p99 is not None and p99 <= 1000
+        rows.append(("8 × 8B: TTFT p99 ≤ 1 s", f"{report.number(p99)} ms", met))
+    return rows
+
+
+def render_markdown(results: dict) -> str:
     models = ", ".join(f"{name} ({share:.0%})" for name, share in results["popularity"].items())
+    input_len, output_len = results["lengths"]
+    requests = len(results["phases"]["sequential"]["requests"])
     lines = [
         "## `warmserve bench trace`",
         "",
         f"Device: **{results['device']}**. Command: `{results['command']}`; server flags: "
         f"`{' '.join(results['serve_args'])}`. Models (popularity): {models}. "
-        f"{args.requests} requests of {args.input_len} prompt / {args.output_len} output tokens "
+        f"{requests} requests of {input_len} prompt / {output_len} output tokens "
         "(streaming `/v1/completions`, `ignore_eos`). *Latency / ideal*: the completed requests' "
         "summed latency over their models' warm latency alone, measured first on the same "
         "server. Latencies in ms as mean / median / p99.",
         "",
     ]
     rows = []
-    for phase, figures in results["phases"].items():
+    for figures in results["phases"].values():
         refused = ", ".join(
             f"{count} × {status}" for status, count in figures["failed_by_status"].items()
         )
         rows.append(
             [
-                phase,
+                figures["description"],
                 figures["completed"],
                 refused or "0",
                 report.distribution(figures["ttft_ms"]),
@@ -290,5 +303,10 @@ def render_markdown(results: dict, args: argparse.Namespace) -> str:
         for name, figures in results["ideal"].items()
     ]
     lines += ["Each model alone (the ideal):", ""]
-    lines.append(report.table(["model", "first request ms", "TTFT ms", "latency ms"], rows))
+    lines += [report.table(["model", "first request ms", "TTFT ms", "latency ms"], rows), ""]
+    lines += [
+        "Targets (issue 15) this run can check:",
+        "",
+        report.targets_table(results["targets"]),
+    ]
     return "\n".join(lines) + "\n"
