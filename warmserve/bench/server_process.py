@@ -81,7 +81,9 @@ class BenchServer:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             time.sleep(0.2)
-        raise ServerFailed(f"warmserve serve not healthy after {STARTUP_TIMEOUT_S} s")
+        raise ServerFailed(
+            f"warmserve serve not healthy after {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}"
+        )
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
