@@ -1,10 +1,12 @@
 """Seeded request lengths and prompts: fixed lengths, and a ShareGPT-like mix.
 
 No dataset is reachable, so the ShareGPT-like mix draws lengths from lognormal distributions
-(sigma 1, like the long right tail of chat turns) whose means are those of the ShareGPT V3
-conversations as vLLM's benchmark samples them: about 215 prompt and 198 output tokens. Lengths
-are clipped to [4, 1024] prompt and [4, 512] output tokens (and to what the model's context
-leaves); `scale` shrinks both for the tiny models of a quick run.
+(sigma 1, like the long right tail of chat turns) with means of about 215 prompt and 198 output
+tokens, the order of ShareGPT V3's first turns. A draw outside the bounds vLLM's ShareGPT sampler
+keeps (at least 4 tokens each, a prompt of at most 1,024, at most 2,048 together, and here
+within the model's context) is drawn again, as that sampler skips such conversations; the
+lengths kept average about 190 in / 195 out. `scale` shrinks everything for the tiny models of
+a quick run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import random
 
 SHAREGPT_MEAN_INPUT, SHAREGPT_MEAN_OUTPUT = 215, 198
 SHAREGPT_SIGMA = 1.0
-MIN_LEN, MAX_INPUT_LEN, MAX_OUTPUT_LEN = 4, 1024, 512
+MIN_LEN, MAX_INPUT_LEN, MAX_TOTAL_LEN = 4, 1024, 2048
 # Prompt ids avoid the special tokens (0-2) and stay below every benchmark vocabulary.
 FIRST_PROMPT_ID, PROMPT_ID_LIMIT = 3, 500
 
@@ -28,15 +30,20 @@ def sharegpt_like_lengths(
 ) -> list[tuple[int, int]]:
     rng = random.Random(seed)
 
-    def draw(mean: float, upper: int) -> int:
+    def draw(mean: float) -> int:
         mu = math.log(mean * scale) - SHAREGPT_SIGMA**2 / 2  # lognormal mean = e^(mu + s^2/2)
-        return int(min(max(rng.lognormvariate(mu, SHAREGPT_SIGMA), MIN_LEN), upper * scale))
+        return round(rng.lognormvariate(mu, SHAREGPT_SIGMA))
 
-    lengths = []
-    for _ in range(count):
-        output_len = draw(SHAREGPT_MEAN_OUTPUT, MAX_OUTPUT_LEN)
-        input_len = min(draw(SHAREGPT_MEAN_INPUT, MAX_INPUT_LEN), max_model_len - output_len)
-        lengths.append((input_len, output_len))
+    total_limit = min(MAX_TOTAL_LEN * scale, max_model_len)
+    lengths: list[tuple[int, int]] = []
+    while len(lengths) < count:
+        input_len, output_len = draw(SHAREGPT_MEAN_INPUT), draw(SHAREGPT_MEAN_OUTPUT)
+        if (
+            MIN_LEN <= input_len <= MAX_INPUT_LEN * scale
+            and output_len >= MIN_LEN
+            and input_len + output_len <= total_limit
+        ):
+            lengths.append((input_len, output_len))
     return lengths
 
 
