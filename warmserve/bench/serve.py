@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = bench_checkpoint(Path(args.checkpoints), args.shape, dtype)
         model = args.shape
     serve_args = [*options.quick_serve_args(args), *args.serve_arg]
-    context_len = args.max_model_len or model_config(checkpoint)["max_position_embeddings"]
+    config = model_config(checkpoint)
+    context_len = args.max_model_len or config["max_position_embeddings"]
     scenarios = build_scenarios(args, context_len)
     results: dict = {
         "command": "warmserve bench serve " + " ".join(sys.argv[3:]),
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         "model": model,
         "checkpoint": str(checkpoint),
         "serve_args": serve_args,
+        "dtype": config.get("dtype") or config.get("torch_dtype"),  # the newer name first
         "fixed_lengths": [args.input_len, args.output_len],
     }
     out = Path(args.out)
@@ -130,7 +132,7 @@ def build_scenarios(args: argparse.Namespace, context_len: int) -> list[dict]:
             scenarios.append({"kind": "rate", "value": rate, "mix": mix, "n": count})
     for index, scenario in enumerate(scenarios):
         scenario["name"] = f"{scenario['mix']} {scenario['kind']} {scenario['value']:g}"
-        seed = args.seed * 1000 + index
+        seed = scenario["seed"] = args.seed * 1000 + index  # lengths, prompts and arrivals
         if scenario["mix"] == "fixed":
             lengths = fixed_lengths(scenario["n"], args.input_len, args.output_len)
         else:
@@ -143,14 +145,16 @@ def build_scenarios(args: argparse.Namespace, context_len: int) -> list[dict]:
     return scenarios
 
 
-async def sweep(scenarios: list[dict], send: http_load.Sender, seed: int) -> dict:
+async def sweep(scenarios: list[dict], send: http_load.Sender) -> dict:
     await send(scenarios[0]["requests"][0])  # warm-up, as vLLM's benchmark sends a test prompt
     figures = {}
     for scenario in scenarios:
         if scenario["kind"] == "concurrency":
             run = await http_load.run_clients(scenario["requests"], send, scenario["value"])
         else:
-            run = await http_load.run_poisson(scenario["requests"], send, scenario["value"], seed)
+            run = await http_load.run_poisson(
+                scenario["requests"], send, scenario["value"], scenario["seed"]
+            )
         figures[scenario["name"]] = http_load.serving_metrics(run)
         print(f"{scenario['name']}: {summary_line(figures[scenario['name']])}", flush=True)
     return figures
@@ -166,7 +170,7 @@ async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dic
             if response.status_code != 200:
                 raise RuntimeError(f"loading {checkpoint} failed: {response.text}")
             print(f"server {server.url}: loaded {response.json()}", flush=True)
-            return await sweep(scenarios, http_load.http_sender(client), args.seed)
+            return await sweep(scenarios, http_load.http_sender(client))
 
 
 async def python_api_runs(device, checkpoint, args, scenarios) -> dict:
@@ -174,7 +178,7 @@ async def python_api_runs(device, checkpoint, args, scenarios) -> dict:
 
     async with Controller(ServerConfig(device=device, workers=1)) as controller:
         await controller.load(MODEL_NAME, str(checkpoint), max_model_len=args.max_model_len)
-        return await sweep(scenarios, http_load.controller_sender(controller), args.seed)
+        return await sweep(scenarios, http_load.controller_sender(controller))
 
 
 def comparison(results: dict, concurrency: list[int]) -> list[dict]:

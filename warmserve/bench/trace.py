@@ -170,7 +170,9 @@ async def measure(url: str, names: list[str], trace, args) -> dict:
             after = await counters(client)
             phases[phase] = phase_figures(run, ideal, before, after)
             phases[phase]["description"] = description
-            phases[phase]["resident_after"] = await resident_models(client)
+            models = await admin_models(client)
+            phases[phase]["admin_models_after"] = models
+            phases[phase]["resident_after"] = [m["name"] for m in models if m["state"] == "loaded"]
             print(f"{description}: {phase_line(phases[phase])}", flush=True)
         totals = await counters(client)
     return {"ideal": ideal, "phases": phases, "counters_at_end": totals}
@@ -204,10 +206,10 @@ async def counters(client) -> dict[str, float]:
     return {key: totals[metric] for key, metric in COUNTERS.items()}
 
 
-async def resident_models(client) -> list[str]:
+async def admin_models(client) -> list[dict]:
     response = await client.get("/admin/models")
     response.raise_for_status()
-    return [model["name"] for model in response.json() if model["state"] == "loaded"]
+    return response.json()
 
 
 def phase_figures(run: http_load.LoadRun, ideal: dict, before: dict, after: dict) -> dict:
