@@ -1,0 +1,145 @@
+"""The serving benchmarks' arithmetic and load patterns, without a server: figures as vLLM's
+`benchmark_serving` defines them, Prometheus scraping, seeded length mixes, and the tokenizer
+that makes every generated token a streamed chunk."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from warmserve.bench.checkpoints import SPECIAL_TOKENS, word_level_tokenizer
+from warmserve.bench.http_load import (
+    BenchRequest,
+    LoadRun,
+    RequestResult,
+    prometheus_totals,
+    run_clients,
+    run_poisson,
+    serving_metrics,
+)
+from warmserve.bench.workloads import MAX_INPUT_LEN, MAX_TOTAL_LEN, sharegpt_like_lengths
+
+
+def result(prompt_len, output_tokens, ttft, latency, itl, status="ok") -> RequestResult:
+    request = BenchRequest("m", [5] * prompt_len, output_tokens)
+    return RequestResult(
+        request,
+        status=status,
+        ttft=ttft,
+        latency=latency,
+        output_tokens=output_tokens if status == "ok" else 0,
+        chunks=len(itl) + 1 if status == "ok" else 0,
+        itl=itl,
+    )
+
+
+def test_serving_metrics_follow_vllm_definitions():
+    run = LoadRun(
+        [
+            result(10, 5, ttft=0.1, latency=0.5, itl=[0.1, 0.1, 0.1, 0.1]),
+            result(20, 3, ttft=0.2, latency=0.6, itl=[0.1, 0.3]),
+            result(30, 0, ttft=0.0, latency=0.01, itl=[], status="503"),
+            result(30, 0, ttft=0.0, latency=0.01, itl=[], status="503"),
+            result(30, 0, ttft=0.0, latency=0.01, itl=[], status="error: ReadTimeout"),
+        ],
+        duration=2.0,
+    )
+    figures = serving_metrics(run)
+    assert figures["completed"] == 2 and figures["failed"] == 3
+    assert figures["failed_by_status"] == {"503": 2, "error: ReadTimeout": 1}
+    assert figures["total_input_tokens"] == 30  # completed requests only
+    assert figures["total_output_tokens"] == 8
+    assert figures["request_throughput"] == pytest.approx(1.0)
+    assert figures["output_throughput"] == pytest.approx(4.0)
+    assert figures["total_token_throughput"] == pytest.approx(19.0)
+    # TPOT leaves the first token out: (0.5 - 0.1) / 4 and (0.6 - 0.2) / 2.
+    assert figures["tpot_ms"]["mean"] == pytest.approx((100 + 200) / 2)
+    assert figures["ttft_ms"]["median"] == pytest.approx(150)
+    assert figures["itl_ms"]["mean"] == pytest.approx(800 / 6)  # every gap of every stream
+    assert figures["e2el_ms"]["mean"] == pytest.approx(550)
+    assert figures["tokens_per_chunk"] == pytest.approx(8 / 8)
+
+
+def test_serving_metrics_of_a_run_where_everything_failed():
+    figures = serving_metrics(LoadRun([result(4, 0, 0, 0.01, [], status="503")], duration=1.0))
+    assert figures["completed"] == 0 and figures["failed_by_status"] == {"503": 1}
+    assert figures["ttft_ms"] == {"mean": None, "median": None, "p99": None}
+    assert figures["tokens_per_chunk"] is None
+
+
+def test_prometheus_totals_sum_label_sets_of_exact_names():
+    text = "\n".join(
+        [
+            "# HELP warmserve_auto_loads_total Registered models loaded on demand",
+            "# TYPE warmserve_auto_loads_total counter",
+            "warmserve_auto_loads_total 3.0",
+            "warmserve_auto_loads_created 1.7e9",
+            'warmserve_model_load_seconds_count{source="disk"} 2.0',
+            'warmserve_model_load_seconds_count{source="host-cache"} 5.0',
+        ]
+    )
+    totals = prometheus_totals(
+        text,
+        [
+            "warmserve_auto_loads_total",
+            "warmserve_model_load_seconds_count",
+            "warmserve_evictions_total",
+        ],
+    )
+    assert totals == {
+        "warmserve_auto_loads_total": 3.0,
+        "warmserve_model_load_seconds_count": 7.0,
+        "warmserve_evictions_total": 0.0,
+    }
+
+
+def test_sharegpt_like_lengths_are_seeded_and_within_bounds():
+    lengths = sharegpt_like_lengths(500, seed=3, max_model_len=1500)
+    assert lengths == sharegpt_like_lengths(500, seed=3, max_model_len=1500)
+    assert lengths != sharegpt_like_lengths(500, seed=4, max_model_len=1500)
+    for input_len, output_len in lengths:
+        assert 4 <= input_len <= MAX_INPUT_LEN and output_len >= 4
+        assert input_len + output_len <= min(MAX_TOTAL_LEN, 1500)
+    assert len({length for length, _ in lengths}) > 100  # a mix, not a few values
+
+
+def test_closed_loop_clients_bound_the_requests_in_flight():
+    in_flight, most = 0, 0
+
+    async def send(request: BenchRequest) -> RequestResult:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+        return RequestResult(request)
+
+    requests = [BenchRequest("m", [3, 4], 1) for _ in range(20)]
+    run = asyncio.run(run_clients(requests, send, clients=3))
+    assert len(run.results) == 20 and most == 3
+
+
+def test_poisson_arrivals_send_every_request_without_waiting_for_answers():
+    in_flight, most = 0, 0
+
+    async def send(request: BenchRequest) -> RequestResult:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.2)  # far longer than the mean gap of 1 ms
+        in_flight -= 1
+        return RequestResult(request)
+
+    requests = [BenchRequest("m", [3], 1) for _ in range(10)]
+    run = asyncio.run(run_poisson(requests, send, rate=1000.0, seed=0))
+    assert len(run.results) == 10 and most > 1
+    assert [r.sent_at for r in run.results] == sorted(r.sent_at for r in run.results)
+
+
+def test_every_id_of_the_bench_tokenizer_decodes_to_text():
+    tokenizer = word_level_tokenizer(128256)
+    assert tokenizer.get_vocab_size() == 128256
+    assert [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS] == [0, 1, 2]
+    for token_id in (3, 1000, 128255):
+        assert tokenizer.decode([token_id]) == f"w{token_id}"
