@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -21,6 +22,13 @@ SHUTDOWN_TIMEOUT_S = 60.0
 
 class ServerFailed(RuntimeError):
     """The server exited or never became healthy; the message ends with its log's tail."""
+
+
+def _terminate_with_parent() -> None:
+    """In the server, before it runs: SIGTERM when the benchmark dies, however it dies (a
+    killed CI run must not leave a server and its workers running)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -59,6 +67,7 @@ class BenchServer:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
             )
         try:
             self._wait_until_healthy()
