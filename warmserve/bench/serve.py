@@ -113,10 +113,12 @@ def run(args: argparse.Namespace) -> int:
         {"target": name, "measured": measured, "met": met}
         for name, measured, met in targets(results)
     ]
-    report.write_json(out / f"serve-{model}.json", results)
+    json_path = out / f"serve-{model}.json"
+    report.write_json(json_path, results)
     markdown = render_markdown(results)
     report.update_section(Path(args.markdown), f"warmserve bench serve {model}", markdown)
     print(markdown)
+    print(f"wrote {json_path} and a section of {args.markdown}")
     return 0 if all(entry["failed"] == 0 for entry in results["http"].values()) else 1
 
 

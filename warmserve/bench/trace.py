@@ -119,10 +119,12 @@ def run(args: argparse.Namespace) -> int:
         {"target": name, "measured": measured, "met": met}
         for name, measured, met in targets(results)
     ]
-    report.write_json(out / "trace.json", results)
+    json_path = out / "trace.json"
+    report.write_json(json_path, results)
     markdown = render_markdown(results)
     report.update_section(Path(args.markdown), "warmserve bench trace", markdown)
     print(markdown)
+    print(f"wrote {json_path} and a section of {args.markdown}")
     return 0
 
 
