@@ -102,9 +102,10 @@ def http_sender(client: httpx.AsyncClient) -> Sender:
                     data = json.loads(line[len("data:") :])
                     if data.get("choices"):
                         clock.chunk()
-                    elif data.get("usage"):
+                    # Usage may ride on a chunk with choices (vLLM's continuous usage stats).
+                    if data.get("usage"):
                         result.output_tokens = data["usage"]["completion_tokens"]
-                    elif "error" in data:
+                    if "error" in data:
                         result.status = "error: in stream"
                         result.error = str(data["error"])[:300]
         except httpx.HTTPError as exc:
