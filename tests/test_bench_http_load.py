@@ -5,7 +5,9 @@ that makes every generated token a streamed chunk."""
 from __future__ import annotations
 
 import asyncio
+import json
 
+import httpx
 import pytest
 
 from warmserve.bench.checkpoints import SPECIAL_TOKENS, word_level_tokenizer
@@ -13,6 +15,7 @@ from warmserve.bench.http_load import (
     BenchRequest,
     LoadRun,
     RequestResult,
+    http_sender,
     prometheus_totals,
     run_clients,
     run_poisson,
@@ -143,3 +146,44 @@ def test_every_id_of_the_bench_tokenizer_decodes_to_text():
     assert [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS] == [0, 1, 2]
     for token_id in (3, 1000, 128255):
         assert tokenizer.decode([token_id]) == f"w{token_id}"
+
+
+def sse(*events: dict) -> bytes:
+    return "".join(f"data: {json.dumps(event)}\n\n" for event in events).encode() + (
+        b"data: [DONE]\n\n"
+    )
+
+
+def send_to(status: int, content: bytes) -> tuple[RequestResult, dict]:
+    """Sends one request to a fake server answering `status` and `content`; returns the result
+    and the request body the server saw."""
+    seen = {}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.update(json.loads(request.content))
+        return httpx.Response(status, content=content)
+
+    async def go() -> RequestResult:
+        transport = httpx.MockTransport(answer)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            return await http_sender(client)(BenchRequest("m", [7, 8, 9], 3))
+
+    return asyncio.run(go()), seen
+
+
+def test_http_sender_times_each_chunk_and_reads_the_usage():
+    text = {"choices": [{"text": " w5", "index": 0}]}
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3}}
+    result, body = send_to(200, sse(text, text, text, usage))
+    assert result.ok and result.chunks == 3 and result.output_tokens == 3
+    assert len(result.itl) == 2 and 0 < result.ttft <= result.latency
+    assert body["prompt"] == [7, 8, 9] and body["max_tokens"] == 3
+    assert body["stream"] is True and body["ignore_eos"] is True
+    assert body["stream_options"] == {"include_usage": True}
+
+
+def test_http_sender_counts_refusals_and_stream_errors_by_status():
+    refused, _ = send_to(503, b'{"error": {"message": "queue full", "code": "overloaded"}}')
+    assert refused.status == "503" and "queue full" in refused.error
+    broken, _ = send_to(200, sse({"error": {"message": "worker died", "code": "internal_error"}}))
+    assert broken.status == "error: in stream" and "worker died" in broken.error
