@@ -42,6 +42,8 @@ def resolve_device(device: str) -> str:
 
 
 def device_name(device: str) -> str:
+    """The GPU's name. Asking creates a CUDA context in this process (hundreds of MB of GPU
+    memory), so a benchmark asks once its server has stopped."""
     import torch
 
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"

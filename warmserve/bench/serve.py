@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     scenarios = build_scenarios(args, context_len)
     results: dict = {
         "command": "warmserve bench serve " + " ".join(sys.argv[3:]),
-        "device": options.device_name(device),
+        "device": device,
         "model": model,
         "checkpoint": str(checkpoint),
         "serve_args": serve_args,
@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint, device, tuple(args.concurrency), args.input_len, args.decode_steps
         )
         results["comparison"] = comparison(results, args.concurrency)
+    results["device"] = options.device_name(device)  # after the runs: see device_name
     results["targets"] = [
         {"target": name, "measured": measured, "met": met}
         for name, measured, met in targets(results)

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     serve_args += args.serve_arg
     results: dict = {
         "command": "warmserve bench trace " + " ".join(sys.argv[3:]),
-        "device": options.device_name(device),
+        "device": device,
         "models": dict(zip(names, args.models, strict=True)),
         "popularity": {
             name: weight / sum(popularity) for name, weight in zip(names, popularity, strict=True)
@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     trace = build_trace(names, popularity, args)
     with BenchServer(device, root.resolve(), serve_args, out / "trace-serve.log") as server:
         results.update(asyncio.run(measure(server.url, names, trace, args)))
+    results["device"] = options.device_name(device)  # after the runs: see device_name
     results["targets"] = [
         {"target": name, "measured": measured, "met": met}
         for name, measured, met in targets(results)
