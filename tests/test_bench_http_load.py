@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -187,3 +189,13 @@ def test_http_sender_counts_refusals_and_stream_errors_by_status():
     assert refused.status == "503" and "queue full" in refused.error
     broken, _ = send_to(200, sse({"error": {"message": "worker died", "code": "internal_error"}}))
     assert broken.status == "error: in stream" and "worker died" in broken.error
+
+
+def test_building_the_cli_parser_imports_no_torch():
+    """Every command (`serve` among them) builds the parser with the benchmarks' options; only
+    running a benchmark may import torch."""
+    code = "import sys, warmserve.cli as cli; cli.build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "False"

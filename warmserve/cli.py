@@ -91,12 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure swap, load and decode against baselines; `bench serve`: one model under "
         "HTTP load; `bench trace`: many models under a request trace",
     )
+    from warmserve.bench import options as bench_options
     from warmserve.bench import serve as serve_bench
-    from warmserve.bench import swap as swap_bench
     from warmserve.bench import trace as trace_bench
 
-    swap_bench.add_arguments(bench)
-    bench.set_defaults(run=swap_bench.run)
+    bench_options.add_swap_arguments(bench)
+    bench.set_defaults(run=run_swap_bench)
     # Optional: plain `warmserve bench` stays the swap benchmark.
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     for name, module, text in (
@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(benchmark)
         benchmark.set_defaults(run=module.run)
     return parser
+
+
+def run_swap_bench(args: argparse.Namespace) -> int:
+    from warmserve.bench.swap import run  # imports torch: only when the benchmark runs
+
+    return run(args)
 
 
 def _positive_int(text: str) -> int:

@@ -1,4 +1,6 @@
-"""Options that `bench serve` and `bench trace` share, and their presets.
+"""Command-line options of the benchmarks: the swap benchmark's, and those that `bench serve`
+and `bench trace` share, with their presets. Nothing here imports torch: every `warmserve`
+command, `serve` among them, builds the parser that holds these options.
 
 A preset option defaults to None on the command line; `apply_presets` fills what the run did
 not name from the quick preset (`--quick`) or the full one, so `--quick --clients 4` keeps 4.
@@ -7,6 +9,20 @@ not name from the quick preset (`--quick`) or the full one, so `--quick --client
 from __future__ import annotations
 
 import argparse
+
+# The swap benchmark's shapes: name -> family.
+SWAP_SHAPES = {"opt-125m": "opt", "qwen3-0.6b": "qwen3", "llama-3.1-8b": "llama"}
+SWAP_QUICK_SHAPES = {"tiny": "qwen3", "tiny-opt": "opt"}
+
+
+def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CI)")
+    parser.add_argument("--shapes", nargs="*", help=f"subset of {sorted(SWAP_SHAPES)}")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--checkpoints", default=".checkpoints/bench")
+    parser.add_argument("--out", default="bench-out", help="folder for bench.json")
+    parser.add_argument("--markdown", default="BENCHMARKS.md")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:

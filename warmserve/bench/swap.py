@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
+from warmserve.bench.options import SWAP_QUICK_SHAPES, SWAP_SHAPES
 from warmserve.bench.report import update_section
 from warmserve.config import EngineConfig, SamplingParams, ServerConfig
 from warmserve.testing.checkpoints import ensure_checkpoint
 
-FULL_SHAPES = {"opt-125m": "opt", "qwen3-0.6b": "qwen3", "llama-3.1-8b": "llama"}
-QUICK_SHAPES = {"tiny": "qwen3", "tiny-opt": "opt"}
 GIB = 2**30
 SWAP_PROMPT = [11, 12, 13, 14, 15, 16, 17, 18]  # the 8-token prompt of a swap's first token
 
@@ -345,9 +344,9 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    shapes = SWAP_QUICK_SHAPES if args.quick else SWAP_SHAPES
     if args.shapes:
-        shapes = {name: shapes.get(name) or FULL_SHAPES[name] for name in args.shapes}
+        shapes = {name: shapes.get(name) or SWAP_SHAPES[name] for name in args.shapes}
     dtype = "bfloat16" if device == "cuda" else "float32"
     repeats = 3 if args.quick else args.repeats
     batches = (1, 4) if args.quick else (1, 64)
@@ -530,13 +529,3 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
 
 def _ms(samples: dict) -> str:
     return f"{samples['median'] * 1e3:.1f} [{samples['min'] * 1e3:.1f}]"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (CI)")
-    parser.add_argument("--shapes", nargs="*", help=f"subset of {sorted(FULL_SHAPES)}")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--checkpoints", default=".checkpoints/bench")
-    parser.add_argument("--out", default="bench-out", help="folder for bench.json")
-    parser.add_argument("--markdown", default="BENCHMARKS.md")
