@@ -1,4 +1,4 @@
-"""`warmserve serve | load | unload | ps | demo`.
+"""`warmserve serve | load | unload | ps | demo | bench [serve|trace]`.
 
 Only `serve` and `demo` import the server side (torch among it), so the client commands start
 in a fraction of a second.
@@ -125,17 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=run_demo)
 
     bench = commands.add_parser(
-        "bench", help="measure swap, load and decode against baselines; write BENCHMARKS.md"
+        "bench",
+        help="measure swap, load and decode against baselines; `bench serve`: one model under "
+        "HTTP load; `bench trace`: many models under a request trace",
     )
-    from warmserve.bench.swap import add_arguments
+    from warmserve.bench import options as bench_options
+    from warmserve.bench import serve as serve_bench
+    from warmserve.bench import trace as trace_bench
 
-    add_arguments(bench)
-    bench.set_defaults(run=run_bench)
+    bench_options.add_swap_arguments(bench)
+    bench.set_defaults(run=run_swap_bench)
+    # Optional: plain `warmserve bench` stays the swap benchmark.
+    benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for name, module, text in (
+        ("serve", serve_bench, "one model over HTTP under load, like `vllm bench serve`"),
+        ("trace", trace_bench, "many models on one server under a request trace"),
+    ):
+        benchmark = benchmarks.add_parser(name, help=text, description=module.__doc__)
+        module.add_arguments(benchmark)
+        benchmark.set_defaults(run=module.run)
     return parser
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    from warmserve.bench.swap import run
+def run_swap_bench(args: argparse.Namespace) -> int:
+    from warmserve.bench.swap import run  # imports torch: only when the benchmark runs
 
     return run(args)
 
