@@ -26,6 +26,7 @@ from warmserve.loader.weight_store import SegmentWeights
 from warmserve.models.config import ModelConfig
 from warmserve.models.registry import model_class
 from warmserve.models.weights import WeightLoadError, parameter_slots
+from warmserve.protocol import TokenLogprobs
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,6 +44,7 @@ class StepOutput:
     request_id: str
     token_id: int
     finish_reason: str | None  # stop | length | None while running
+    logprobs: TokenLogprobs | None = None  # when the request asks for them
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str | None) -> torch.dtype:
@@ -265,6 +267,8 @@ class Engine:
             )
         if any(not 0 <= token < self.vocab_size for token in prompt_token_ids):
             raise RequestRejected(f"token ids must lie in [0, {self.vocab_size})")
+        if any(token >= self.vocab_size for token, _ in params.logit_bias):
+            raise RequestRejected(f"logit_bias: token ids must lie in [0, {self.vocab_size})")
         seq = Sequence(request_id, prompt_token_ids, params)
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device)
@@ -286,11 +290,11 @@ class Engine:
         if not seqs:
             return []
         generators = [self.generators.get(seq.request_id) for seq in seqs]
-        tokens = self.runner.execute(seqs, generators)
+        tokens, logprobs = self.runner.execute(seqs, generators, self.scheduler.eos_token_ids)
         self.scheduler.finish_step(seqs, tokens)
         outputs = []
-        for seq, token in zip(seqs, tokens, strict=True):
-            outputs.append(StepOutput(seq.request_id, token, seq.finish_reason))
+        for seq, token, token_logprobs in zip(seqs, tokens, logprobs, strict=True):
+            outputs.append(StepOutput(seq.request_id, token, seq.finish_reason, token_logprobs))
             if seq.finish_reason is not None:
                 self.sequences.pop(seq.request_id, None)
                 self.generators.pop(seq.request_id, None)

@@ -17,8 +17,10 @@ from warmserve.config import SamplingParams
 from warmserve.engine.cuda_graphs import DecodeGraphs
 from warmserve.engine.sequence import Sequence
 from warmserve.layers.attention import AttentionMetadata
+from warmserve.layers.logits_processors import process_logits
 from warmserve.layers.parallel import tp_rank, tp_world_size
-from warmserve.layers.sampling import sample
+from warmserve.layers.sampling import sample, token_logprobs
+from warmserve.protocol import TokenLogprobs
 
 
 @dataclass
@@ -106,8 +108,10 @@ class ModelRunner:
         self,
         seqs: list[Sequence],
         generators: list[torch.Generator | None],
-    ) -> list[int]:
-        """Lead rank: runs one step for `seqs` and returns one sampled token per sequence."""
+        eos_token_ids: frozenset[int] = frozenset(),
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Lead rank: runs one step for `seqs`; returns one sampled token per sequence, and its
+        log-probabilities for the sequences that ask for them."""
         inputs = self.build_inputs(seqs)
         if self.tp_size > 1:
             dist.broadcast_object_list([inputs], src=0)
@@ -117,7 +121,40 @@ class ModelRunner:
         else:
             logits = self._forward(inputs)
         params: list[SamplingParams] = [seq.params for seq in seqs]
-        return sample(logits, params, generators).tolist()
+        processed = process_logits(
+            logits,
+            params,
+            [seq.token_ids for seq in seqs],
+            [seq.num_prompt_tokens for seq in seqs],
+            eos_token_ids,
+        )
+        tokens = sample(processed, params, generators)
+        return tokens.tolist(), self._logprobs(logits, tokens, params)
+
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]
+    ) -> list[TokenLogprobs | None]:
+        """Of the raw logits, for the rows that ask; read back to the host in one transfer."""
+        logprobs: list[TokenLogprobs | None] = [None] * len(params)
+        asking = [row for row, p in enumerate(params) if p.logprobs is not None]
+        if not asking:
+            return logprobs
+        num_top = max(params[row].logprobs for row in asking)
+        rows = torch.tensor(asking, device=logits.device)
+        chosen, top_ids, top_values = token_logprobs(
+            logits.index_select(0, rows), tokens.index_select(0, rows), num_top
+        )
+        # Token ids are exact in float32 (every vocabulary is below 2**24).
+        packed = torch.cat([chosen.unsqueeze(1), top_values, top_ids.float()], dim=1).tolist()
+        for row, values in zip(asking, packed, strict=True):
+            wanted = params[row].logprobs
+            logprobs[row] = TokenLogprobs(
+                values[0],
+                [int(token) for token in values[1 + num_top : 1 + num_top + wanted]],
+                values[1 : 1 + wanted],
+            )
+        return logprobs
 
     def follow(self) -> None:
         """Other ranks: runs the lead's steps until the lead releases the model."""

@@ -271,7 +271,10 @@ class Worker:
             self.send(
                 StepOutputs(
                     self.args.worker_id,
-                    [TokenOutput(o.request_id, o.token_id, o.finish_reason) for o in outputs],
+                    [
+                        TokenOutput(o.request_id, o.token_id, o.finish_reason, o.logprobs)
+                        for o in outputs
+                    ],
                 )
             )
 
