@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from warmserve.api.choices import Choices
 from warmserve.api.errors import APIError
 from warmserve.api.generation import Generation
+from warmserve.api.logprobs import chat_logprobs, completion_logprobs
 from warmserve.api.openai_schemas import (
     CHAT_DEFAULT_MAX_TOKENS,
     COMPLETION_DEFAULT_MAX_TOKENS,
@@ -29,48 +31,66 @@ from warmserve.api.openai_schemas import (
 )
 from warmserve.api.services import Services
 from warmserve.api.sse import sse_response
-from warmserve.controller.types import GenerationChunk, ModelInfo
-
-
-def usage_of(chunk: GenerationChunk) -> Usage:
-    return Usage(
-        prompt_tokens=chunk.prompt_tokens,
-        completion_tokens=chunk.completion_tokens,
-        total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
-    )
+from warmserve.config import SamplingParams
+from warmserve.controller.types import ModelInfo
 
 
 async def completion_chunks(
-    generation: Generation, response_id: str, created: int, include_usage: bool
+    choices: Choices,
+    echoes: list[str],
+    response_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
 ) -> AsyncIterator[Completion]:
-    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
-        return Completion(
-            id=response_id, created=created, model=generation.model, choices=choices, usage=usage
-        )
+    """`echoes`: per choice, the prompt text that goes before its first chunk ("" without echo)."""
 
-    async for piece in generation.chunks():
-        if piece.text or piece.finish_reason:
-            yield chunk([CompletionChoice(text=piece.text, finish_reason=piece.finish_reason)])
+    def chunk(parts: list[CompletionChoice], usage: Usage | None = None) -> Completion:
+        return Completion(id=response_id, created=created, model=model, choices=parts, usage=usage)
+
+    echoes = list(echoes)
+    offsets = [0] * len(echoes)  # where each choice's next token starts in its text
+    async for index, piece in choices.chunks():
+        text, echoes[index] = echoes[index] + piece.text, ""
+        logprobs = None
+        if piece.logprobs is not None:
+            logprobs = completion_logprobs(piece.logprobs, offsets[index])
+            offsets[index] += sum(len(token.token) for token in piece.logprobs)
+        if text or piece.finish_reason or logprobs:
+            yield chunk(
+                [
+                    CompletionChoice(
+                        index=index,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=piece.finish_reason,
+                    )
+                ]
+            )
     if include_usage:
-        yield chunk([], usage_of(generation.last))
+        yield chunk([], choices.usage())
 
 
 async def chat_chunks(
-    generation: Generation, response_id: str, created: int, include_usage: bool
+    choices: Choices, response_id: str, created: int, model: str, include_usage: bool
 ) -> AsyncIterator[ChatCompletionChunk]:
-    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+    def chunk(parts: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
-            id=response_id, created=created, model=generation.model, choices=choices, usage=usage
+            id=response_id, created=created, model=model, choices=parts, usage=usage
         )
 
-    yield chunk([ChatChunkChoice(delta={"role": "assistant", "content": ""})])
-    async for piece in generation.chunks():
-        if piece.text:
-            yield chunk([ChatChunkChoice(delta={"content": piece.text})])
+    for index in range(len(choices.generations)):
+        yield chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
+    async for index, piece in choices.chunks():
+        logprobs = None if piece.logprobs is None else chat_logprobs(piece.logprobs)
+        if piece.text or logprobs:
+            yield chunk(
+                [ChatChunkChoice(index=index, delta={"content": piece.text}, logprobs=logprobs)]
+            )
         if piece.finish_reason:
-            yield chunk([ChatChunkChoice(delta={}, finish_reason=piece.finish_reason)])
+            yield chunk([ChatChunkChoice(index=index, delta={}, finish_reason=piece.finish_reason)])
     if include_usage:
-        yield chunk([], usage_of(generation.last))
+        yield chunk([], choices.usage())
 
 
 def openai_router(services: Services, only_model: str | None) -> APIRouter:
@@ -113,28 +133,53 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
             models = [info for info in models if info.name == only_model]
         return ModelList(data=[model_card(info) for info in models])
 
+    def generation_of(model: str, keep_alive: float | None):
+        def make(prompt: str | list[int], params: SamplingParams) -> Generation:
+            return Generation(controller, services.metrics, model, prompt, params, keep_alive)
+
+        return make
+
     @router.post("/v1/completions", response_model=None)
     async def create_completion(
         body: CompletionRequest, request: Request
     ) -> Completion | StreamingResponse:
         info = requested_model(request, body.model)
-        params = body.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS)
-        generation = Generation(
-            controller, services.metrics, info.name, body.prompt, params, body.keep_alive
+        params = body.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs)
+        echoes = [""] * len(body.prompt) * body.num_samples
+        if body.echo:
+            tokenizer = controller.tokenizer(info.name)
+            echoes = [
+                prompt if isinstance(prompt, str) else tokenizer.decode(prompt, False)
+                for prompt in body.prompt
+                for _ in range(body.num_samples)
+            ]
+        choices = await Choices.start(
+            generation_of(info.name, body.keep_alive), body.prompt, params, body.num_samples
         )
-        await generation.start()
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return sse_response(
-                completion_chunks(generation, response_id, created, body.include_usage_chunk)
+                completion_chunks(
+                    choices, echoes, response_id, created, info.name, body.include_usage_chunk
+                )
             )
-        text = await generation.collect()
+        collected = await choices.collect()
         return Completion(
             id=response_id,
             created=created,
             model=info.name,
-            choices=[CompletionChoice(text=text, finish_reason=generation.last.finish_reason)],
-            usage=usage_of(generation.last),
+            choices=[
+                CompletionChoice(
+                    index=index,
+                    text=echo + choice.text,
+                    logprobs=completion_logprobs(choice.logprobs, 0)
+                    if body.logprobs is not None
+                    else None,
+                    finish_reason=choice.finish_reason,
+                )
+                for index, (echo, choice) in enumerate(zip(echoes, collected, strict=True))
+            ],
+            usage=choices.usage(),
         )
 
     @router.post("/v1/chat/completions", response_model=None)
@@ -144,28 +189,31 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         info = requested_model(request, body.model)
         tokenizer = controller.tokenizer(info.name)
         prompt = tokenizer.apply_chat_template([m.template_message() for m in body.messages])
-        params = body.sampling_params(CHAT_DEFAULT_MAX_TOKENS)
-        generation = Generation(
-            controller, services.metrics, info.name, prompt, params, body.keep_alive
+        num_logprobs = body.num_logprobs
+        params = body.sampling_params(CHAT_DEFAULT_MAX_TOKENS, num_logprobs)
+        choices = await Choices.start(
+            generation_of(info.name, body.keep_alive), [prompt], params, body.num_samples
         )
-        await generation.start()
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return sse_response(
-                chat_chunks(generation, response_id, created, body.include_usage_chunk)
+                chat_chunks(choices, response_id, created, info.name, body.include_usage_chunk)
             )
-        text = await generation.collect()
+        collected = await choices.collect()
         return ChatCompletion(
             id=response_id,
             created=created,
             model=info.name,
             choices=[
                 ChatChoice(
-                    message=AssistantMessage(content=text),
-                    finish_reason=generation.last.finish_reason,
+                    index=index,
+                    message=AssistantMessage(content=choice.text),
+                    logprobs=chat_logprobs(choice.logprobs) if num_logprobs is not None else None,
+                    finish_reason=choice.finish_reason,
                 )
+                for index, choice in enumerate(collected)
             ],
-            usage=usage_of(generation.last),
+            usage=choices.usage(),
         )
 
     return router

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from warmserve.controller.engine_client import GenerationChunk
+from warmserve.controller.engine_client import GenerationChunk, TokenLogprob
 
-__all__ = ["GenerationChunk", "LoadResult", "ModelInfo", "WorkerInfo"]
+__all__ = ["GenerationChunk", "LoadResult", "ModelInfo", "TokenLogprob", "WorkerInfo"]
 
 
 @dataclass(frozen=True)
