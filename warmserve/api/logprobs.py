@@ -4,7 +4,9 @@
 dict per token: the sampled token and the `logprobs` most likely ones, as vLLM returns them) and
 `text_offset` (where each token starts in the choice's text). /v1/chat/completions:
 `content` = one `{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}` per token.
-Values are the log-softmax of the model's raw logits (see openai_schemas).
+Values are the log-softmax of the model's raw logits (see openai_schemas). With vLLM's
+`return_tokens_as_token_ids`, tokens are written "token_id:{id}": a token that is part of a
+character decodes alone to U+FFFD, the same text as many others.
 """
 
 from __future__ import annotations
@@ -42,34 +44,44 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
 
 
-def completion_logprobs(tokens: list[TokenLogprob], text_offset: int) -> CompletionLogprobs:
+def _name(token_id: int, text: str, as_ids: bool) -> str:
+    return f"token_id:{token_id}" if as_ids else text
+
+
+def completion_logprobs(
+    tokens: list[TokenLogprob], text_offset: int, as_ids: bool = False
+) -> CompletionLogprobs:
     """`text_offset`: where the first of `tokens` starts in the choice's text."""
     offsets = []
     for token in tokens:
         offsets.append(text_offset)
         text_offset += len(token.token)
     return CompletionLogprobs(
-        tokens=[token.token for token in tokens],
+        tokens=[_name(token.token_id, token.token, as_ids) for token in tokens],
         token_logprobs=[_finite(token.logprob) for token in tokens],
         top_logprobs=[
-            {token.token: _finite(token.logprob)}
-            | {text: _finite(value) for text, value in token.top}
+            {_name(token.token_id, token.token, as_ids): _finite(token.logprob)}
+            | {_name(token_id, text, as_ids): _finite(value) for token_id, text, value in token.top}
             for token in tokens
         ],
         text_offset=offsets,
     )
 
 
-def _top(text: str, logprob: float) -> TopLogprob:
-    return TopLogprob(token=text, logprob=_finite(logprob), bytes=list(text.encode("utf-8")))
+def _top(token_id: int, text: str, logprob: float, as_ids: bool) -> TopLogprob:
+    return TopLogprob(
+        token=_name(token_id, text, as_ids),
+        logprob=_finite(logprob),
+        bytes=list(text.encode("utf-8")),
+    )
 
 
-def chat_logprobs(tokens: list[TokenLogprob]) -> ChatLogprobs:
+def chat_logprobs(tokens: list[TokenLogprob], as_ids: bool = False) -> ChatLogprobs:
     return ChatLogprobs(
         content=[
             ChatTokenLogprob(
-                **_top(token.token, token.logprob).model_dump(),
-                top_logprobs=[_top(text, value) for text, value in token.top],
+                **_top(token.token_id, token.token, token.logprob, as_ids).model_dump(),
+                top_logprobs=[_top(*top, as_ids) for top in token.top],
             )
             for token in tokens
         ]

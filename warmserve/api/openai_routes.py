@@ -40,8 +40,8 @@ async def completion_chunks(
     echoes: list[str],
     response_id: str,
     created: int,
+    body: CompletionRequest,
     model: str,
-    include_usage: bool,
 ) -> AsyncIterator[Completion]:
     """`echoes`: per choice, the prompt text that goes before its first chunk ("" without echo)."""
 
@@ -54,7 +54,9 @@ async def completion_chunks(
         text, echoes[index] = echoes[index] + piece.text, ""
         logprobs = None
         if piece.logprobs is not None:
-            logprobs = completion_logprobs(piece.logprobs, offsets[index])
+            logprobs = completion_logprobs(
+                piece.logprobs, offsets[index], bool(body.return_tokens_as_token_ids)
+            )
             offsets[index] += sum(len(token.token) for token in piece.logprobs)
         if text or piece.finish_reason or logprobs:
             yield chunk(
@@ -67,12 +69,12 @@ async def completion_chunks(
                     )
                 ]
             )
-    if include_usage:
+    if body.include_usage_chunk:
         yield chunk([], choices.usage())
 
 
 async def chat_chunks(
-    choices: Choices, response_id: str, created: int, model: str, include_usage: bool
+    choices: Choices, response_id: str, created: int, body: ChatCompletionRequest, model: str
 ) -> AsyncIterator[ChatCompletionChunk]:
     def chunk(parts: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -82,14 +84,16 @@ async def chat_chunks(
     for index in range(len(choices.generations)):
         yield chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
     async for index, piece in choices.chunks():
-        logprobs = None if piece.logprobs is None else chat_logprobs(piece.logprobs)
+        logprobs = None
+        if piece.logprobs is not None:
+            logprobs = chat_logprobs(piece.logprobs, bool(body.return_tokens_as_token_ids))
         if piece.text or logprobs:
             yield chunk(
                 [ChatChunkChoice(index=index, delta={"content": piece.text}, logprobs=logprobs)]
             )
         if piece.finish_reason:
             yield chunk([ChatChunkChoice(index=index, delta={}, finish_reason=piece.finish_reason)])
-    if include_usage:
+    if body.include_usage_chunk:
         yield chunk([], choices.usage())
 
 
@@ -159,9 +163,7 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return sse_response(
-                completion_chunks(
-                    choices, echoes, response_id, created, info.name, body.include_usage_chunk
-                )
+                completion_chunks(choices, echoes, response_id, created, body, info.name)
             )
         collected = await choices.collect()
         return Completion(
@@ -172,7 +174,9 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
                 CompletionChoice(
                     index=index,
                     text=echo + choice.text,
-                    logprobs=completion_logprobs(choice.logprobs, 0)
+                    logprobs=completion_logprobs(
+                        choice.logprobs, 0, bool(body.return_tokens_as_token_ids)
+                    )
                     if body.logprobs is not None
                     else None,
                     finish_reason=choice.finish_reason,
@@ -196,9 +200,7 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         )
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return sse_response(
-                chat_chunks(choices, response_id, created, info.name, body.include_usage_chunk)
-            )
+            return sse_response(chat_chunks(choices, response_id, created, body, info.name))
         collected = await choices.collect()
         return ChatCompletion(
             id=response_id,
@@ -208,7 +210,9 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
                 ChatChoice(
                     index=index,
                     message=AssistantMessage(content=choice.text),
-                    logprobs=chat_logprobs(choice.logprobs) if num_logprobs is not None else None,
+                    logprobs=chat_logprobs(choice.logprobs, bool(body.return_tokens_as_token_ids))
+                    if num_logprobs is not None
+                    else None,
                     finish_reason=choice.finish_reason,
                 )
                 for index, choice in enumerate(collected)

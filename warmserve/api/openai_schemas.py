@@ -145,6 +145,7 @@ class GenerationRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
+    return_tokens_as_token_ids: bool | None = False
     # Ollama extension.
     keep_alive: KeepAlive = None
 

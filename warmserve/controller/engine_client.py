@@ -21,11 +21,12 @@ class RequestAborted(Exception):
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's text and log-probability, and the most likely tokens', best first."""
+    """A generated token and its log-probability, and the most likely tokens', best first."""
 
-    token: str
+    token_id: int
+    token: str  # the token decoded alone
     logprob: float
-    top: list[tuple[str, float]]
+    top: list[tuple[int, str, float]]  # (token id, text, log-probability)
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,10 @@ class EngineClient:
     def decode_logprobs(self, logprobs: TokenLogprobs, token_id: int) -> TokenLogprob:
         top = zip(logprobs.top_token_ids, logprobs.top_logprobs, strict=True)
         return TokenLogprob(
+            token_id,
             self.token_text(token_id),
             logprobs.logprob,
-            [(self.token_text(token), value) for token, value in top],
+            [(token, self.token_text(token), value) for token, value in top],
         )
 
     async def generate(
