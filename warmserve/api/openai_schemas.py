@@ -211,7 +211,12 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: Annotated[list[str | list[int]], BeforeValidator(prompts)]
+    prompt: Annotated[
+        list[str | list[int]],
+        BeforeValidator(
+            prompts, json_schema_input_type=str | list[int] | list[str] | list[list[int]]
+        ),
+    ]
     # OpenAI's legacy shape: how many most likely tokens to report with each token.
     logprobs: LogprobCount | None = None
     echo: bool | None = False

@@ -116,7 +116,9 @@ class EngineClient:
         request_id = uuid.uuid4().hex
         stream: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = stream
-        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop)
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer, token_ids, params.stop, min_tokens=params.min_tokens
+        )
         finished = False
         try:
             self.send(AddRequest(request_id, token_ids, params))

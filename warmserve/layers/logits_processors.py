@@ -32,11 +32,14 @@ def process_logits(
     processed = logits
     if any(p.logit_bias for p in params):
         processed = _add_logit_bias(processed.clone(), params)
-    num_output_tokens = [len(ids) - n for ids, n in zip(token_ids, num_prompt_tokens, strict=True)]
-    if any(p.min_tokens > done for p, done in zip(params, num_output_tokens, strict=True)):
-        if processed is logits:
-            processed = logits.clone()
-        _mask_early_stops(processed, params, num_output_tokens, eos_token_ids)
+    if any(p.min_tokens for p in params):
+        num_output_tokens = [
+            len(ids) - n for ids, n in zip(token_ids, num_prompt_tokens, strict=True)
+        ]
+        if any(p.min_tokens > done for p, done in zip(params, num_output_tokens, strict=True)):
+            if processed is logits:
+                processed = logits.clone()
+            _mask_early_stops(processed, params, num_output_tokens, eos_token_ids)
     penalized = [row for row, p in enumerate(params) if p.penalized]
     if penalized:
         processed = _apply_penalties(processed, params, token_ids, num_prompt_tokens, penalized)
