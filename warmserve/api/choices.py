@@ -16,7 +16,7 @@ import anyio
 from warmserve.api.generation import Generation
 from warmserve.api.openai_schemas import SEED_MAX, SEED_MIN, Usage
 from warmserve.config import SamplingParams
-from warmserve.controller.types import GenerationChunk, TokenLogprob
+from warmserve.controller.engine_client import GenerationChunk, TokenLogprob
 
 
 def sample_params(params: SamplingParams, n: int) -> list[SamplingParams]:

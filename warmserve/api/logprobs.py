@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from warmserve.controller.types import TokenLogprob
+from warmserve.controller.engine_client import TokenLogprob
 
 # JSON has no -inf; OpenAI and vLLM send this instead.
 LOGPROB_FLOOR = -9999.0

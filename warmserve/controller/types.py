@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from warmserve.controller.engine_client import GenerationChunk, TokenLogprob
+from warmserve.controller.engine_client import GenerationChunk
 
-__all__ = ["GenerationChunk", "LoadResult", "ModelInfo", "TokenLogprob", "WorkerInfo"]
+__all__ = ["GenerationChunk", "LoadResult", "ModelInfo", "WorkerInfo"]
 
 
 @dataclass(frozen=True)
