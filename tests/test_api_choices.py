@@ -137,10 +137,3 @@ def test_invalid_chat_fields_are_400_naming_the_field(client, body, fragment):
         json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], **body},
     )
     assert fragment in assert_error(response, 400, "invalid_request")["message"]
-
-
-def test_echo_with_logprobs_is_refused_clearly(client):
-    response = client.post(
-        "/v1/completions", json={"model": MODEL, "prompt": "a", "echo": True, "logprobs": 1}
-    )
-    assert "echo with logprobs" in assert_error(response, 400, "invalid_request")["message"]

@@ -67,6 +67,41 @@ def test_completion_logprobs_equal_transformers(server, shared_model):
     assert logprobs.text_offset[0] == 0
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(server, shared_model):
+    """lm-eval-harness's loglikelihood request: echo, logprobs 1, one generated token."""
+    model, tokenizer = reference(server.model_root)
+    prompt_ids = tokenizer.encode(PROMPT).ids
+    client = server.openai()
+    options = dict(
+        model=shared_model,
+        prompt=PROMPT,
+        echo=True,
+        logprobs=1,
+        max_tokens=1,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
+    choice = client.completions.create(**options).choices[0]
+    assert choice.text.startswith(PROMPT)
+    logprobs = choice.logprobs
+    token_ids = [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
+    assert token_ids[: len(prompt_ids)] == prompt_ids and len(token_ids) == len(prompt_ids) + 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    expected = reference_logprobs(model, prompt_ids[:1], token_ids[1:])
+    for position, token_id in enumerate(token_ids[1:]):
+        assert logprobs.token_logprobs[position + 1] == pytest.approx(
+            expected[position, token_id].item(), abs=LOGPROB_TOLERANCE
+        )
+        best = f"token_id:{expected[position].argmax().item()}"
+        assert max(logprobs.top_logprobs[position + 1].items(), key=lambda kv: kv[1])[0] == best
+    streamed = [
+        token
+        for chunk in client.completions.create(stream=True, **options)
+        for token in (chunk.choices[0].logprobs.tokens if chunk.choices[0].logprobs else [])
+    ]
+    assert streamed == logprobs.tokens
+
+
 def test_streamed_logprobs_equal_the_whole_response(server, shared_model):
     client = server.openai()
     options = dict(model=shared_model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)

@@ -236,3 +236,29 @@ def test_logprobs_through_the_engine(engine):
     assert logprobs.top_logprobs[1] <= logprobs.top_logprobs[0]
     engine.abort_request("lp")
     engine.abort_request("plain")
+
+
+def test_prompt_logprobs_through_the_engine_equal_transformers(engine, reference):
+    # Longer than one piece of scored rows (64), and run twice: the second run would find the
+    # prompt in the prefix cache, which a scored prompt does not use.
+    other, prompt = random_prompts([20, 70], seed=6)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        logits = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    expected = torch.log_softmax(logits[:-1], dim=-1)
+    for _ in range(2):
+        engine.add_request("other", other, SamplingParams(max_tokens=1, prompt_logprobs=1))
+        engine.add_request("scored", prompt, SamplingParams(max_tokens=1, prompt_logprobs=3))
+        engine.add_request("plain", prompt, SamplingParams(max_tokens=1))
+        outputs = {output.request_id: output for output in engine.step()}
+        assert outputs["plain"].prompt_logprobs is None
+        assert len(outputs["other"].prompt_logprobs) == len(other) - 1
+        scored = outputs["scored"].prompt_logprobs
+        assert len(scored) == len(prompt) - 1
+        for position, entry in enumerate(scored):
+            row = expected[position]
+            assert entry.logprob == pytest.approx(row[prompt[position + 1]].item(), abs=5e-5)
+            assert entry.top_token_ids == row.topk(3).indices.tolist()
+            torch.testing.assert_close(
+                torch.tensor(entry.top_logprobs), row.topk(3).values, atol=5e-5, rtol=0
+            )

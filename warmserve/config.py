@@ -35,6 +35,8 @@ class SamplingParams:
     # Log-probabilities of each sampled token (log-softmax of the raw logits) and of this many
     # most likely alternatives; None: none computed.
     logprobs: int | None = None
+    # The same for each prompt token after the first (none for the first: nothing precedes it).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -70,10 +72,12 @@ class SamplingParams:
                 raise ConfigError(f"logit_bias: token ids must be non-negative, got {token_id!r}")
             if not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
                 raise ConfigError(f"logit_bias: biases must lie in [-100, 100], got {bias!r}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ConfigError(
-                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise ConfigError(
+                    f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}"
+                )
 
     @property
     def greedy(self) -> bool:

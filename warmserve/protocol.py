@@ -120,6 +120,8 @@ class TokenOutput(msgspec.Struct, array_like=True, frozen=True):
     token_id: int
     finish_reason: str | None
     logprobs: TokenLogprobs | None = None  # only for requests that ask for them
+    # With a request's first token, when it asks: one per prompt token after the first.
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 class StepOutputs(msgspec.Struct, tag=True, frozen=True):

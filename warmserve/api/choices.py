@@ -122,8 +122,8 @@ class Choices:
             choice = collected[index]
             choice.text += chunk.text
             choice.finish_reason = chunk.finish_reason
-            if chunk.logprobs is not None:
-                choice.logprobs.extend(chunk.logprobs)
+            choice.logprobs.extend(chunk.prompt_logprobs or ())
+            choice.logprobs.extend(chunk.logprobs or ())
         return collected
 
 
@@ -131,4 +131,4 @@ class Choices:
 class CollectedChoice:
     text: str = ""
     finish_reason: str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's first, if echoed

@@ -2,7 +2,8 @@
 
 /v1/completions (the legacy shape): per choice `tokens`, `token_logprobs`, `top_logprobs` (one
 dict per token: the sampled token and the `logprobs` most likely ones, as vLLM returns them) and
-`text_offset` (where each token starts in the choice's text). /v1/chat/completions:
+`text_offset` (where each token starts in the choice's text); with `echo`, the prompt's tokens
+come first, the very first with null log-probabilities, as OpenAI sends them. /v1/chat/completions:
 `content` = one `{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}` per token.
 Values are the log-softmax of the model's raw logits (see openai_schemas). With vLLM's
 `return_tokens_as_token_ids`, tokens are written "token_id:{id}": a token that is part of a
@@ -19,8 +20,8 @@ from warmserve.controller.engine_client import TokenLogprob
 LOGPROB_FLOOR = -9999.0
 
 
-def _finite(logprob: float) -> float:
-    return max(logprob, LOGPROB_FLOOR)
+def _finite(logprob: float | None) -> float | None:
+    return None if logprob is None else max(logprob, LOGPROB_FLOOR)
 
 
 class CompletionLogprobs(BaseModel):
@@ -60,7 +61,9 @@ def completion_logprobs(
         tokens=[_name(token.token_id, token.token, as_ids) for token in tokens],
         token_logprobs=[_finite(token.logprob) for token in tokens],
         top_logprobs=[
-            {_name(token.token_id, token.token, as_ids): _finite(token.logprob)}
+            None
+            if token.logprob is None  # a prompt's first token
+            else {_name(token.token_id, token.token, as_ids): _finite(token.logprob)}
             | {_name(token_id, text, as_ids): _finite(value) for token_id, text, value in token.top}
             for token in tokens
         ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -54,10 +55,11 @@ async def completion_chunks(
         text, echoes[index] = echoes[index] + piece.text, ""
         logprobs = None
         if piece.logprobs is not None:
+            tokens = [*(piece.prompt_logprobs or ()), *piece.logprobs]
             logprobs = completion_logprobs(
-                piece.logprobs, offsets[index], bool(body.return_tokens_as_token_ids)
+                tokens, offsets[index], bool(body.return_tokens_as_token_ids)
             )
-            offsets[index] += sum(len(token.token) for token in piece.logprobs)
+            offsets[index] += sum(len(token.token) for token in tokens)
         if text or piece.finish_reason or logprobs:
             yield chunk(
                 [
@@ -149,6 +151,8 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
     ) -> Completion | StreamingResponse:
         info = requested_model(request, body.model)
         params = body.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs)
+        if body.echo and body.logprobs is not None:  # the echoed prompt's tokens are scored too
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         echoes = [""] * len(body.prompt) * body.num_samples
         if body.echo:
             tokenizer = controller.tokenizer(info.name)

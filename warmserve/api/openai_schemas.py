@@ -217,7 +217,8 @@ class CompletionRequest(GenerationRequest):
             prompts, json_schema_input_type=str | list[int] | list[str] | list[list[int]]
         ),
     ]
-    # OpenAI's legacy shape: how many most likely tokens to report with each token.
+    # OpenAI's legacy shape: how many most likely tokens to report with each token (with echo,
+    # with each prompt token too).
     logprobs: LogprobCount | None = None
     echo: bool | None = False
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
@@ -231,12 +232,6 @@ class CompletionRequest(GenerationRequest):
         if len(self.prompt) * self.num_samples > MAX_CHOICES:
             raise PydanticCustomError(
                 "n", "prompts times n must be at most {limit}", {"limit": MAX_CHOICES}
-            )
-        if self.echo and self.logprobs is not None:
-            raise PydanticCustomError(
-                "echo",
-                "echo with logprobs needs the prompt's log-probabilities, which warmserve does "
-                "not compute; use echo or logprobs alone",
             )
         return self
 

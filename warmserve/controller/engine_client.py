@@ -25,7 +25,7 @@ class TokenLogprob:
 
     token_id: int
     token: str  # the token decoded alone
-    logprob: float
+    logprob: float | None  # None for a prompt's first token: nothing precedes it
     top: list[tuple[int, str, float]]  # (token id, text, log-probability)
 
 
@@ -40,6 +40,8 @@ class GenerationChunk:
     completion_tokens: int  # total so far
     # One per token of token_ids, when the request asked for log-probabilities.
     logprobs: list[TokenLogprob] | None = None
+    # In the first chunk, when the request asked for them: one per prompt token.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class EngineClient:
@@ -108,6 +110,18 @@ class EngineClient:
             [(token, self.token_text(token), value) for token, value in top],
         )
 
+    def decode_prompt_logprobs(
+        self, token_ids: list[int], logprobs: list[TokenLogprobs]
+    ) -> list[TokenLogprob]:
+        first = TokenLogprob(token_ids[0], self.token_text(token_ids[0]), None, [])
+        return [
+            first,
+            *(
+                self.decode_logprobs(entry, token_id)
+                for token_id, entry in zip(token_ids[1:], logprobs, strict=True)
+            ),
+        ]
+
     async def generate(
         self, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationChunk]:
@@ -138,13 +152,23 @@ class EngineClient:
                 if detokenizer.stop_matched is not None:
                     finish_reason = "stop"
                 finished = finish_reason is not None
-                logprobs = None
+                logprobs = prompt_logprobs = None
                 if params.logprobs is not None:
                     logprobs = [
                         self.decode_logprobs(item.logprobs, item.token_id) for item in batch
                     ]
+                if batch[0].prompt_logprobs is not None:
+                    prompt_logprobs = self.decode_prompt_logprobs(
+                        token_ids, batch[0].prompt_logprobs
+                    )
                 yield GenerationChunk(
-                    text, new_tokens, finish_reason, len(token_ids), generated, logprobs
+                    text,
+                    new_tokens,
+                    finish_reason,
+                    len(token_ids),
+                    generated,
+                    logprobs,
+                    prompt_logprobs,
                 )
         finally:
             del self.streams[request_id]

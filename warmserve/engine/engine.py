@@ -9,7 +9,6 @@ import json
 import time
 import traceback
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from warmserve.loader.weight_store import SegmentWeights
 from warmserve.models.config import ModelConfig
 from warmserve.models.registry import model_class
 from warmserve.models.weights import WeightLoadError, parameter_slots
-from warmserve.protocol import TokenLogprobs
+from warmserve.protocol import TokenOutput
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,14 +36,6 @@ class InsufficientMemory(RuntimeError):
 
 class RequestRejected(ValueError):
     """A request that this model cannot take (too long, bad token ids, duplicate id)."""
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    request_id: str
-    token_id: int
-    finish_reason: str | None  # stop | length | None while running
-    logprobs: TokenLogprobs | None = None  # when the request asks for them
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str | None) -> torch.dtype:
@@ -285,16 +276,22 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[StepOutput]:
+    def step(self) -> list[TokenOutput]:
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
         generators = [self.generators.get(seq.request_id) for seq in seqs]
-        tokens, logprobs = self.runner.execute(seqs, generators, self.scheduler.eos_token_ids)
-        self.scheduler.finish_step(seqs, tokens)
+        sampled = self.runner.execute(seqs, generators, self.scheduler.eos_token_ids)
+        self.scheduler.finish_step(seqs, sampled.token_ids)
         outputs = []
-        for seq, token, token_logprobs in zip(seqs, tokens, logprobs, strict=True):
-            outputs.append(StepOutput(seq.request_id, token, seq.finish_reason, token_logprobs))
+        for seq, token, token_logprobs, prompt_logprobs in zip(
+            seqs, sampled.token_ids, sampled.logprobs, sampled.prompt_logprobs, strict=True
+        ):
+            outputs.append(
+                TokenOutput(
+                    seq.request_id, token, seq.finish_reason, token_logprobs, prompt_logprobs
+                )
+            )
             if seq.finish_reason is not None:
                 self.sequences.pop(seq.request_id, None)
                 self.generators.pop(seq.request_id, None)

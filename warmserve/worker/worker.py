@@ -43,7 +43,6 @@ from warmserve.protocol import (
     SegmentRegistered,
     Shutdown,
     StepOutputs,
-    TokenOutput,
     UnloadModel,
     WorkerFailed,
     WorkerReady,
@@ -268,15 +267,7 @@ class Worker:
             self.model_lost(exc)
             return
         if outputs:
-            self.send(
-                StepOutputs(
-                    self.args.worker_id,
-                    [
-                        TokenOutput(o.request_id, o.token_id, o.finish_reason, o.logprobs)
-                        for o in outputs
-                    ],
-                )
-            )
+            self.send(StepOutputs(self.args.worker_id, outputs))
 
     # ---- load and unload ------------------------------------------------------------------
 
