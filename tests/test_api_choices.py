@@ -129,6 +129,7 @@ def test_sampling_fields_reach_the_engine_parameters(client, controller):
         ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
         ({"tools": [{"type": "function"}]}, "tools is not supported"),
         ({"temprature": 0.5}, "temprature: unrecognized"),
+        ({"echo": True}, "echo is not supported"),
     ],
 )
 def test_invalid_chat_fields_are_400_naming_the_field(client, body, fragment):

@@ -4,6 +4,7 @@ several choices, echo, min_tokens, logit_bias, and unknown fields refused."""
 from __future__ import annotations
 
 import functools
+import time
 
 import openai
 import pytest
@@ -236,3 +237,32 @@ def test_bad_fields_are_400_and_the_server_keeps_serving(server, shared_model):
             top_logprobs=21,
         )
     assert client.completions.create(model=shared_model, prompt=PROMPT, max_tokens=2).choices
+
+
+def test_client_hang_up_ends_every_choice(server, shared_model):
+    max_tokens = 480  # about half a second of generation per choice for the tiny model on CPU
+    generated = ("warmserve_generation_tokens_total", (("model", shared_model),))
+    before = server.metric_samples().get(generated, 0)
+    body = {
+        "model": shared_model,
+        "prompt": "Hi",
+        "n": 3,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with server.http() as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            models = http.get("/admin/models").json()
+            in_flight = next(m for m in models if m["name"] == shared_model)["requests_in_flight"]
+            if in_flight == 0:
+                break
+            time.sleep(0.01)
+    assert in_flight == 0
+    # Every choice stopped early: none ran to max_tokens.
+    assert server.metric_samples()[generated] - before < max_tokens

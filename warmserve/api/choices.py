@@ -8,7 +8,7 @@ rule), so that n seeded samples differ from each other and each is reproducible.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 import anyio
@@ -37,29 +37,30 @@ class Choices:
     @classmethod
     async def start(
         cls,
-        make_generation,
+        make_generation: Callable[[str | list[int], SamplingParams], Generation],
         prompts: list[str | list[int]],
         params: SamplingParams,
         n: int,
     ) -> Choices:
-        """`make_generation(prompt, params)` builds one Generation. Every generation's first
-        chunk is awaited before this returns, so that a refusal is an HTTP error; if one is
-        refused, the others are ended."""
+        """Every generation's first chunk is awaited before this returns, so that a refusal is
+        an HTTP error; if one is refused (or the client leaves), the others are ended."""
         generations = [
             make_generation(prompt, sample)
             for prompt in prompts
             for sample in sample_params(params, n)
         ]
-        results = await asyncio.gather(
-            *(generation.start() for generation in generations), return_exceptions=True
-        )
-        failures = [result for result in results if isinstance(result, BaseException)]
-        if failures:
+        try:
+            results = await asyncio.gather(
+                *(generation.start() for generation in generations), return_exceptions=True
+            )
+            failures = [result for result in results if isinstance(result, BaseException)]
+            if failures:
+                raise failures[0]
+        except BaseException:
             with anyio.CancelScope(shield=True):
-                for generation, result in zip(generations, results, strict=True):
-                    if result is None:
-                        await generation.close()
-            raise failures[0]
+                for generation in generations:
+                    await generation.close()
+            raise
         return cls(generations, n)
 
     def usage(self) -> Usage:

@@ -66,8 +66,9 @@ class Generation:
             self._record()
 
     async def close(self) -> None:
-        """Ends a started generation whose chunks will not be read."""
-        await self._close_source()
+        """Ends a generation whose chunks will not be read (nothing if it never started)."""
+        if self._source is not None:
+            await self._close_source()
 
     def _observe(self, chunk: GenerationChunk) -> None:
         now = time.perf_counter()

@@ -65,6 +65,17 @@ UNSUPPORTED_UNLESS = {
     "skip_special_tokens": (None, True),
     "spaces_between_special_tokens": (None, True),
     "store": (None, False),
+    "echo": (None, False),  # vLLM's chat echo; /v1/completions' echo is implemented
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "chat_template": (None,),
+    "documents": (None,),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "truncate_prompt_tokens": (None,),
+    "priority": (None, 0),
+    "structured_outputs": (None,),
+    "guided_decoding_backend": (None,),
 }
 
 
