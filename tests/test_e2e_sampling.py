@@ -101,6 +101,10 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(server, shared_mod
         for token in (chunk.choices[0].logprobs.tokens if chunk.choices[0].logprobs else [])
     ]
     assert streamed == logprobs.tokens
+    # A one-token prompt: its token, with nothing to score it by, then the generated one.
+    alone = client.completions.create(**{**options, "prompt": prompt_ids[:1]}).choices[0]
+    assert alone.logprobs.tokens[0] == f"token_id:{prompt_ids[0]}"
+    assert alone.logprobs.token_logprobs[0] is None and len(alone.logprobs.tokens) == 2
 
 
 def test_streamed_logprobs_equal_the_whole_response(server, shared_model):

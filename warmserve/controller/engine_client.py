@@ -157,9 +157,10 @@ class EngineClient:
                     logprobs = [
                         self.decode_logprobs(item.logprobs, item.token_id) for item in batch
                     ]
-                if batch[0].prompt_logprobs is not None:
+                if params.prompt_logprobs is not None and generated == len(new_tokens):
+                    # A one-token prompt has nothing to score: the engine sends no list.
                     prompt_logprobs = self.decode_prompt_logprobs(
-                        token_ids, batch[0].prompt_logprobs
+                        token_ids, batch[0].prompt_logprobs or []
                     )
                 yield GenerationChunk(
                     text,
