@@ -109,13 +109,11 @@ def _token_counts(sequences: list[list[int]], vocab: int, device: torch.device) 
     counts = torch.zeros(len(sequences), vocab, device=device)
     lengths = [len(ids) for ids in sequences]
     if sum(lengths):
-        # Row numbers and token ids travel to the device as one tensor.
-        flat = torch.tensor(
-            [
-                *itertools.chain.from_iterable([row] * n for row, n in enumerate(lengths)),
-                *itertools.chain.from_iterable(sequences),
-            ],
-            device=device,
-        ).view(2, -1)
-        counts.index_put_((flat[0], flat[1]), torch.ones_like(flat[0], dtype=counts.dtype), True)
+        # The lengths and the token ids travel to the device as one tensor.
+        flat = torch.tensor([*lengths, *itertools.chain.from_iterable(sequences)], device=device)
+        lengths_on_device, token_ids = flat[: len(lengths)], flat[len(lengths) :]
+        rows = torch.repeat_interleave(
+            torch.arange(len(lengths), device=device), lengths_on_device, output_size=len(token_ids)
+        )
+        counts.index_put_((rows, token_ids), torch.ones_like(token_ids, dtype=counts.dtype), True)
     return counts
