@@ -19,6 +19,7 @@ from transformers.generation.logits_process import (
 )
 
 from warmserve.config import SamplingParams
+from warmserve.engine.engine import RequestRejected
 from warmserve.layers.logits_processors import process_logits
 from warmserve.layers.sampling import sampling_probs, token_logprobs
 
@@ -262,3 +263,10 @@ def test_prompt_logprobs_through_the_engine_equal_transformers(engine, reference
             torch.testing.assert_close(
                 torch.tensor(entry.top_logprobs), row.topk(3).values, atol=5e-5, rtol=0
             )
+
+
+def test_the_engine_refuses_what_the_vocabulary_cannot_hold(engine):
+    vocab = engine.vocab_size
+    with pytest.raises(RequestRejected, match="logit_bias"):
+        engine.add_request("bias", [5], SamplingParams(logit_bias=((vocab, 1.0),)))
+    assert not engine.has_unfinished_requests()

@@ -260,6 +260,8 @@ class Engine:
             raise RequestRejected(f"token ids must lie in [0, {self.vocab_size})")
         if any(token >= self.vocab_size for token, _ in params.logit_bias):
             raise RequestRejected(f"logit_bias: token ids must lie in [0, {self.vocab_size})")
+        if max(params.logprobs or 0, params.prompt_logprobs or 0) > self.vocab_size:
+            raise RequestRejected(f"logprobs: this model has only {self.vocab_size} tokens")
         seq = Sequence(request_id, prompt_token_ids, params)
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device)
