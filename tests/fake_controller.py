@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from warmserve.config import ModelSpec, SamplingParams
+from warmserve.controller.admission import QueueStats
 from warmserve.controller.errors import (
     InvalidRequest,
     ModelExists,
@@ -18,14 +19,24 @@ from warmserve.controller.errors import (
     NoCapacity,
     PathForbidden,
 )
-from warmserve.controller.types import GenerationChunk, LoadResult, ModelInfo, WorkerInfo
+from warmserve.controller.types import (
+    GenerationChunk,
+    LoadResult,
+    ModelInfo,
+    ResidentModel,
+    WorkerInfo,
+)
 
 VOCAB_SIZE = 100
+# Each fake worker has room for one fake model.
+MODEL_BYTES = WORKER_USABLE_BYTES = 1 << 30
 
 
 class FakeTokenizer:
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         lines = [f"{message['role']}: {message['content']}" for message in messages]
+        if tools:
+            lines.insert(0, "tools: " + ", ".join(tool["function"]["name"] for tool in tools))
         return "\n".join([*lines, "assistant:"])
 
     def encode(self, text: str) -> list[int]:
@@ -38,8 +49,10 @@ class FakeTokenizer:
 class FakeController:
     def __init__(self, workers: int = 2):
         self._workers = [
-            WorkerInfo(i, 1000 + i, "cpu", "idle", None, 4 << 30, 0, 0) for i in range(workers)
+            WorkerInfo(i, 1000 + i, "cpu", "ready", [], 4 << 30, 0, 0, WORKER_USABLE_BYTES, 1 << 30)
+            for i in range(workers)
         ]
+        self.queue_stats = QueueStats()
         self._models: dict[str, ModelInfo] = {}
         self._listeners = []
         self.loads_seen = 0
@@ -50,6 +63,8 @@ class FakeController:
         self.last_params: SamplingParams | None = None
         self.last_keep_alive: float | None = None
         self.requests: list[tuple[str | list[int], SamplingParams]] = []
+        # When set, a generation streams these pieces of text and stops (a scripted reply).
+        self.reply_pieces: list[str] | None = None
         self.registry: dict[str, ModelSpec] = {}
         self.counters = {"auto_loads": 0, "evictions": 0, "idle_unloads": 0}
         self.host_cache_bytes = 0
@@ -69,12 +84,14 @@ class FakeController:
             raise PathForbidden(f"{path} is outside the model root")
         if name in self._models:
             raise ModelExists(f"model {name!r} is already loaded")
-        idle = [worker for worker in self._workers if worker.state == "idle"]
-        if len(idle) < tensor_parallel_size:
-            raise NoCapacity("no idle workers")
-        chosen = idle[:tensor_parallel_size]
+        free = [worker for worker in self._workers if worker.memory_free_bytes >= MODEL_BYTES]
+        if len(free) < tensor_parallel_size:
+            raise NoCapacity("no room: explicitly loaded models hold the memory")
+        chosen = free[:tensor_parallel_size]
         for worker in chosen:
-            worker.state, worker.model, worker.memory_used_bytes = "loaded", name, 1 << 20
+            worker.models.append(ResidentModel(name, MODEL_BYTES, "loaded"))
+            worker.memory_used_bytes += MODEL_BYTES
+            worker.memory_free_bytes -= MODEL_BYTES
         self.loads_seen += 1
         source = "host-cache" if self.loads_seen > 1 else "disk"
         self._models[name] = ModelInfo(
@@ -98,8 +115,10 @@ class FakeController:
         self._emit("unloading", name)
         del self._models[name]
         for worker in self._workers:
-            if worker.model == name:
-                worker.state, worker.model, worker.memory_used_bytes = "idle", None, 0
+            if any(model.name == name for model in worker.models):
+                worker.models = [model for model in worker.models if model.name != name]
+                worker.memory_used_bytes -= MODEL_BYTES
+                worker.memory_free_bytes += MODEL_BYTES
         self._emit("unloaded", name)
         return 0.002
 
@@ -151,7 +170,12 @@ class FakeController:
         prompt_tokens = len(prompt) if isinstance(prompt, list) else len(prompt.split())
         info.requests_in_flight += 1
         try:
-            for index in range(params.max_tokens):
+            for index, piece in enumerate(self.reply_pieces or ()):
+                last = index == len(self.reply_pieces) - 1
+                yield GenerationChunk(
+                    piece, [index], "stop" if last else None, prompt_tokens, index + 1
+                )
+            for index in range(0 if self.reply_pieces else params.max_tokens):
                 if index and name in self.failing_models:
                     raise ModelUnavailable(f"model {name!r} was unloaded")
                 await asyncio.sleep(self.token_delay_s)

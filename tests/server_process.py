@@ -31,7 +31,7 @@ DEFAULT_REGISTRY = (
     f"models:\n  - name: {REGISTERED_MODEL}\n    path: tiny-qwen3\n    keep_alive: 0\n"
 )
 SHM_DIR = Path("/dev/shm")
-INSTANCE_LINE = re.compile(r"instance ([0-9a-f]+): shared memory")
+INSTANCE_LINE = re.compile(r"instance ([0-9a-z]+): shared memory")
 
 
 def free_port() -> int:

@@ -127,7 +127,7 @@ def test_sampling_fields_reach_the_engine_parameters(client, controller):
         ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
-        ({"tools": [{"type": "function"}]}, "tools is not supported"),
+        ({"prompt_logprobs": 1}, "prompt_logprobs is not supported"),
         ({"temprature": 0.5}, "temprature: unrecognized"),
         ({"echo": True}, "echo is not supported"),
     ],

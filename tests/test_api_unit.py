@@ -305,7 +305,8 @@ def test_models_and_admin_listings(client):
     }
     assert client.get("/admin/models").json()[0]["name"] == MODEL
     workers = client.get("/admin/workers").json()
-    assert {"id", "pid", "device", "state", "model", "memory_used_bytes"} <= set(workers[0])
+    assert {"id", "pid", "device", "state", "models", "memory_free_bytes"} <= set(workers[0])
+    assert workers[0]["models"] == [{"name": MODEL, "memory_bytes": 1 << 30, "state": "loaded"}]
 
 
 def test_metrics_count_requests_tokens_swaps_and_pool(client, controller):
@@ -330,8 +331,11 @@ def test_metrics_count_requests_tokens_swaps_and_pool(client, controller):
     assert samples[("warmserve_model_load_seconds_count", (("source", "disk"),))] == 1
     assert samples[("warmserve_model_load_seconds_count", (("source", "host-cache"),))] == 1
     assert samples[("warmserve_model_unload_seconds_count", ())] == 1
-    assert samples[("warmserve_worker_state", (("state", "loaded"), ("worker", "0")))] == 1
-    assert samples[("warmserve_worker_state", (("state", "idle"), ("worker", "0")))] == 0
+    assert samples[("warmserve_worker_state", (("state", "ready"), ("worker", "0")))] == 1
+    assert samples[("warmserve_worker_state", (("state", "dead"), ("worker", "0")))] == 0
+    resident = (("model", MODEL), ("worker", "0"))
+    assert samples[("warmserve_model_resident_bytes", resident)] == 1 << 30
+    assert samples[("warmserve_model_requests_queued", (("model", MODEL),))] == 0
     assert ("warmserve_host_cache_bytes", ()) in samples
 
 

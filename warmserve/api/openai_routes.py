@@ -32,6 +32,8 @@ from warmserve.api.openai_schemas import (
 )
 from warmserve.api.services import Services
 from warmserve.api.sse import sse_response
+from warmserve.api.structured_schemas import FunctionCall, MessageToolCall
+from warmserve.api.tool_calls import ParsedReply, ToolCalling, new_tool_call_id
 from warmserve.config import SamplingParams
 from warmserve.controller.types import ModelInfo
 
@@ -75,26 +77,54 @@ async def completion_chunks(
         yield chunk([], choices.usage())
 
 
+def message_tool_calls(reply: ParsedReply) -> list[MessageToolCall]:
+    return [
+        MessageToolCall(id=new_tool_call_id(), function=FunctionCall(**vars(call)))
+        for call in reply.tool_calls
+    ]
+
+
+def reply_finish_reason(called_tools: bool, finish_reason: str) -> str:
+    return "tool_calls" if called_tools and finish_reason == "stop" else finish_reason
+
+
 async def chat_chunks(
-    choices: Choices, response_id: str, created: int, body: ChatCompletionRequest, model: str
+    choices: Choices,
+    response_id: str,
+    created: int,
+    body: ChatCompletionRequest,
+    model: str,
+    calling: ToolCalling,
 ) -> AsyncIterator[ChatCompletionChunk]:
     def chunk(parts: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=response_id, created=created, model=model, choices=parts, usage=usage
         )
 
-    for index in range(len(choices.generations)):
+    replies = [calling.reply_stream() for _ in choices.generations]
+    for index in range(len(replies)):
         yield chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
     async for index, piece in choices.chunks():
+        reply = replies[index]
+        deltas = reply.feed(piece.text)
+        if piece.finish_reason:
+            deltas += reply.finish()
         logprobs = None
         if piece.logprobs is not None:
             logprobs = chat_logprobs(piece.logprobs, bool(body.return_tokens_as_token_ids))
-        if piece.text or logprobs:
+            # The tokens' log-probabilities go out even while their text is held back.
+            deltas = deltas or [{"content": ""}]
+        for position, delta in enumerate(deltas):
             yield chunk(
-                [ChatChunkChoice(index=index, delta={"content": piece.text}, logprobs=logprobs)]
+                [
+                    ChatChunkChoice(
+                        index=index, delta=delta, logprobs=logprobs if position == 0 else None
+                    )
+                ]
             )
         if piece.finish_reason:
-            yield chunk([ChatChunkChoice(index=index, delta={}, finish_reason=piece.finish_reason)])
+            finish_reason = reply_finish_reason(reply.called, piece.finish_reason)
+            yield chunk([ChatChunkChoice(index=index, delta={}, finish_reason=finish_reason)])
     if body.include_usage_chunk:
         yield chunk([], choices.usage())
 
@@ -196,7 +226,10 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
     ) -> ChatCompletion | StreamingResponse:
         info = requested_model(request, body.model)
         tokenizer = controller.tokenizer(info.name)
-        prompt = tokenizer.apply_chat_template([m.template_message() for m in body.messages])
+        calling = body.tool_calling()
+        prompt = tokenizer.apply_chat_template(
+            [m.template_message() for m in body.messages], tools=calling.template_tools()
+        )
         num_logprobs = body.num_logprobs
         params = body.sampling_params(CHAT_DEFAULT_MAX_TOKENS, num_logprobs)
         choices = await Choices.start(
@@ -204,8 +237,11 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         )
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return sse_response(chat_chunks(choices, response_id, created, body, info.name))
+            return sse_response(
+                chat_chunks(choices, response_id, created, body, info.name, calling)
+            )
         collected = await choices.collect()
+        replies = [calling.reply(choice.text) for choice in collected]
         return ChatCompletion(
             id=response_id,
             created=created,
@@ -213,13 +249,15 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
             choices=[
                 ChatChoice(
                     index=index,
-                    message=AssistantMessage(content=choice.text),
+                    message=AssistantMessage(
+                        content=reply.content, tool_calls=message_tool_calls(reply) or None
+                    ),
                     logprobs=chat_logprobs(choice.logprobs, bool(body.return_tokens_as_token_ids))
                     if num_logprobs is not None
                     else None,
-                    finish_reason=choice.finish_reason,
+                    finish_reason=reply_finish_reason(bool(reply.tool_calls), choice.finish_reason),
                 )
-                for index, choice in enumerate(collected)
+                for index, (choice, reply) in enumerate(zip(collected, replies, strict=True))
             ],
             usage=choices.usage(),
         )

@@ -9,7 +9,8 @@ log-softmax of the model's logits as the model computed them, before logit_bias,
 temperature, top-k/top-p/min-p or any mask. They describe the model, not the sampler: a token
 drawn at temperature 0.5 reports the same log-probability as at temperature 1.
 Sampling fields follow vLLM: `n` choices are independent requests (seeded `seed + index` when a
-seed is given); a list of prompts gives one choice per prompt and sample, prompt-major.
+seed is given); a list of prompts gives one choice per prompt and sample, prompt-major. The fields
+that constrain the output (response_format, tools, guided_*) are in structured_schemas.
 """
 
 from __future__ import annotations
@@ -21,13 +22,22 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from warmserve.api.logprobs import ChatLogprobs, CompletionLogprobs
 from warmserve.api.request_fields import TOKEN_ID_MAX, Text, encodable, logit_bias_pairs, prompts
-from warmserve.config import MAX_LOGPROBS, ConfigError, SamplingParams
+from warmserve.api.structured_schemas import (
+    MessageToolCall,
+    NamedToolChoice,
+    StructuredRequest,
+    Tool,
+    ToolChoice,
+)
+from warmserve.api.tool_calls import ToolCalling
+from warmserve.config import MAX_LOGPROBS, ConfigError, SamplingParams, StructuredOutput
 from warmserve.controller.registry import parse_keep_alive
 
 # OpenAI's default for /v1/completions.
@@ -47,15 +57,12 @@ MAX_CHOICES = 128
 # Any other field that the request classes below do not declare is refused as unknown.
 UNSUPPORTED_UNLESS = {
     "suffix": (None, ""),
+    # /v1/completions only: chat declares tools, tool_choice and parallel_tool_calls.
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "parallel_tool_calls": (None, True, False),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
     "guided_grammar": (None,),
     "chat_template_kwargs": (None, {}),
     "prompt_logprobs": (None,),
@@ -124,7 +131,7 @@ Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(StructuredRequest):
     """Fields shared by completions and chat completions."""
 
     # Undeclared fields are kept so that the validator can name them in its refusal.
@@ -218,6 +225,7 @@ class GenerationRequest(BaseModel):
             presence_penalty=self.presence_penalty or 0.0,
             min_p=self.min_p or 0.0,
             logprobs=num_logprobs,
+            structured_output=self.structured_output(),
         )
 
 
@@ -249,13 +257,20 @@ class CompletionRequest(GenerationRequest):
 
 class ChatMessage(BaseModel):
     role: Text = Field(min_length=1)
+    # null (an assistant turn that only calls tools) is rendered as "".
     content: Annotated[str, BeforeValidator(_text_content)] = ""
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: Text | None = None  # a tool turn: the call it answers
 
-    def template_message(self) -> dict[str, str]:
-        message = {"role": self.role, "content": self.content}
+    def template_message(self) -> dict:
+        message: dict = {"role": self.role, "content": self.content}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.template_call() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -263,6 +278,39 @@ class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = False
     top_logprobs: LogprobCount | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise PydanticCustomError("tool_choice", "tool_choice needs tools")
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise PydanticCustomError("tools", "tools: each function needs its own name")
+        named = isinstance(self.tool_choice, NamedToolChoice)
+        if named and self.tool_choice.function.name not in names:
+            raise PydanticCustomError(
+                "tool_choice",
+                "tool_choice: no tool is named '{name}'",
+                {"name": self.tool_choice.function.name},
+            )
+        constrained = StructuredRequest.structured_output(self) is not None
+        if (named or self.tool_choice == "required") and constrained:
+            raise PydanticCustomError(
+                "tool_choice",
+                "a forced tool_choice constrains the output: it cannot be combined with "
+                "response_format or guided_*",
+            )
+        return self
+
+    def tool_calling(self) -> ToolCalling:
+        return ToolCalling(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def structured_output(self) -> StructuredOutput | None:
+        forced = self.tool_calling().structured_output()
+        return forced if forced is not None else super().structured_output()
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
@@ -301,7 +349,16 @@ class Completion(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[MessageToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_tool_calls(self, handler) -> dict:
+        # A reply without calls has no tool_calls key, as OpenAI's.
+        body = handler(self)
+        if body.get("tool_calls") is None:
+            body.pop("tool_calls", None)
+        return body
 
 
 class ChatChoice(BaseModel):
@@ -322,8 +379,9 @@ class ChatCompletion(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
-    # Only the keys that changed: {"role": ...} first, then {"content": ...}, {} at the end.
-    delta: dict[str, str]
+    # Only the keys that changed: {"role": ...} first, then {"content": ...} or
+    # {"tool_calls": [...]}, {} at the end.
+    delta: dict[str, Any]
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 

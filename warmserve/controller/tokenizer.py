@@ -50,7 +50,12 @@ class ModelTokenizer:
     def token_id(self, text: str) -> int | None:
         return self.tokenizer.token_to_id(text)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str:
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
@@ -65,6 +70,7 @@ class ModelTokenizer:
             template = environment.from_string(self.chat_template)
             return template.render(
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",

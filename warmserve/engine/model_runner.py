@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ from warmserve.layers.logits_processors import process_logits
 from warmserve.layers.parallel import tp_rank, tp_world_size
 from warmserve.layers.sampling import sample
 from warmserve.protocol import TokenLogprobs
+
+if TYPE_CHECKING:
+    from warmserve.engine.structured_output import StructuredOutputs
 
 
 @dataclass
@@ -120,9 +124,12 @@ class ModelRunner:
         seqs: list[Sequence],
         generators: list[torch.Generator | None],
         eos_token_ids: frozenset[int] = frozenset(),
+        structured_outputs: StructuredOutputs | None = None,
     ) -> SampledTokens:
         """Lead rank: runs one step for `seqs`; returns one sampled token per sequence, and the
-        log-probabilities that sequences ask for."""
+        log-probabilities that sequences ask for. The constrained sequences' token masks are
+        filled while the forward runs."""
+        masks = structured_outputs.start_masks(seqs) if structured_outputs is not None else None
         inputs = self.build_inputs(seqs)
         if self.tp_size > 1:
             dist.broadcast_object_list([inputs], src=0)
@@ -132,6 +139,8 @@ class ModelRunner:
             logits = self.decode_graphs.run(inputs)
         else:
             logits, prompt_hidden = self._forward(inputs)
+        if masks is not None:
+            masks.apply(logits)
         params: list[SamplingParams] = [seq.params for seq in seqs]
         processed = process_logits(
             logits,
