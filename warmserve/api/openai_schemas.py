@@ -6,8 +6,9 @@ neither OpenAI nor vLLM defines (a misspelt `max_token`), as OpenAI refuses it.
 
 Log-probabilities (`logprobs`, `top_logprobs`) are vLLM's default "raw_logprobs": the
 log-softmax of the model's logits as the model computed them, before logit_bias, penalties,
-temperature, top-k/top-p/min-p or any mask. They describe the model, not the sampler: a token
-drawn at temperature 0.5 reports the same log-probability as at temperature 1.
+temperature and top-k/top-p/min-p. They describe the model, not the sampler: a token drawn at
+temperature 0.5 reports the same log-probability as at temperature 1. A structured-output
+request's grammar mask does apply first, as in vLLM: tokens the grammar forbids report -9999.
 Sampling fields follow vLLM: `n` choices are independent requests (seeded `seed + index` when a
 seed is given); a list of prompts gives one choice per prompt and sample, prompt-major. The fields
 that constrain the output (response_format, tools, guided_*) are in structured_schemas.
