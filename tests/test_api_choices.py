@@ -138,3 +138,32 @@ def test_invalid_chat_fields_are_400_naming_the_field(client, body, fragment):
         json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], **body},
     )
     assert fragment in assert_error(response, 400, "invalid_request")["message"]
+
+
+def test_each_choice_parses_its_own_tool_calls(client, controller):
+    controller.reply_pieces = [
+        "<tool_call>",
+        '{"name": "get_time", "arguments": {}}',
+        "</tool_call>",
+    ]
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+    messages = [{"role": "user", "content": "x"}]
+    body = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "tools": tools, "n": 2},
+    ).json()
+    assert [choice["index"] for choice in body["choices"]] == [0, 1]
+    for choice in body["choices"]:
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_time"
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "tools": tools, "n": 2, "stream": True},
+    )
+    finishes = {
+        choice["index"]: choice["finish_reason"]
+        for chunk in sse_payloads(response.text)
+        for choice in chunk["choices"]
+        if choice["finish_reason"]
+    }
+    assert finishes == {0: "tool_calls", 1: "tool_calls"}

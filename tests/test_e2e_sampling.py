@@ -270,3 +270,30 @@ def test_client_hang_up_ends_every_choice(server, shared_model):
     assert in_flight == 0
     # Every choice stopped early: none ran to max_tokens.
     assert server.metric_samples()[generated] - before < max_tokens
+
+
+def test_logprobs_and_penalties_with_structured_output(server, shared_model):
+    """The grammar mask applies before log-probabilities (as in vLLM): the most likely tokens
+    reported are ones the grammar allows (a JSON object opens with "{", after any blanks)."""
+    choice = (
+        server.openai()
+        .chat.completions.create(
+            model=shared_model,
+            messages=[{"role": "user", "content": "Give me JSON."}],
+            response_format={"type": "json_object"},
+            max_tokens=8,
+            temperature=0.7,
+            seed=2,
+            logprobs=True,
+            top_logprobs=2,
+            presence_penalty=1.0,
+            extra_body={"repetition_penalty": 1.3},
+        )
+        .choices[0]
+    )
+    content = choice.logprobs.content
+    assert content and all(entry.logprob > -9999 for entry in content)
+    assert all(entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob for entry in content)
+    for top in content[0].top_logprobs:
+        if top.logprob > -9999:
+            assert top.token.lstrip().startswith("{") or not top.token.strip(), top.token
