@@ -29,7 +29,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from warmserve.api.logprobs import ChatLogprobs, CompletionLogprobs
-from warmserve.api.request_fields import TOKEN_ID_MAX, Text, encodable, logit_bias_pairs, prompts
+from warmserve.api.request_fields import (
+    TOKEN_ID_MAX,
+    UNSUPPORTED_UNLESS,
+    Text,
+    encodable,
+    logit_bias_pairs,
+    prompts,
+)
 from warmserve.api.structured_schemas import (
     MessageToolCall,
     NamedToolChoice,
@@ -53,38 +60,6 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed acc
 
 # OpenAI's bound on n; it bounds the choices of a request with several prompts too.
 MAX_CHOICES = 128
-
-# OpenAI and vLLM fields warmserve does not implement, with the values that ask for nothing.
-# Any other field that the request classes below do not declare is refused as unknown.
-UNSUPPORTED_UNLESS = {
-    "suffix": (None, ""),
-    # /v1/completions only: chat declares tools, tool_choice and parallel_tool_calls.
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "parallel_tool_calls": (None, True, False),
-    "functions": (None, []),
-    "function_call": (None, "none", "auto"),
-    "guided_grammar": (None,),
-    "chat_template_kwargs": (None, {}),
-    "prompt_logprobs": (None,),
-    "use_beam_search": (None, False),
-    "length_penalty": (None, 1),
-    "include_stop_str_in_output": (None, False),
-    "skip_special_tokens": (None, True),
-    "spaces_between_special_tokens": (None, True),
-    "store": (None, False),
-    "echo": (None, False),  # vLLM's chat echo; /v1/completions' echo is implemented
-    "add_generation_prompt": (None, True),
-    "continue_final_message": (None, False),
-    "chat_template": (None,),
-    "documents": (None,),
-    "bad_words": (None, []),
-    "allowed_token_ids": (None,),
-    "truncate_prompt_tokens": (None,),
-    "priority": (None, 0),
-    "structured_outputs": (None,),
-    "guided_decoding_backend": (None,),
-}
 
 
 def _text_content(value: Any) -> Any:

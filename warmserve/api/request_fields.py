@@ -1,5 +1,5 @@
 """Request fields that need more than a type: text a tokenizer can take, prompts in OpenAI's
-several forms, logit_bias keyed by token-id strings."""
+several forms, logit_bias keyed by token-id strings; and the fields warmserve refuses."""
 
 from __future__ import annotations
 
@@ -10,6 +10,38 @@ from pydantic_core import PydanticCustomError
 
 # Token ids and top_k travel to the workers as 32-bit integers at most; no vocabulary is larger.
 TOKEN_ID_MAX = 2**31 - 1
+
+# OpenAI and vLLM fields warmserve does not implement, with the values that ask for nothing.
+# Any other field that the request classes (openai_schemas) do not declare is refused as unknown.
+UNSUPPORTED_UNLESS = {
+    "suffix": (None, ""),
+    # /v1/completions only: chat declares tools, tool_choice and parallel_tool_calls.
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "guided_grammar": (None,),
+    "chat_template_kwargs": (None, {}),
+    "prompt_logprobs": (None,),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
+    "store": (None, False),
+    "echo": (None, False),  # vLLM's chat echo; /v1/completions' echo is implemented
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "chat_template": (None,),
+    "documents": (None,),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "truncate_prompt_tokens": (None,),
+    "priority": (None, 0),
+    "structured_outputs": (None,),
+    "guided_decoding_backend": (None,),
+}
 
 
 def encodable(text: str) -> str:
