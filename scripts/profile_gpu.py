@@ -216,7 +216,7 @@ def swap_phases(report, root: Path, shape="qwen3-0.6b", family="qwen3", repeats=
     t1 = time.perf_counter()
     inputs = engine.runner.build_inputs(seqs)
     t2 = time.perf_counter()
-    logits = engine.runner._forward(inputs)
+    logits, _ = engine.runner._forward(inputs)
     t3 = time.perf_counter()
     sync()
     t4 = time.perf_counter()

@@ -42,6 +42,9 @@ class FakeTokenizer:
     def encode(self, text: str) -> list[int]:
         return [len(word) % VOCAB_SIZE for word in text.split()]
 
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(f"t{token}" for token in token_ids)
+
 
 class FakeController:
     def __init__(self, workers: int = 2):
@@ -59,6 +62,7 @@ class FakeController:
         self.last_prompt: str | list[int] | None = None
         self.last_params: SamplingParams | None = None
         self.last_keep_alive: float | None = None
+        self.requests: list[tuple[str | list[int], SamplingParams]] = []
         # When set, a generation streams these pieces of text and stops (a scripted reply).
         self.reply_pieces: list[str] | None = None
         self.registry: dict[str, ModelSpec] = {}
@@ -161,6 +165,7 @@ class FakeController:
         if isinstance(prompt, list) and any(token >= VOCAB_SIZE for token in prompt):
             raise InvalidRequest(f"token ids must be below {VOCAB_SIZE}")
         self.last_prompt, self.last_params = prompt, params
+        self.requests.append((prompt, params))
         self.last_keep_alive = keep_alive
         prompt_tokens = len(prompt) if isinstance(prompt, list) else len(prompt.split())
         info.requests_in_flight += 1

@@ -139,6 +139,14 @@ def test_a_stop_string_in_the_prompt_does_not_stop_the_output(tokenizer):
     assert detokenizer.stop_matched is None
 
 
+def test_stop_strings_count_only_after_min_tokens(tokenizer):
+    first = tokenizer.encode("one two", add_special_tokens=False)
+    rest = tokenizer.encode(" one two three", add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, [], stop=("two",), min_tokens=len(first))
+    assert "".join(detokenizer.add([token]) for token in first + rest) == "one two one "
+    assert detokenizer.stop_matched == "two"
+
+
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Où est le café? 你好"},

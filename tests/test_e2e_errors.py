@@ -26,8 +26,10 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict:
         {"top_p": 0},
         {"max_tokens": 10**12},
         {"max_tokens": 0},
-        {"n": 2},
-        {"prompt": [[1, 2], [3, 4]]},
+        {"n": 0},
+        {"best_of": 2},
+        {"max_token": 5},
+        {"prompt": [[1, 2], []]},
         {"stop": 5},
     ],
 )

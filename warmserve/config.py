@@ -10,6 +10,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+# OpenAI's bound on top_logprobs; vLLM's default max_logprobs is the same.
+MAX_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """A grammar the output must follow, compiled and enforced in the worker.
@@ -43,6 +47,19 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Logits processors, applied in vLLM's order before temperature: logit_bias, min_tokens,
+    # then the repetition, frequency and presence penalties (see layers/logits_processors.py).
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are out
+    repetition_penalty: float = 1.0  # transformers' semantics, over prompt and output tokens
+    frequency_penalty: float = 0.0  # OpenAI's semantics, over output tokens
+    presence_penalty: float = 0.0
+    min_p: float = 0.0  # after top-k and top-p, as transformers' MinPLogitsWarper
+    # Log-probabilities of each sampled token (log-softmax of the raw logits) and of this many
+    # most likely alternatives; None: none computed.
+    logprobs: int | None = None
+    # The same for each prompt token after the first (none for the first: nothing precedes it).
+    prompt_logprobs: int | None = None
     structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
@@ -58,10 +75,46 @@ class SamplingParams:
             raise ConfigError(f"top_k must be -1, 0 or a positive integer, got {self.top_k!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        for name, low, high in (
+            ("frequency_penalty", -2.0, 2.0),
+            ("presence_penalty", -2.0, 2.0),
+            ("min_p", 0.0, 1.0),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ConfigError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        penalty = self.repetition_penalty
+        if not isinstance(penalty, (int, float)) or not 0.0 < penalty < math.inf:
+            raise ConfigError(f"repetition_penalty must be a number > 0, got {penalty!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ConfigError(
+                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                f"got {self.min_tokens!r}"
+            )
+        for token_id, bias in self.logit_bias:
+            if not isinstance(token_id, int) or token_id < 0:
+                raise ConfigError(f"logit_bias: token ids must be non-negative, got {token_id!r}")
+            if not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
+                raise ConfigError(f"logit_bias: biases must lie in [-100, 100], got {bias!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise ConfigError(
+                    f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}"
+                )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty needs the sequence's earlier tokens."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
 
 
 @dataclass(frozen=True)

@@ -145,10 +145,21 @@ class CommandDone(msgspec.Struct, tag=True, frozen=True):
     phases: dict[str, float] = {}  # where a load's or unload's time went
 
 
+class TokenLogprobs(msgspec.Struct, array_like=True, frozen=True):
+    """The sampled token's log-probability and the most likely tokens', most likely first."""
+
+    logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
 class TokenOutput(msgspec.Struct, array_like=True, frozen=True):
     request_id: str
     token_id: int
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None  # only for requests that ask for them
+    # With a request's first token, when it asks: one per prompt token after the first.
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 class StepOutputs(msgspec.Struct, tag=True, frozen=True):

@@ -65,8 +65,10 @@ class Generation:
             await self._close_source()
             self._record()
 
-    async def collect(self) -> str:
-        return "".join([chunk.text async for chunk in self.chunks()])
+    async def close(self) -> None:
+        """Ends a generation whose chunks will not be read (nothing if it never started)."""
+        if self._source is not None:
+            await self._close_source()
 
     def _observe(self, chunk: GenerationChunk) -> None:
         now = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -9,8 +10,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from warmserve.api.choices import Choices
 from warmserve.api.errors import APIError
 from warmserve.api.generation import Generation
+from warmserve.api.logprobs import chat_logprobs, completion_logprobs
 from warmserve.api.openai_schemas import (
     CHAT_DEFAULT_MAX_TOKENS,
     COMPLETION_DEFAULT_MAX_TOKENS,
@@ -30,31 +33,55 @@ from warmserve.api.openai_schemas import (
 from warmserve.api.services import Services
 from warmserve.api.sse import sse_response
 from warmserve.api.structured_schemas import FunctionCall, MessageToolCall
-from warmserve.api.tool_calls import ToolCalling, new_tool_call_id
-from warmserve.controller.types import GenerationChunk, ModelInfo
-
-
-def usage_of(chunk: GenerationChunk) -> Usage:
-    return Usage(
-        prompt_tokens=chunk.prompt_tokens,
-        completion_tokens=chunk.completion_tokens,
-        total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
-    )
+from warmserve.api.tool_calls import ParsedReply, ToolCalling, new_tool_call_id
+from warmserve.config import SamplingParams
+from warmserve.controller.types import ModelInfo
 
 
 async def completion_chunks(
-    generation: Generation, response_id: str, created: int, include_usage: bool
+    choices: Choices,
+    echoes: list[str],
+    response_id: str,
+    created: int,
+    body: CompletionRequest,
+    model: str,
 ) -> AsyncIterator[Completion]:
-    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
-        return Completion(
-            id=response_id, created=created, model=generation.model, choices=choices, usage=usage
-        )
+    """`echoes`: per choice, the prompt text that goes before its first chunk ("" without echo)."""
 
-    async for piece in generation.chunks():
-        if piece.text or piece.finish_reason:
-            yield chunk([CompletionChoice(text=piece.text, finish_reason=piece.finish_reason)])
-    if include_usage:
-        yield chunk([], usage_of(generation.last))
+    def chunk(parts: list[CompletionChoice], usage: Usage | None = None) -> Completion:
+        return Completion(id=response_id, created=created, model=model, choices=parts, usage=usage)
+
+    echoes = list(echoes)
+    offsets = [0] * len(echoes)  # where each choice's next token starts in its text
+    async for index, piece in choices.chunks():
+        text, echoes[index] = echoes[index] + piece.text, ""
+        logprobs = None
+        if piece.logprobs is not None:
+            tokens = [*(piece.prompt_logprobs or ()), *piece.logprobs]
+            logprobs = completion_logprobs(
+                tokens, offsets[index], bool(body.return_tokens_as_token_ids)
+            )
+            offsets[index] += sum(len(token.token) for token in tokens)
+        if text or piece.finish_reason or logprobs:
+            yield chunk(
+                [
+                    CompletionChoice(
+                        index=index,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=piece.finish_reason,
+                    )
+                ]
+            )
+    if body.include_usage_chunk:
+        yield chunk([], choices.usage())
+
+
+def message_tool_calls(reply: ParsedReply) -> list[MessageToolCall]:
+    return [
+        MessageToolCall(id=new_tool_call_id(), function=FunctionCall(**vars(call)))
+        for call in reply.tool_calls
+    ]
 
 
 def reply_finish_reason(called_tools: bool, finish_reason: str) -> str:
@@ -62,30 +89,44 @@ def reply_finish_reason(called_tools: bool, finish_reason: str) -> str:
 
 
 async def chat_chunks(
-    generation: Generation,
+    choices: Choices,
     response_id: str,
     created: int,
-    include_usage: bool,
+    body: ChatCompletionRequest,
+    model: str,
     calling: ToolCalling,
 ) -> AsyncIterator[ChatCompletionChunk]:
-    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+    def chunk(parts: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
-            id=response_id, created=created, model=generation.model, choices=choices, usage=usage
+            id=response_id, created=created, model=model, choices=parts, usage=usage
         )
 
-    reply = calling.reply_stream()
-    yield chunk([ChatChunkChoice(delta={"role": "assistant", "content": ""})])
-    async for piece in generation.chunks():
+    replies = [calling.reply_stream() for _ in choices.generations]
+    for index in range(len(replies)):
+        yield chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
+    async for index, piece in choices.chunks():
+        reply = replies[index]
         deltas = reply.feed(piece.text)
         if piece.finish_reason:
             deltas += reply.finish()
-        for delta in deltas:
-            yield chunk([ChatChunkChoice(delta=delta)])
+        logprobs = None
+        if piece.logprobs is not None:
+            logprobs = chat_logprobs(piece.logprobs, bool(body.return_tokens_as_token_ids))
+            # The tokens' log-probabilities go out even while their text is held back.
+            deltas = deltas or [{"content": ""}]
+        for position, delta in enumerate(deltas):
+            yield chunk(
+                [
+                    ChatChunkChoice(
+                        index=index, delta=delta, logprobs=logprobs if position == 0 else None
+                    )
+                ]
+            )
         if piece.finish_reason:
             finish_reason = reply_finish_reason(reply.called, piece.finish_reason)
-            yield chunk([ChatChunkChoice(delta={}, finish_reason=finish_reason)])
-    if include_usage:
-        yield chunk([], usage_of(generation.last))
+            yield chunk([ChatChunkChoice(index=index, delta={}, finish_reason=finish_reason)])
+    if body.include_usage_chunk:
+        yield chunk([], choices.usage())
 
 
 def openai_router(services: Services, only_model: str | None) -> APIRouter:
@@ -128,28 +169,55 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
             models = [info for info in models if info.name == only_model]
         return ModelList(data=[model_card(info) for info in models])
 
+    def generation_of(model: str, keep_alive: float | None):
+        def make(prompt: str | list[int], params: SamplingParams) -> Generation:
+            return Generation(controller, services.metrics, model, prompt, params, keep_alive)
+
+        return make
+
     @router.post("/v1/completions", response_model=None)
     async def create_completion(
         body: CompletionRequest, request: Request
     ) -> Completion | StreamingResponse:
         info = requested_model(request, body.model)
-        params = body.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS)
-        generation = Generation(
-            controller, services.metrics, info.name, body.prompt, params, body.keep_alive
+        params = body.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs)
+        if body.echo and body.logprobs is not None:  # the echoed prompt's tokens are scored too
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
+        echoes = [""] * len(body.prompt) * body.num_samples
+        if body.echo:
+            tokenizer = controller.tokenizer(info.name)
+            echoes = [
+                prompt if isinstance(prompt, str) else tokenizer.decode(prompt, False)
+                for prompt in body.prompt
+                for _ in range(body.num_samples)
+            ]
+        choices = await Choices.start(
+            generation_of(info.name, body.keep_alive), body.prompt, params, body.num_samples
         )
-        await generation.start()
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return sse_response(
-                completion_chunks(generation, response_id, created, body.include_usage_chunk)
+                completion_chunks(choices, echoes, response_id, created, body, info.name)
             )
-        text = await generation.collect()
+        collected = await choices.collect()
         return Completion(
             id=response_id,
             created=created,
             model=info.name,
-            choices=[CompletionChoice(text=text, finish_reason=generation.last.finish_reason)],
-            usage=usage_of(generation.last),
+            choices=[
+                CompletionChoice(
+                    index=index,
+                    text=echo + choice.text,
+                    logprobs=completion_logprobs(
+                        choice.logprobs, 0, bool(body.return_tokens_as_token_ids)
+                    )
+                    if body.logprobs is not None
+                    else None,
+                    finish_reason=choice.finish_reason,
+                )
+                for index, (echo, choice) in enumerate(zip(echoes, collected, strict=True))
+            ],
+            usage=choices.usage(),
         )
 
     @router.post("/v1/chat/completions", response_model=None)
@@ -162,33 +230,36 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         prompt = tokenizer.apply_chat_template(
             [m.template_message() for m in body.messages], tools=calling.template_tools()
         )
-        params = body.sampling_params(CHAT_DEFAULT_MAX_TOKENS)
-        generation = Generation(
-            controller, services.metrics, info.name, prompt, params, body.keep_alive
+        num_logprobs = body.num_logprobs
+        params = body.sampling_params(CHAT_DEFAULT_MAX_TOKENS, num_logprobs)
+        choices = await Choices.start(
+            generation_of(info.name, body.keep_alive), [prompt], params, body.num_samples
         )
-        await generation.start()
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return sse_response(
-                chat_chunks(generation, response_id, created, body.include_usage_chunk, calling)
+                chat_chunks(choices, response_id, created, body, info.name, calling)
             )
-        reply = calling.reply(await generation.collect())
-        tool_calls = [
-            MessageToolCall(id=new_tool_call_id(), function=FunctionCall(**vars(call)))
-            for call in reply.tool_calls
-        ]
-        finish_reason = reply_finish_reason(bool(tool_calls), generation.last.finish_reason)
+        collected = await choices.collect()
+        replies = [calling.reply(choice.text) for choice in collected]
         return ChatCompletion(
             id=response_id,
             created=created,
             model=info.name,
             choices=[
                 ChatChoice(
-                    message=AssistantMessage(content=reply.content, tool_calls=tool_calls or None),
-                    finish_reason=finish_reason,
+                    index=index,
+                    message=AssistantMessage(
+                        content=reply.content, tool_calls=message_tool_calls(reply) or None
+                    ),
+                    logprobs=chat_logprobs(choice.logprobs, bool(body.return_tokens_as_token_ids))
+                    if num_logprobs is not None
+                    else None,
+                    finish_reason=reply_finish_reason(bool(reply.tool_calls), choice.finish_reason),
                 )
+                for index, (choice, reply) in enumerate(zip(collected, replies, strict=True))
             ],
-            usage=usage_of(generation.last),
+            usage=choices.usage(),
         )
 
     return router

@@ -1,7 +1,16 @@
 """OpenAI request and response bodies for /v1/completions, /v1/chat/completions and /v1/models.
 
 Requests are validated here so that a bad field is a 400 naming that field; anything warmserve
-cannot honour (several choices, log-probabilities, ...) is refused rather than ignored. The fields
+cannot honour (best_of > n, suffix, tools, ...) is refused rather than ignored, and so is a field
+neither OpenAI nor vLLM defines (a misspelt `max_token`), as OpenAI refuses it.
+
+Log-probabilities (`logprobs`, `top_logprobs`) are vLLM's default "raw_logprobs": the
+log-softmax of the model's logits as the model computed them, before logit_bias, penalties,
+temperature and top-k/top-p/min-p. They describe the model, not the sampler: a token drawn at
+temperature 0.5 reports the same log-probability as at temperature 1. A structured-output
+request's grammar mask does apply first, as in vLLM: tokens the grammar forbids report -9999.
+Sampling fields follow vLLM: `n` choices are independent requests (seeded `seed + index` when a
+seed is given); a list of prompts gives one choice per prompt and sample, prompt-major. The fields
 that constrain the output (response_format, tools, guided_*) are in structured_schemas.
 """
 
@@ -10,7 +19,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -20,6 +28,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from warmserve.api.logprobs import ChatLogprobs, CompletionLogprobs
+from warmserve.api.request_fields import (
+    TOKEN_ID_MAX,
+    UNSUPPORTED_UNLESS,
+    Text,
+    encodable,
+    logit_bias_pairs,
+    prompts,
+)
 from warmserve.api.structured_schemas import (
     MessageToolCall,
     NamedToolChoice,
@@ -28,7 +45,7 @@ from warmserve.api.structured_schemas import (
     ToolChoice,
 )
 from warmserve.api.tool_calls import ToolCalling
-from warmserve.config import ConfigError, SamplingParams, StructuredOutput
+from warmserve.config import MAX_LOGPROBS, ConfigError, SamplingParams, StructuredOutput
 from warmserve.controller.registry import parse_keep_alive
 
 # OpenAI's default for /v1/completions.
@@ -40,64 +57,15 @@ CHAT_DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_SEQUENCES = 16
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
-# Token ids and top_k travel to the workers as 32-bit integers at most; no vocabulary is larger.
-TOKEN_ID_MAX = 2**31 - 1
 
-# OpenAI fields warmserve does not implement, with the values that ask for nothing.
-UNSUPPORTED_UNLESS = {
-    "echo": (None, False),
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}),
-    "functions": (None, []),
-}
-
-
-def _encodable(text: str) -> str:
-    """JSON may escape lone surrogates ("\\ud800"), which no tokenizer can take."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise PydanticCustomError(
-            "text", "text must be valid Unicode (no lone surrogates)"
-        ) from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_encodable)]
-
-
-def _single_prompt(value: Any) -> Any:
-    """A string or a list of token ids; OpenAI's batch forms are accepted with one element."""
-    if isinstance(value, str):
-        return _encodable(value)
-    if not isinstance(value, list) or not value:
-        raise PydanticCustomError(
-            "prompt", "prompt must be a non-empty string or a non-empty list of token ids"
-        )
-    if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
-        if any(item < 0 for item in value):
-            raise PydanticCustomError("prompt", "token ids must be non-negative integers")
-        return value
-    if all(isinstance(item, (str, list)) for item in value):
-        if len(value) != 1:
-            raise PydanticCustomError(
-                "prompt", "batched prompts are not supported: send one prompt per request"
-            )
-        return _single_prompt(value[0])
-    raise PydanticCustomError(
-        "prompt", "prompt must be a string, a list of token ids, or a list of one of those"
-    )
+# OpenAI's bound on n; it bounds the choices of a request with several prompts too.
+MAX_CHOICES = 128
 
 
 def _text_content(value: Any) -> Any:
     """Message content as one string; a list of text parts is joined with newlines."""
     if value is None or isinstance(value, str):
-        return _encodable(value or "")
+        return encodable(value or "")
     if not isinstance(value, list):
         raise PydanticCustomError("content", "content must be a string or a list of text parts")
     texts = []
@@ -109,7 +77,7 @@ def _text_content(value: Any) -> Any:
             )
         if not isinstance(part.get("text"), str):
             raise PydanticCustomError("content", "a text content part needs a string 'text'")
-        texts.append(_encodable(part["text"]))
+        texts.append(encodable(part["text"]))
     return "\n".join(texts)
 
 
@@ -134,32 +102,58 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+
+
 class GenerationRequest(StructuredRequest):
     """Fields shared by completions and chat completions."""
 
-    # Unknown fields are kept so UNSUPPORTED_UNLESS can refuse the ones that matter.
+    # Undeclared fields are kept so that the validator can name them in its refusal.
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    # OpenAI's newer name for max_tokens.
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1, le=TOKEN_ID_MAX)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: Text | list[Text] | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: Annotated[
+        list[tuple[Annotated[int, Field(ge=0)], Bias]] | None,
+        BeforeValidator(logit_bias_pairs, json_schema_input_type=dict[str, float] | None),
+    ] = None
+    # Names the end user to OpenAI; it changes nothing here.
+    user: str | None = None
     # vLLM extensions.
     stop_token_ids: list[Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]] | None = None
     ignore_eos: bool = False
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
+    return_tokens_as_token_ids: bool | None = False
     # Ollama extension.
     keep_alive: KeepAlive = None
 
     @model_validator(mode="after")
     def _refuse_what_is_not_implemented(self) -> GenerationRequest:
-        if self.n not in (None, 1):
-            raise PydanticCustomError("n", "n must be 1: warmserve returns one choice per request")
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise PydanticCustomError(
+                "max_completion_tokens",
+                "max_completion_tokens and max_tokens are the same limit: give one, or equal values",
+            )
         if self.stream_options is not None and not self.stream:
             raise PydanticCustomError("stream_options", "stream_options needs stream: true")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_SEQUENCES:
@@ -167,7 +161,11 @@ class GenerationRequest(StructuredRequest):
                 "stop", "at most {limit} stop sequences", {"limit": MAX_STOP_SEQUENCES}
             )
         for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED_UNLESS and value not in UNSUPPORTED_UNLESS[name]:
+            if name not in UNSUPPORTED_UNLESS:
+                raise PydanticCustomError(
+                    "unknown", "{name}: unrecognized request field", {"name": name}
+                )
+            if value not in UNSUPPORTED_UNLESS[name]:
                 raise PydanticCustomError(
                     "unsupported", "{name} is not supported by warmserve", {"name": name}
                 )
@@ -177,13 +175,18 @@ class GenerationRequest(StructuredRequest):
     def include_usage_chunk(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+    @property
+    def num_samples(self) -> int:
+        return self.n or 1
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def sampling_params(
+        self, default_max_tokens: int, num_logprobs: int | None = None
+    ) -> SamplingParams:
+        """`num_logprobs`: most likely alternatives to report per token; None: no
+        log-probabilities."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
-            max_tokens=self.requested_max_tokens() or default_max_tokens,
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
@@ -191,12 +194,41 @@ class GenerationRequest(StructuredRequest):
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
+            logit_bias=tuple(self.logit_bias or ()),
+            min_tokens=self.min_tokens or 0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            min_p=self.min_p or 0.0,
+            logprobs=num_logprobs,
             structured_output=self.structured_output(),
         )
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: Annotated[str | list[int], BeforeValidator(_single_prompt)]
+    prompt: Annotated[
+        list[str | list[int]],
+        BeforeValidator(
+            prompts, json_schema_input_type=str | list[int] | list[str] | list[list[int]]
+        ),
+    ]
+    # OpenAI's legacy shape: how many most likely tokens to report with each token (with echo,
+    # with each prompt token too).
+    logprobs: LogprobCount | None = None
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+
+    @model_validator(mode="after")
+    def _check_choices(self) -> CompletionRequest:
+        if self.best_of not in (None, self.num_samples):
+            raise PydanticCustomError(
+                "best_of", "best_of must equal n: warmserve returns every sample it draws"
+            )
+        if len(self.prompt) * self.num_samples > MAX_CHOICES:
+            raise PydanticCustomError(
+                "n", "prompts times n must be at most {limit}", {"limit": MAX_CHOICES}
+            )
+        return self
 
 
 class ChatMessage(BaseModel):
@@ -220,7 +252,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool | None = False
+    top_logprobs: LogprobCount | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -255,9 +288,15 @@ class ChatCompletionRequest(GenerationRequest):
         forced = self.tool_calling().structured_output()
         return forced if forced is not None else super().structured_output()
 
-    def requested_max_tokens(self) -> int | None:
-        # OpenAI deprecated max_tokens for chat in favour of max_completion_tokens.
-        return self.max_completion_tokens or self.max_tokens
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("top_logprobs", "top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -269,7 +308,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -301,7 +340,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -319,7 +358,7 @@ class ChatChunkChoice(BaseModel):
     # Only the keys that changed: {"role": ...} first, then {"content": ...} or
     # {"tool_calls": [...]}, {} at the end.
     delta: dict[str, Any]
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -2,7 +2,8 @@
 
 A byte-level tokenizer can split one character over several tokens; text is released only once
 the decoded tail is a whole character (no U+FFFD at its end). With stop strings, the last
-`longest stop - 1` characters are held back so a stop string is never half-streamed.
+`longest stop - 1` characters are held back so a stop string is never half-streamed. As in vLLM,
+stop strings are looked for only once more than `min_tokens` tokens are out.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class IncrementalDetokenizer:
         prompt_token_ids: list[int],
         stop: tuple[str, ...] = (),
         skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
@@ -31,6 +33,8 @@ class IncrementalDetokenizer:
         self.text = ""
         self.emitted = 0
         self.stop_matched: str | None = None
+        self.min_tokens = min_tokens
+        self.num_output_tokens = 0
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
@@ -52,7 +56,9 @@ class IncrementalDetokenizer:
         searched_from = max(0, len(self.text) - self.holdback)
         for index, token_id in enumerate(token_ids):
             self._append(token_id, final=finished and index == len(token_ids) - 1)
-        self._find_stop(searched_from)
+        self.num_output_tokens += len(token_ids)
+        if self.num_output_tokens > self.min_tokens:
+            self._find_stop(searched_from)
         done = finished or self.stop_matched is not None
         end = len(self.text) if done or not self.stop else len(self.text) - self.holdback
         if end <= self.emitted:

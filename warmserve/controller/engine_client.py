@@ -12,11 +12,21 @@ from warmserve.config import SamplingParams
 from warmserve.controller.detokenizer import IncrementalDetokenizer
 from warmserve.controller.errors import InvalidRequest, PromptTooLong
 from warmserve.controller.tokenizer import ModelTokenizer
-from warmserve.protocol import AbortRequest, AddRequest, TokenOutput
+from warmserve.protocol import AbortRequest, AddRequest, TokenLogprobs, TokenOutput
 
 
 class RequestAborted(Exception):
     """The request ended without finishing: its model went away or its worker failed it."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token and its log-probability, and the most likely tokens', best first."""
+
+    token_id: int
+    token: str  # the token decoded alone
+    logprob: float | None  # None for a prompt's first token: nothing precedes it
+    top: list[tuple[int, str, float]]  # (token id, text, log-probability)
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,10 @@ class GenerationChunk:
     finish_reason: str | None  # "stop" | "length" | None while generating
     prompt_tokens: int
     completion_tokens: int  # total so far
+    # One per token of token_ids, when the request asked for log-probabilities.
+    logprobs: list[TokenLogprob] | None = None
+    # In the first chunk, when the request asked for them: one per prompt token.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class EngineClient:
@@ -77,14 +91,50 @@ class EngineClient:
             raise InvalidRequest(f"prompt token ids must be integers in [0, {self.vocab_size})")
         return token_ids
 
+    def check_sampling(self, params: SamplingParams) -> None:
+        """What only the model can tell: token ids in logit_bias must be in its vocabulary."""
+        outside = [token for token, _ in params.logit_bias if token >= self.vocab_size]
+        if outside:
+            raise InvalidRequest(
+                f"logit_bias: token id {outside[0]} is outside this model's vocabulary "
+                f"[0, {self.vocab_size})"
+            )
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def decode_logprobs(self, logprobs: TokenLogprobs, token_id: int) -> TokenLogprob:
+        top = zip(logprobs.top_token_ids, logprobs.top_logprobs, strict=True)
+        return TokenLogprob(
+            token_id,
+            self.token_text(token_id),
+            logprobs.logprob,
+            [(token, self.token_text(token), value) for token, value in top],
+        )
+
+    def decode_prompt_logprobs(
+        self, token_ids: list[int], logprobs: list[TokenLogprobs]
+    ) -> list[TokenLogprob]:
+        first = TokenLogprob(token_ids[0], self.token_text(token_ids[0]), None, [])
+        return [
+            first,
+            *(
+                self.decode_logprobs(entry, token_id)
+                for token_id, entry in zip(token_ids[1:], logprobs, strict=True)
+            ),
+        ]
+
     async def generate(
         self, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationChunk]:
         token_ids = self.prompt_token_ids(prompt)
+        self.check_sampling(params)
         request_id = uuid.uuid4().hex
         stream: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = stream
-        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop)
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer, token_ids, params.stop, min_tokens=params.min_tokens
+        )
         finished = False
         try:
             self.send(AddRequest(self.deployment_id, request_id, token_ids, params))
@@ -104,7 +154,25 @@ class EngineClient:
                 if detokenizer.stop_matched is not None:
                     finish_reason = "stop"
                 finished = finish_reason is not None
-                yield GenerationChunk(text, new_tokens, finish_reason, len(token_ids), generated)
+                logprobs = prompt_logprobs = None
+                if params.logprobs is not None:
+                    logprobs = [
+                        self.decode_logprobs(item.logprobs, item.token_id) for item in batch
+                    ]
+                if params.prompt_logprobs is not None and generated == len(new_tokens):
+                    # A one-token prompt has nothing to score: the engine sends no list.
+                    prompt_logprobs = self.decode_prompt_logprobs(
+                        token_ids, batch[0].prompt_logprobs or []
+                    )
+                yield GenerationChunk(
+                    text,
+                    new_tokens,
+                    finish_reason,
+                    len(token_ids),
+                    generated,
+                    logprobs,
+                    prompt_logprobs,
+                )
         finally:
             del self.streams[request_id]
             # Unfinished (the caller went away) or cut by a stop string: the worker stops too.

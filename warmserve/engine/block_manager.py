@@ -55,7 +55,8 @@ class BlockManager:
         prefix; sets `seq.num_computed_tokens` to the tokens found in the cache."""
         assert not seq.block_table, "sequence already holds blocks"
         prefix_hash = NO_HASH
-        cache_hit = self.enable_prefix_caching
+        # A prompt that is scored token by token (prompt log-probabilities) is computed whole.
+        cache_hit = self.enable_prefix_caching and seq.params.prompt_logprobs is None
         computed = 0
         for index in range(seq.num_blocks(self.block_size)):
             tokens = seq.block_tokens(index, self.block_size)

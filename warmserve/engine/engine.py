@@ -8,7 +8,6 @@ import json
 import time
 import traceback
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +27,7 @@ from warmserve.models.config import ModelConfig
 from warmserve.models.memory_plan import kv_block_bytes, plan_memory
 from warmserve.models.registry import model_class
 from warmserve.models.weights import WeightLoadError, parameter_slots
+from warmserve.protocol import TokenOutput
 
 if TYPE_CHECKING:
     from warmserve.engine.structured_output import StructuredOutputs
@@ -41,13 +41,6 @@ class InsufficientMemory(RuntimeError):
 
 class RequestRejected(ValueError):
     """A request that this model cannot take (too long, bad token ids, duplicate id)."""
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    request_id: str
-    token_id: int
-    finish_reason: str | None  # stop | length | None while running
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str | None) -> torch.dtype:
@@ -274,6 +267,10 @@ class Engine:
             )
         if any(not 0 <= token < self.vocab_size for token in prompt_token_ids):
             raise RequestRejected(f"token ids must lie in [0, {self.vocab_size})")
+        if any(token >= self.vocab_size for token, _ in params.logit_bias):
+            raise RequestRejected(f"logit_bias: token ids must lie in [0, {self.vocab_size})")
+        if max(params.logprobs or 0, params.prompt_logprobs or 0) > self.vocab_size:
+            raise RequestRejected(f"logprobs: this model has only {self.vocab_size} tokens")
         grammars = self._structured_outputs() if params.structured_output is not None else None
         seq = Sequence(request_id, prompt_token_ids, params)
         if params.seed is not None:
@@ -319,7 +316,7 @@ class Engine:
         compiling = self.structured_outputs is not None and self.structured_outputs.compiling
         return self.scheduler.has_unfinished() or bool(compiling)
 
-    def step(self) -> list[StepOutput]:
+    def step(self) -> list[TokenOutput]:
         if self.structured_outputs is not None:
             for request_id, error in self.structured_outputs.admit_compiled(self.scheduler):
                 self._forget(request_id)
@@ -331,13 +328,21 @@ class Engine:
             torch.cuda.current_stream(self.runner.device).wait_event(self.weights_ready)
             self.weights_ready = None
         generators = [self.generators.get(seq.request_id) for seq in seqs]
-        tokens = self.runner.execute(seqs, generators, self.structured_outputs)
+        sampled = self.runner.execute(
+            seqs, generators, self.scheduler.eos_token_ids, self.structured_outputs
+        )
         if self.structured_outputs is not None:
-            self.structured_outputs.accept(seqs, tokens)
-        self.scheduler.finish_step(seqs, tokens)
+            self.structured_outputs.accept(seqs, sampled.token_ids)
+        self.scheduler.finish_step(seqs, sampled.token_ids)
         outputs = []
-        for seq, token in zip(seqs, tokens, strict=True):
-            outputs.append(StepOutput(seq.request_id, token, seq.finish_reason))
+        for seq, token, token_logprobs, prompt_logprobs in zip(
+            seqs, sampled.token_ids, sampled.logprobs, sampled.prompt_logprobs, strict=True
+        ):
+            outputs.append(
+                TokenOutput(
+                    seq.request_id, token, seq.finish_reason, token_logprobs, prompt_logprobs
+                )
+            )
             if seq.finish_reason is not None:
                 self._forget(seq.request_id)
         return outputs

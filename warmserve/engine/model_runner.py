@@ -7,7 +7,7 @@ forward on its shard; only the lead samples.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,11 +15,14 @@ import torch.distributed as dist
 from torch import nn
 
 from warmserve.config import SamplingParams
+from warmserve.engine import logprobs
 from warmserve.engine.cuda_graphs import DecodeGraphs
 from warmserve.engine.sequence import Sequence
 from warmserve.layers.attention import AttentionMetadata
+from warmserve.layers.logits_processors import process_logits
 from warmserve.layers.parallel import tp_rank, tp_world_size
 from warmserve.layers.sampling import sample
+from warmserve.protocol import TokenLogprobs
 
 if TYPE_CHECKING:
     from warmserve.engine.structured_output import StructuredOutputs
@@ -35,6 +38,15 @@ class StepInputs:
     query_lens: list[int]
     context_lens: list[int]
     block_tables: list[list[int]]
+    # Rows of input_ids whose logits score a prompt (see engine/logprobs.py); usually none.
+    prompt_rows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SampledTokens:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # per sequence, when it asks
+    prompt_logprobs: list[list[TokenLogprobs] | None]  # per sequence, in its first prefill
 
 
 RELEASE = "release"  # broadcast by the lead when the model is unloaded
@@ -104,29 +116,49 @@ class ModelRunner:
             inputs.query_lens.append(end - start)
             inputs.context_lens.append(end)
             inputs.block_tables.append(table)
+        inputs.prompt_rows = logprobs.prompt_rows(seqs, inputs.query_lens)
         return inputs
 
     def execute(
         self,
         seqs: list[Sequence],
         generators: list[torch.Generator | None],
+        eos_token_ids: frozenset[int] = frozenset(),
         structured_outputs: StructuredOutputs | None = None,
-    ) -> list[int]:
-        """Lead rank: runs one step for `seqs` and returns one sampled token per sequence. The
-        constrained sequences' token masks are filled while the forward runs."""
+    ) -> SampledTokens:
+        """Lead rank: runs one step for `seqs`; returns one sampled token per sequence, and the
+        log-probabilities that sequences ask for. The constrained sequences' token masks are
+        filled while the forward runs."""
         masks = structured_outputs.start_masks(seqs) if structured_outputs is not None else None
         inputs = self.build_inputs(seqs)
         if self.tp_size > 1:
             dist.broadcast_object_list([inputs], src=0)
         decode = all(n == 1 for n in inputs.query_lens)
+        prompt_hidden = None
         if decode and self.decode_graphs is not None:
             logits = self.decode_graphs.run(inputs)
         else:
-            logits = self._forward(inputs)
+            logits, prompt_hidden = self._forward(inputs)
         if masks is not None:
             masks.apply(logits)
         params: list[SamplingParams] = [seq.params for seq in seqs]
-        return sample(logits, params, generators).tolist()
+        processed = process_logits(
+            logits,
+            params,
+            [seq.token_ids for seq in seqs],
+            [seq.num_prompt_tokens for seq in seqs],
+            eos_token_ids,
+        )
+        tokens = sample(processed, params, generators)
+        prompt_logprobs: list[list[TokenLogprobs] | None] = [None] * len(seqs)
+        if prompt_hidden is not None:
+            with torch.inference_mode():
+                prompt_logprobs = logprobs.prompt_logprobs(
+                    seqs, self.model.compute_logits, prompt_hidden
+                )
+        return SampledTokens(
+            tokens.tolist(), logprobs.sampled_logprobs(logits, tokens, params), prompt_logprobs
+        )
 
     def follow(self) -> None:
         """Other ranks: runs the lead's steps until the lead releases the model."""
@@ -136,7 +168,10 @@ class ModelRunner:
             if box[0] == RELEASE:
                 dist.barrier()  # the lead leaves the group only after every rank heard it
                 return
-            self._forward(box[0])
+            _, prompt_hidden = self._forward(box[0])
+            if prompt_hidden is not None:  # its logits are gathered across the ranks
+                with torch.inference_mode():
+                    logprobs.score_prompt_rows(self.model.compute_logits, prompt_hidden, None, 0)
 
     def release_followers(self) -> None:
         if self.tp_size > 1 and self.is_lead:
@@ -144,7 +179,9 @@ class ModelRunner:
             dist.barrier()
 
     @torch.inference_mode()
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+    def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logits of each sequence's last token, and the hidden states of the prompt rows
+        (None when there are none)."""
         seqs, tokens = len(inputs.query_lens), len(inputs.input_ids)
         max_blocks = max(len(table) for table in inputs.block_tables)
         last_rows = [end - 1 for end in itertools.accumulate(inputs.query_lens)]
@@ -177,4 +214,8 @@ class ModelRunner:
             decode_only=all(n == 1 for n in inputs.query_lens),
         )
         hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden.index_select(0, last)).float()
+        logits = self.model.compute_logits(hidden.index_select(0, last)).float()
+        if not inputs.prompt_rows:
+            return logits, None
+        rows = torch.tensor(inputs.prompt_rows, device=self.device)
+        return logits, hidden.index_select(0, rows)

@@ -25,7 +25,6 @@ from warmserve.protocol import (
     ModelLost,
     RequestFailed,
     StepOutputs,
-    TokenOutput,
 )
 from warmserve.worker.fair_share import FairShare
 
@@ -97,14 +96,8 @@ class ResidentModels:
             self.send(ModelLost(self.worker_id, key, f"{type(exc).__name__}: {exc}"))
             return
         self.fair_share.charge(key, time.perf_counter() - started)
-        if outputs:
-            self.send(
-                StepOutputs(
-                    self.worker_id,
-                    key,
-                    [TokenOutput(o.request_id, o.token_id, o.finish_reason) for o in outputs],
-                )
-            )
+        if outputs:  # the engine's outputs are the protocol's TokenOutputs
+            self.send(StepOutputs(self.worker_id, key, outputs))
         for request_id, error in model.engine.take_failures():
             self.send(RequestFailed(self.worker_id, key, request_id, error, invalid_request=True))
 
