@@ -435,3 +435,20 @@ def test_sse_events_survive_clients_that_split_lines_like_splitlines():
     lines = event.splitlines()
     assert lines == [lines[0], ""] and lines[0].startswith("data: ")
     assert json.loads(lines[0].removeprefix("data: "))["text"] == text
+
+
+def test_every_step_with_tokens_makes_a_chunk_even_when_its_text_is_held_back(client, controller):
+    # Two tokens whose text is not out yet (half a character, say), then one that completes it.
+    controller.reply_pieces = ["", "", "é"]
+    for route, body in (
+        ("/v1/completions", {"model": MODEL, "prompt": "a", "stream": True}),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "a"}], "stream": True},
+        ),
+    ):
+        payloads = sse_payloads(client.post(route, json=body).text)
+        token_chunks = [p for p in payloads if p["choices"] and p["choices"][0].get("delta") != {}]
+        if route == "/v1/chat/completions":
+            token_chunks = token_chunks[1:]  # the role chunk comes first
+        assert len(token_chunks) == 3, (route, payloads)

@@ -62,7 +62,9 @@ async def completion_chunks(
                 tokens, offsets[index], bool(body.return_tokens_as_token_ids)
             )
             offsets[index] += sum(len(token.token) for token in tokens)
-        if text or piece.finish_reason or logprobs:
+        # A chunk for every step that produced tokens, as vLLM sends, even when their text is
+        # held back (an incomplete character, a possible stop string): clients time tokens by it.
+        if text or piece.token_ids or piece.finish_reason or logprobs:
             yield chunk(
                 [
                     CompletionChoice(
@@ -112,8 +114,11 @@ async def chat_chunks(
         logprobs = None
         if piece.logprobs is not None:
             logprobs = chat_logprobs(piece.logprobs, bool(body.return_tokens_as_token_ids))
-            # The tokens' log-probabilities go out even while their text is held back.
-            deltas = deltas or [{"content": ""}]
+        if piece.token_ids and not deltas and (logprobs or not calling.tools):
+            # Tokens whose text is held back (an incomplete character, a possible stop string)
+            # still make a chunk, as with vLLM: clients time tokens by the chunks. Text a tool
+            # call's parser holds back stays silent until it is known to be content or a call.
+            deltas = [{"content": ""}]
         for position, delta in enumerate(deltas):
             yield chunk(
                 [
