@@ -24,9 +24,19 @@ VOCAB_SIZE = 100
 
 
 class FakeTokenizer:
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    """Renders "role: content" lines; the rendered chat is kept on the controller for tests."""
+
+    def __init__(self, controller: FakeController):
+        self.controller = controller
+        self.generation_defaults = controller.generation_defaults
+
+    def chat_token_ids(
+        self, messages: list[dict], add_generation_prompt: bool = True, **options
+    ) -> list[int]:
         lines = [f"{message['role']}: {message['content']}" for message in messages]
-        return "\n".join([*lines, "assistant:"])
+        text = "\n".join([*lines, "assistant:"] if add_generation_prompt else lines)
+        self.controller.last_chat = (text, options)
+        return self.encode(text)
 
     def encode(self, text: str) -> list[int]:
         return [len(word) % VOCAB_SIZE for word in text.split()]
@@ -44,6 +54,8 @@ class FakeController:
         self.token_delay_s = 0.0
         self.aborted: list[str] = []
         self.last_prompt: str | list[int] | None = None
+        self.last_chat: tuple[str, dict] | None = None
+        self.generation_defaults: dict = {}
         self.last_params: SamplingParams | None = None
         self.last_keep_alive: float | None = None
         self.registry: dict[str, ModelSpec] = {}
@@ -129,7 +141,7 @@ class FakeController:
 
     def tokenizer(self, name: str) -> FakeTokenizer:
         self.model(name)
-        return FakeTokenizer()
+        return FakeTokenizer(self)
 
     async def generate(
         self,

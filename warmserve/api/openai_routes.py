@@ -118,7 +118,8 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         body: CompletionRequest, request: Request
     ) -> Completion | StreamingResponse:
         info = requested_model(request, body.model)
-        params = body.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS)
+        model_defaults = controller.tokenizer(info.name).generation_defaults
+        params = body.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS, model_defaults)
         generation = Generation(
             controller, services.metrics, info.name, body.prompt, params, body.keep_alive
         )
@@ -143,8 +144,10 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
     ) -> ChatCompletion | StreamingResponse:
         info = requested_model(request, body.model)
         tokenizer = controller.tokenizer(info.name)
-        prompt = tokenizer.apply_chat_template([m.template_message() for m in body.messages])
-        params = body.sampling_params(CHAT_DEFAULT_MAX_TOKENS)
+        prompt = tokenizer.chat_token_ids(
+            [m.template_message() for m in body.messages], **body.template_options()
+        )
+        params = body.sampling_params(CHAT_DEFAULT_MAX_TOKENS, tokenizer.generation_defaults)
         generation = Generation(
             controller, services.metrics, info.name, prompt, params, body.keep_alive
         )

@@ -33,6 +33,11 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed acc
 # Token ids and top_k travel to the workers as 32-bit integers at most; no vocabulary is larger.
 TOKEN_ID_MAX = 2**31 - 1
 
+# Request fields that the model's generation_config.json sets when a request leaves them out (as
+# vLLM's `--generation-config auto`): request field -> generation_config.json field. Its
+# `max_new_tokens` is the default `max_tokens` in the same way.
+MODEL_DEFAULT_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k"}
+
 # OpenAI fields warmserve does not implement, with the values that ask for nothing.
 UNSUPPORTED_UNLESS = {
     "echo": (None, False),
@@ -172,13 +177,26 @@ class GenerationRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def sampling_params(
+        self, default_max_tokens: int, model_defaults: dict | None = None
+    ) -> SamplingParams:
+        """`model_defaults` (the model's generation_config.json, see MODEL_DEFAULT_FIELDS) fill
+        what the request leaves unset."""
+        model_defaults = model_defaults or {}
+
+        def chosen(field: str, fallback):
+            value = getattr(self, field)
+            if value is not None:
+                return value
+            return model_defaults.get(MODEL_DEFAULT_FIELDS[field], fallback)
+
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        max_tokens = self.requested_max_tokens() or model_defaults.get("max_new_tokens")
         return SamplingParams(
-            max_tokens=self.requested_max_tokens() or default_max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
+            max_tokens=max_tokens or default_max_tokens,
+            temperature=chosen("temperature", 1.0),
+            top_p=chosen("top_p", 1.0),
+            top_k=chosen("top_k", 0) or 0,
             seed=self.seed,
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
@@ -202,9 +220,43 @@ class ChatMessage(BaseModel):
         return message
 
 
+# Template variables a request's chat_template_kwargs may not set: the server sets them.
+RESERVED_TEMPLATE_VARIABLES = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"}
+)
+
+
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    # vLLM extensions: extra chat template variables (e.g. Qwen3's enable_thinking), and
+    # continuing the last (assistant) message instead of starting a new one.
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _check_template_options(self) -> ChatCompletionRequest:
+        reserved = sorted(RESERVED_TEMPLATE_VARIABLES & set(self.chat_template_kwargs or {}))
+        if reserved:
+            raise PydanticCustomError(
+                "chat_template_kwargs",
+                "chat_template_kwargs may not set {names}: use the request's own fields",
+                {"names": ", ".join(reserved)},
+            )
+        if self.continue_final_message and self.add_generation_prompt:
+            raise PydanticCustomError(
+                "continue_final_message",
+                "continue_final_message needs add_generation_prompt: false",
+            )
+        return self
+
+    def template_options(self) -> dict:
+        return {
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+            "template_kwargs": self.chat_template_kwargs,
+        }
 
     def requested_max_tokens(self) -> int | None:
         # OpenAI deprecated max_tokens for chat in favour of max_completion_tokens.
