@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from warmserve.api.errors import APIError
+from warmserve.api import model_lookup
 from warmserve.api.generation import Generation
 from warmserve.api.openai_schemas import (
     CHAT_DEFAULT_MAX_TOKENS,
@@ -93,18 +93,7 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         )
 
     def requested_model(request: Request, name: str | None) -> ModelInfo:
-        if only_model is None and not name:
-            raise APIError(400, "model: field required", "invalid_request")
-        if only_model is not None and name and name != only_model:
-            raise APIError(
-                404,
-                f"this port serves only model {only_model!r}, not {name!r}",
-                "model_not_found",
-            )
-        info = controller.model(only_model or name)
-        # Known to exist now: safe to use as a metrics label.
-        request.state.model = info.name
-        return info
+        return model_lookup.requested_model(controller, only_model, request, name)
 
     @router.get("/v1/models")
     async def list_models() -> ModelList:
@@ -112,6 +101,10 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         if only_model is not None:
             models = [info for info in models if info.name == only_model]
         return ModelList(data=[model_card(info) for info in models])
+
+    @router.get("/v1/models/{model_id}")
+    async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+        return model_card(requested_model(request, model_id))
 
     @router.post("/v1/completions", response_model=None)
     async def create_completion(
