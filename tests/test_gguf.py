@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from server_process import REPO_ROOT, serving
+from server_process import TEST_CACHE_ENV, serving
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from warmserve.controller.tokenizer import ModelTokenizer
@@ -13,7 +13,6 @@ from warmserve.loader.checkpoint import Checkpoint, read_model_config
 
 pytestmark = pytest.mark.slow
 
-CACHE_ENV = {"WARMSERVE_CACHE_DIR": str(REPO_ROOT / ".checkpoints" / "cache")}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The three primary colors are"
 MAX_TOKENS = 12
@@ -42,12 +41,12 @@ def reference_greedy(reference, token_ids: list[int]) -> str:
 def server(smollm2_path, tmp_path_factory):
     registry = f"models:\n  - name: smollm2\n    path: {smollm2_path.name}\n    preload: true\n"
     directory = tmp_path_factory.mktemp("gguf-server")
-    with serving(smollm2_path.parent, directory, registry=registry, env=CACHE_ENV) as running:
+    with serving(smollm2_path.parent, directory, registry=registry, env=TEST_CACHE_ENV) as running:
         yield running
 
 
 def test_weights_config_and_tokenizer_equal_transformers(smollm2_path, reference, monkeypatch):
-    monkeypatch.setenv("WARMSERVE_CACHE_DIR", CACHE_ENV["WARMSERVE_CACHE_DIR"])
+    monkeypatch.setenv("WARMSERVE_CACHE_DIR", TEST_CACHE_ENV["WARMSERVE_CACHE_DIR"])
     tokenizer, model = reference
     checkpoint = Checkpoint(smollm2_path)
     state = model.state_dict()

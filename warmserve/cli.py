@@ -81,9 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     demo = commands.add_parser(
-        "demo", help="load, swap and reload two tiny models and print the timings"
+        "demo",
+        help="answer a question with a real model (SmolLM2, fetched once), swap to another "
+        "model and back, and print the timings",
     )
-    demo.add_argument("--dir", default=".checkpoints", help="where the demo checkpoints live")
+    demo.add_argument(
+        "--dir", default=".checkpoints", help="where the random-weight demo checkpoints live"
+    )
     demo.set_defaults(run=run_demo)
 
     bench = commands.add_parser(
