@@ -4,6 +4,7 @@ metrics. Fast; the same behaviour against real workers is in the test_e2e_* modu
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -465,3 +466,21 @@ def test_sse_events_survive_clients_that_split_lines_like_splitlines():
     lines = event.splitlines()
     assert lines == [lines[0], ""] and lines[0].startswith("data: ")
     assert json.loads(lines[0].removeprefix("data: "))["text"] == text
+
+
+def test_refused_requests_and_model_events_are_logged(client, controller, caplog):
+    caplog.set_level(logging.INFO, logger="warmserve")
+    client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "temperature": 9})
+    client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    client.post("/admin/models", json={"name": "second", "path": "m2"}).raise_for_status()
+    client.delete("/admin/models/second").raise_for_status()
+    lines = [record.getMessage() for record in caplog.records]
+    assert any(
+        line.startswith("refused POST /v1/completions: 400 invalid_request: temperature")
+        for line in lines
+    )
+    assert any(
+        line.startswith("refused POST /v1/completions: 404 model_not_found") for line in lines
+    )
+    assert "loaded second on worker(s) 1 in 0.010 s (from host-cache)" in lines
+    assert "unloaded second" in lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import os
 import signal
@@ -22,17 +23,45 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "WARMSERVE_API_KEY"
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none or the help already says it
+    (a default read from the environment, such as an API key, is never printed)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def warmserve_version() -> str:
+    try:
+        return importlib.metadata.version("warmserve")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="warmserve",
         description="Serve many LLMs from one pool of pre-warmed workers.",
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"warmserve {warmserve_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    def add_command(name: str, **options) -> argparse.ArgumentParser:
+        return commands.add_parser(name, formatter_class=HelpFormatter, **options)
+
+    serve = add_command("serve", help="run the server")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="the gateway's port")
+    serve.add_argument(
+        "--device", choices=["auto", "cuda", "cpu"], default="auto", help="where workers run"
+    )
     serve.add_argument(
         "--workers", type=_positive_int, help="worker processes (default: one per GPU, 2 on CPU)"
     )
@@ -54,22 +83,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="requests a model may hold waiting beyond its running batch; more get 503",
     )
+    serve.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="INFO", type=str.upper, help="log verbosity"
+    )
     serve.set_defaults(run=run_serve)
 
-    load = commands.add_parser("load", help="load a model into the running server")
+    load = add_command("load", help="load a model into the running server")
     load.add_argument("name", help="the name clients put in 'model'")
-    load.add_argument("path", help="checkpoint directory, relative to the server's --model-root")
+    load.add_argument(
+        "path",
+        help="checkpoint folder or .gguf file, relative to the server's --model-root",
+    )
     load.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size")
-    load.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    load.add_argument("--max-model-len", type=_positive_int)
+    load.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="serving dtype (auto: the checkpoint's)",
+    )
+    load.add_argument(
+        "--max-model-len", type=_positive_int, help="context length (default: the model's)"
+    )
     load.add_argument("--port", type=int, help="also serve this model alone on this port")
     load.set_defaults(run=run_load)
 
-    unload = commands.add_parser("unload", help="unload a model from the running server")
-    unload.add_argument("name")
+    unload = add_command("unload", help="unload a model from the running server")
+    unload.add_argument("name", help="the model's name")
     unload.set_defaults(run=run_unload)
 
-    ps = commands.add_parser("ps", help="list the running server's models and workers")
+    ps = add_command("ps", help="list the running server's models and workers")
     ps.set_defaults(run=run_ps)
 
     for client_command in (load, unload, ps):
@@ -80,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"the server's API key (default: ${API_KEY_ENV})",
         )
 
-    demo = commands.add_parser(
+    demo = add_command(
         "demo",
         help="answer a question with a real model (SmolLM2, fetched once), swap to another "
         "model and back, and print the timings",
@@ -90,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=run_demo)
 
-    bench = commands.add_parser(
+    bench = add_command(
         "bench", help="measure swap, load and decode against baselines; write BENCHMARKS.md"
     )
     from warmserve.bench.swap import add_arguments
@@ -133,10 +175,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from warmserve.api.server import bind_socket
     from warmserve.config import ConfigError, ServerConfig
     from warmserve.controller.pool import StartupError
-    from warmserve.controller.registry import RegistryError
+    from warmserve.controller.registry import RegistryError, check_registry_paths
 
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = ServerConfig(
         host=args.host,
@@ -149,6 +191,12 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         max_queued_requests=args.max_queued_requests,
     )
+    if args.models:
+        try:
+            check_registry_paths(args.models, args.model_root)
+        except RegistryError as exc:
+            print(f"warmserve: error: {exc}", file=sys.stderr)
+            return 1
     # Bound before the workers start, so a taken port fails at once; connections are refused
     # until the pool is warm and the gateway listens.
     try:
@@ -162,14 +210,14 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     try:
         with sock:
-            asyncio.run(_serve(config, sock))
+            asyncio.run(_serve(config, sock, args.log_level))
     except (StartupError, RegistryError, ConfigError) as exc:
         print(f"warmserve: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve(config, sock) -> None:
+async def _serve(config, sock, log_level: str) -> None:
     from warmserve.api.gateway import serve_gateway
     from warmserve.controller.controller import Controller
 
@@ -183,7 +231,7 @@ async def _serve(config, sock) -> None:
     try:
         logger.info("starting the worker pool (device %s)", config.device)
         if await _until_stopped(controller.start(), stop):
-            await serve_gateway(controller, config, sock, stop)
+            await serve_gateway(controller, config, sock, stop, log_level=log_level)
     finally:
         logger.info("stopping the worker pool")
         await controller.close()

@@ -1,0 +1,54 @@
+"""INFO log lines for what happens to models and requests, written from the HTTP layer.
+
+Model lines come from the controller's events, so every load and unload is logged whatever asked
+for it (an admin request, a request for a registered model, an eviction, keep-alive); why the
+controller did it is the controller's own line.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.types import Scope
+
+from warmserve.controller.errors import ControllerError
+
+models_log = logging.getLogger("warmserve.models")
+requests_log = logging.getLogger("warmserve.requests")
+
+
+class ModelEventLog:
+    def __init__(self, controller):
+        self.controller = controller
+
+    def on_model_event(self, event: str, name: str) -> None:
+        """Controller listener."""
+        if event in ("unloading", "unloaded"):
+            models_log.info("%s %s", event, name)
+            return
+        try:
+            info = self.controller.model(name)
+        except ControllerError:  # gone again already
+            info = None
+        if info is None:
+            models_log.info("%s %s", event, name)
+        elif event == "loading":
+            models_log.info("loading %s from %s", name, info.path)
+        elif event == "loaded":
+            workers = ",".join(str(worker) for worker in info.workers)
+            models_log.info(
+                "loaded %s on worker(s) %s in %.3f s (from %s)",
+                name,
+                workers,
+                info.load_seconds or 0.0,
+                info.load_source,
+            )
+        elif event == "failed":
+            models_log.info("model %s failed: %s", name, info.error)
+
+
+def log_refusal(scope: Scope, status: int, code: str, message: str) -> None:
+    """One line for each request refused with a client error or 503, with its reason."""
+    requests_log.info(
+        "refused %s %s: %d %s: %s", scope["method"], scope["path"], status, code, message
+    )
