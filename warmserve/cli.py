@@ -253,14 +253,22 @@ async def _until_stopped(work, stop: asyncio.Event) -> bool:
 
 
 def run_load(args: argparse.Namespace) -> int:
-    with AdminClient(args.url, args.api_key) as client:
-        result = client.load(
+    from warmserve.load_progress import load_with_progress
+
+    # Two clients: the load's request blocks in a thread while the other polls its progress.
+    with AdminClient(args.url, args.api_key) as client, AdminClient(args.url, args.api_key) as poll:
+        result = load_with_progress(
             args.name,
-            args.path,
-            tensor_parallel_size=args.tp,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            port=args.port,
+            lambda: client.load(
+                args.name,
+                args.path,
+                tensor_parallel_size=args.tp,
+                dtype=args.dtype,
+                max_model_len=args.max_model_len,
+                port=args.port,
+            ),
+            poll.load_progress,
+            sys.stderr,
         )
     workers = ", ".join(str(worker) for worker in result["workers"])
     line = (
