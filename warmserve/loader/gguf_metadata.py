@@ -8,6 +8,8 @@ anything can be read; a worker reads the config at every load, so only what is a
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -160,5 +162,16 @@ def gguf_model_config(header: GGUFHeader) -> dict:
 
 
 def read_gguf_config(path: str | os.PathLike) -> tuple[Path, dict]:
-    header = read_gguf_header(path)
-    return header.path, gguf_model_config(header)
+    """The resolved file and its config. A worker reads it at every load, a swap's included,
+    so it is kept per file version."""
+    resolved = Path(path).expanduser().resolve()
+    try:
+        stat = resolved.stat()
+    except OSError:
+        raise CheckpointError(f"{resolved}: GGUF file not found") from None
+    return resolved, copy.deepcopy(_cached_config(resolved, stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_config(path: Path, size: int, mtime_ns: int) -> dict:
+    return gguf_model_config(read_gguf_header(path))
