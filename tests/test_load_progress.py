@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
+import logging
 import time
 
 import pytest
 
+from warmserve.api.event_log import ModelEventLog
 from warmserve.client import ServerError
-from warmserve.load_progress import describe_progress, load_with_progress
+from warmserve.controller.types import ModelInfo
+from warmserve.load_progress import load_with_progress
+from warmserve.text_tables import describe_progress
 
 GIB = 2**30
 
@@ -60,3 +65,39 @@ def test_a_failed_load_raises_its_error(monkeypatch):
 
     with pytest.raises(ServerError, match="not found"):
         load_with_progress("m", load, lambda name: {}, io.StringIO())
+
+
+class LoadingController:
+    """A model half read from disk, then loaded."""
+
+    def __init__(self):
+        self.info = ModelInfo("m", "/models/m", "loading")
+        self.store = self
+
+    def model(self, name: str) -> ModelInfo:
+        return self.info
+
+    def fill_progress(self, key: str) -> tuple[int, int]:
+        assert key == "/models/m"
+        return GIB // 2, GIB
+
+
+def test_the_server_logs_a_slow_loads_progress(monkeypatch, caplog):
+    monkeypatch.setattr("warmserve.api.event_log.PROGRESS_EVERY_S", 0.01)
+    caplog.set_level(logging.INFO, logger="warmserve.models")
+    controller = LoadingController()
+
+    async def load() -> int:
+        ModelEventLog(controller).on_model_event("loading", "m")
+        await asyncio.sleep(0.1)
+        controller.info.state = "loaded"
+        await asyncio.sleep(0.05)  # the logger's next look sees it loaded
+        lines_when_loaded = len(caplog.records)
+        await asyncio.sleep(0.1)
+        return lines_when_loaded
+
+    lines_when_loaded = asyncio.run(load())
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == "loading m from /models/m"
+    assert lines[1].startswith("loading m: 512.0 MiB of 1.0 GiB (50%), ")
+    assert len(lines) == lines_when_loaded  # no progress lines once the model is loaded

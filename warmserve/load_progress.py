@@ -9,20 +9,11 @@ from collections.abc import Callable
 from typing import TextIO
 
 from warmserve.client import ServerError
-from warmserve.text_tables import format_bytes
+from warmserve.text_tables import describe_progress
 
 POLL_S = 0.5
 # Without a terminal, a plain line this often instead of one line redrawn in place.
 PLAIN_LINE_EVERY_S = 5.0
-
-
-def describe_progress(done: int, total: int, seconds: float) -> str:
-    percent = 100 * done / total if total else 100.0
-    line = f"{format_bytes(done)} of {format_bytes(total)} ({percent:.0f}%)"
-    if seconds > 0 and done > 0:
-        rate = done / seconds
-        line += f", {format_bytes(int(rate))}/s, ETA {max(0.0, (total - done) / rate):.0f} s"
-    return line
 
 
 def load_with_progress(

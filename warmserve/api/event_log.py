@@ -7,19 +7,27 @@ controller did it is the controller's own line.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from starlette.types import Scope
 
 from warmserve.controller.errors import ControllerError
+from warmserve.text_tables import describe_progress
 
 models_log = logging.getLogger("warmserve.models")
 requests_log = logging.getLogger("warmserve.requests")
 
 
+# A load from disk that takes longer than this logs its progress this often.
+PROGRESS_EVERY_S = 5.0
+
+
 class ModelEventLog:
     def __init__(self, controller):
         self.controller = controller
+        self._progress_tasks: set[asyncio.Task] = set()
 
     def on_model_event(self, event: str, name: str) -> None:
         """Controller listener."""
@@ -34,6 +42,9 @@ class ModelEventLog:
             models_log.info("%s %s", event, name)
         elif event == "loading":
             models_log.info("loading %s from %s", name, info.path)
+            task = asyncio.get_running_loop().create_task(self._log_progress(name))
+            self._progress_tasks.add(task)
+            task.add_done_callback(self._progress_tasks.discard)
         elif event == "loaded":
             workers = ",".join(str(worker) for worker in info.workers)
             models_log.info(
@@ -45,6 +56,22 @@ class ModelEventLog:
             )
         elif event == "failed":
             models_log.info("model %s failed: %s", name, info.error)
+
+    async def _log_progress(self, name: str) -> None:
+        """Bytes read into host memory, rate and time left, while the model loads."""
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            try:
+                info = self.controller.model(name)
+            except ControllerError:
+                return
+            progress = self.controller.store.fill_progress(info.path)
+            if info.state != "loading" or progress is None:
+                return
+            done, total = progress
+            elapsed = time.monotonic() - started
+            models_log.info("loading %s: %s", name, describe_progress(done, total, elapsed))
 
 
 def log_refusal(scope: Scope, status: int, code: str, message: str) -> None:
