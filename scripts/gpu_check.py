@@ -19,7 +19,8 @@ from warmserve.engine.engine import Engine
 from warmserve.layers.attention import AttentionMetadata, paged_decode_reference, paged_prefill
 from warmserve.layers.triton_attention import paged_decode
 from warmserve.loader.checkpoint import Checkpoint
-from warmserve.loader.weight_store import HostWeightStore, SegmentWeights
+from warmserve.loader.segment_weights import SegmentWeights
+from warmserve.loader.weight_store import HostWeightStore
 from warmserve.testing.checkpoints import build_checkpoint
 
 

@@ -140,7 +140,8 @@ def swap_phases(report, root: Path, shape="qwen3-0.6b", family="qwen3", repeats=
     from warmserve.engine.engine import Engine, eos_token_ids
     from warmserve.engine.warmup import warm_up
     from warmserve.loader.checkpoint import Checkpoint
-    from warmserve.loader.weight_store import HostWeightStore, SegmentWeights
+    from warmserve.loader.segment_weights import SegmentWeights
+    from warmserve.loader.weight_store import HostWeightStore
     from warmserve.testing.checkpoints import ensure_checkpoint
     from warmserve.worker.worker import release_cached_gpu_memory
 

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from warmserve.config import ModelSpec, SamplingParams
+from warmserve.controller.admission import QueueStats
 from warmserve.controller.errors import (
     InvalidRequest,
     ModelExists,
@@ -18,22 +19,37 @@ from warmserve.controller.errors import (
     NoCapacity,
     PathForbidden,
 )
-from warmserve.controller.types import GenerationChunk, LoadResult, ModelInfo, WorkerInfo
+from warmserve.controller.types import (
+    GenerationChunk,
+    LoadResult,
+    ModelInfo,
+    ResidentModel,
+    WorkerInfo,
+)
 
 VOCAB_SIZE = 100
+# Each fake worker has room for one fake model.
+MODEL_BYTES = WORKER_USABLE_BYTES = 1 << 30
 
 
 class FakeTokenizer:
-    """Renders "role: content" lines; the rendered chat is kept on the controller for tests."""
+    """Renders "role: content" lines (tools first); the rendered chat is kept on the controller
+    for tests."""
 
     def __init__(self, controller: FakeController):
         self.controller = controller
         self.generation_defaults = controller.generation_defaults
 
     def chat_token_ids(
-        self, messages: list[dict], add_generation_prompt: bool = True, **options
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **options,
     ) -> list[int]:
         lines = [f"{message['role']}: {message['content']}" for message in messages]
+        if tools:
+            lines.insert(0, "tools: " + ", ".join(tool["function"]["name"] for tool in tools))
         text = "\n".join([*lines, "assistant:"] if add_generation_prompt else lines)
         self.controller.last_chat = (text, options)
         return self.encode(text)
@@ -45,8 +61,10 @@ class FakeTokenizer:
 class FakeController:
     def __init__(self, workers: int = 2):
         self._workers = [
-            WorkerInfo(i, 1000 + i, "cpu", "idle", None, 4 << 30, 0, 0) for i in range(workers)
+            WorkerInfo(i, 1000 + i, "cpu", "ready", [], 4 << 30, 0, 0, WORKER_USABLE_BYTES, 1 << 30)
+            for i in range(workers)
         ]
+        self.queue_stats = QueueStats()
         self._models: dict[str, ModelInfo] = {}
         self._listeners = []
         self.loads_seen = 0
@@ -58,6 +76,8 @@ class FakeController:
         self.generation_defaults: dict = {}
         self.last_params: SamplingParams | None = None
         self.last_keep_alive: float | None = None
+        # When set, a generation streams these pieces of text and stops (a scripted reply).
+        self.reply_pieces: list[str] | None = None
         self.registry: dict[str, ModelSpec] = {}
         self.counters = {"auto_loads": 0, "evictions": 0, "idle_unloads": 0}
         self.host_cache_bytes = 0
@@ -77,12 +97,14 @@ class FakeController:
             raise PathForbidden(f"{path} is outside the model root")
         if name in self._models:
             raise ModelExists(f"model {name!r} is already loaded")
-        idle = [worker for worker in self._workers if worker.state == "idle"]
-        if len(idle) < tensor_parallel_size:
-            raise NoCapacity("no idle workers")
-        chosen = idle[:tensor_parallel_size]
+        free = [worker for worker in self._workers if worker.memory_free_bytes >= MODEL_BYTES]
+        if len(free) < tensor_parallel_size:
+            raise NoCapacity("no room: explicitly loaded models hold the memory")
+        chosen = free[:tensor_parallel_size]
         for worker in chosen:
-            worker.state, worker.model, worker.memory_used_bytes = "loaded", name, 1 << 20
+            worker.models.append(ResidentModel(name, MODEL_BYTES, "loaded"))
+            worker.memory_used_bytes += MODEL_BYTES
+            worker.memory_free_bytes -= MODEL_BYTES
         self.loads_seen += 1
         source = "host-cache" if self.loads_seen > 1 else "disk"
         self._models[name] = ModelInfo(
@@ -106,8 +128,10 @@ class FakeController:
         self._emit("unloading", name)
         del self._models[name]
         for worker in self._workers:
-            if worker.model == name:
-                worker.state, worker.model, worker.memory_used_bytes = "idle", None, 0
+            if any(model.name == name for model in worker.models):
+                worker.models = [model for model in worker.models if model.name != name]
+                worker.memory_used_bytes -= MODEL_BYTES
+                worker.memory_free_bytes += MODEL_BYTES
         self._emit("unloaded", name)
         return 0.002
 
@@ -158,7 +182,12 @@ class FakeController:
         prompt_tokens = len(prompt) if isinstance(prompt, list) else len(prompt.split())
         info.requests_in_flight += 1
         try:
-            for index in range(params.max_tokens):
+            for index, piece in enumerate(self.reply_pieces or ()):
+                last = index == len(self.reply_pieces) - 1
+                yield GenerationChunk(
+                    piece, [index], "stop" if last else None, prompt_tokens, index + 1
+                )
+            for index in range(0 if self.reply_pieces else params.max_tokens):
                 if index and name in self.failing_models:
                     raise ModelUnavailable(f"model {name!r} was unloaded")
                 await asyncio.sleep(self.token_delay_s)

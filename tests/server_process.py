@@ -35,7 +35,7 @@ SHM_DIR = Path("/dev/shm")
 # kept between runs.
 TEST_CACHE_DIR = REPO_ROOT / ".checkpoints" / "cache"
 TEST_CACHE_ENV = {"WARMSERVE_CACHE_DIR": str(TEST_CACHE_DIR)}
-INSTANCE_LINE = re.compile(r"instance ([0-9a-f]+): shared memory")
+INSTANCE_LINE = re.compile(r"instance ([0-9a-z]+): shared memory")
 
 
 def free_port() -> int:

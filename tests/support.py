@@ -18,12 +18,20 @@ PROMPTS = [
 ]
 
 
+# Each tiny test model takes 27 to 45 MB on its worker (weights, KV cache, activations): a worker
+# of this size holds exactly one of them, as a GPU holds one large model.
+ONE_MODEL_PER_WORKER_GB = 0.06
+
+
 def run_controller(scenario, **config):
-    """Runs `await scenario(controller)` against a fresh controller with two CPU workers."""
+    """Runs `await scenario(controller)` against a fresh controller with (by default) two CPU
+    workers."""
     from warmserve import Controller, ServerConfig
 
+    config = {"device": "cpu", "workers": 2, **config}
+
     async def main():
-        async with Controller(ServerConfig(device="cpu", workers=2, **config)) as controller:
+        async with Controller(ServerConfig(**config)) as controller:
             return await scenario(controller)
 
     return asyncio.run(main())

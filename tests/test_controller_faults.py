@@ -56,7 +56,7 @@ def test_callers_that_give_up_leave_no_model_half_loaded_or_half_unloaded(checkp
         async for _ in held:  # the request finishes within the grace period
             pass
         await until(lambda: "a" not in controller.deployments)
-        assert [w.state for w in controller.workers()] == ["idle", "idle"]
+        assert [w.models for w in controller.workers()] == [[], []]
         assert all(w.memory_used_bytes == w.memory_idle_bytes for w in controller.workers())
         # An unload during a load waits for the load, then unloads.
         loading = asyncio.ensure_future(controller.load("a", str(checkpoints["llama"])))
@@ -80,13 +80,13 @@ def test_a_worker_dying_during_an_unload_never_touches_the_next_model(checkpoint
         await until(lambda: state(controller, "wide") == "unloading")
         os.kill(controller.workers()[1].pid, signal.SIGKILL)
         await until(lambda: state(controller, "wide") == "failed")
-        assert controller.workers()[0].state == "idle"
+        assert controller.workers()[0].models == []
         loaded = await controller.load("next", str(checkpoints["qwen3"]))
         assert loaded.workers == [0]
         await unloading
         await held.aclose()
         assert await generate_all(controller, "next") == SHORT.max_tokens
-        assert controller.workers()[0].model == "next"
+        assert [m.name for m in controller.workers()[0].models] == ["next"]
 
     run_controller(scenario, unload_grace_s=3.0)
 

@@ -19,10 +19,14 @@ def test_health_and_workers(server, shared_model):
     with server.http() as http:
         workers = http.get("/admin/workers").json()
     assert sorted(worker["id"] for worker in workers) == [0, 1]
-    serving = [worker for worker in workers if worker["model"] == shared_model]
-    assert len(serving) == 1 and serving[0]["state"] == "loaded"
+    serving = [w for w in workers if shared_model in [m["name"] for m in w["models"]]]
+    assert len(serving) == 1 and serving[0]["state"] == "ready"
     assert all(worker["device"].startswith("cpu") and worker["pid"] for worker in workers)
-    assert serving[0]["memory_used_bytes"] > 0
+    resident = serving[0]["models"][0]
+    assert resident["memory_bytes"] > 0 and resident["state"] == "loaded"
+    assert serving[0]["memory_free_bytes"] <= (
+        serving[0]["memory_usable_bytes"] - resident["memory_bytes"]
+    )
 
 
 def test_model_port_serves_its_model_until_unloaded(server, shared_model):

@@ -1,4 +1,5 @@
-"""Serverless policies over HTTP: a real server with three registered models and room for two."""
+"""Serverless policies over HTTP: a real server with three registered models and room for two
+(one on each worker)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from server_process import REPO_ROOT, serving, subprocess_env, unload_everything
-from support import PROMPTS, hf_greedy
+from support import ONE_MODEL_PER_WORKER_GB, PROMPTS, hf_greedy
 from tokenizers import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,12 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def server(model_root, tmp_path_factory):
-    with serving(model_root, tmp_path_factory.mktemp("serverless"), registry=REGISTRY) as running:
+    with serving(
+        model_root,
+        tmp_path_factory.mktemp("serverless"),
+        registry=REGISTRY,
+        extra_args=("--worker-memory-gb", str(ONE_MODEL_PER_WORKER_GB), "--min-residency", "0"),
+    ) as running:
         yield running
 
 

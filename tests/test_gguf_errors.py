@@ -8,6 +8,7 @@ import pytest
 from gguf import GGUFWriter
 
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_model_config
+from warmserve.loader.tensors import iter_checkpoint_tensors
 
 HEADS, HIDDEN = 2, 8
 
@@ -47,7 +48,7 @@ def test_a_small_llama_gguf_reads_with_hf_names_and_unpermuted_projections(tmp_p
     _, config = read_model_config(path)
     assert (config["hidden_size"], config["num_key_value_heads"], config["head_dim"]) == (8, 2, 4)
     assert config["tie_word_embeddings"] is True
-    tensors = dict(Checkpoint(path).iter_tensors())
+    tensors = dict(iter_checkpoint_tensors(Checkpoint(path)))
     assert set(tensors) == {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"}
     # llama.cpp interleaves each head's rotary halves: rows (0, 2, 1, 3) of every head go back.
     rows = tensors["model.layers.0.self_attn.q_proj.weight"][:, 0].tolist()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from warmserve.api.event_log import ModelEventLog
+from warmserve.api.event_log import LoadProgressLog
 from warmserve.client import ServerError
 from warmserve.controller.types import ModelInfo
 from warmserve.load_progress import load_with_progress
@@ -88,7 +88,7 @@ def test_the_server_logs_a_slow_loads_progress(monkeypatch, caplog):
     controller = LoadingController()
 
     async def load() -> int:
-        ModelEventLog(controller).on_model_event("loading", "m")
+        LoadProgressLog(controller).on_model_event("loading", "m")
         await asyncio.sleep(0.1)
         controller.info.state = "loaded"
         await asyncio.sleep(0.05)  # the logger's next look sees it loaded

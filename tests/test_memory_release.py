@@ -7,8 +7,8 @@ import time
 
 from support import run_controller
 
-from warmserve.protocol import MemoryReleased, event_decoder, event_encoder
-from warmserve.worker.worker import IDLE_POLL_MS, Worker, WorkerArgs
+from warmserve.protocol import MemoryReleased, UnloadModel, WorkerArgs, event_decoder, event_encoder
+from warmserve.worker.worker import IDLE_POLL_MS, Worker
 
 
 def make_worker(delay: float = 0.25) -> Worker:
@@ -17,7 +17,7 @@ def make_worker(delay: float = 0.25) -> Worker:
         device="cpu",
         command_address="",
         event_address="",
-        memory_budget_bytes=None,
+        memory_cap_bytes=None,
         gpu_memory_utilization=0.9,
         memory_release_delay_s=delay,
         num_threads=None,
@@ -37,17 +37,20 @@ def test_idle_worker_wakes_when_a_release_is_due():
 
 def test_cpu_unload_releases_nothing_later():
     worker = make_worker()
-    phases = worker.drop_model(release_now=False)
+    replies = []
+    worker.reply = lambda command_id, **fields: replies.append(fields)
+    worker.unload(UnloadModel(1, "absent"))
     assert worker.release_due is None  # a CPU worker's memory goes with the model
-    assert set(phases) == {"close_s", "leave_group_s", "release_memory_s"}
+    assert set(replies[0]["phases"]) == {"close_s", "leave_group_s"}
 
 
 def test_controller_takes_the_released_figure():
-    event = event_decoder.decode(event_encoder.encode(MemoryReleased(1, 12345)))
-    assert event == MemoryReleased(1, 12345)
+    event = event_decoder.decode(event_encoder.encode(MemoryReleased(1, 12345, 6789)))
+    assert event == MemoryReleased(1, 12345, 6789)
 
     async def scenario(controller):
         controller._on_event(event)
         assert controller.workers()[1].memory_used_bytes == 12345
+        assert controller.workers()[1].memory_free_bytes == 6789
 
     run_controller(scenario)

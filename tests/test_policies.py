@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from support import PROMPTS, hf_greedy
+from support import ONE_MODEL_PER_WORKER_GB, PROMPTS, hf_greedy
 
 from warmserve import Controller, SamplingParams, ServerConfig
 from warmserve.config import ModelSpec
@@ -27,9 +27,18 @@ def registry_file(tmp_path, checkpoints, **overrides) -> str:
     return str(path)
 
 
-def run(scenario, models_file):
+def run(scenario, models_file, **overrides):
+    """Two workers that hold one model each, as two GPUs hold one large model each."""
+    settings = dict(
+        device="cpu",
+        workers=2,
+        models_file=models_file,
+        worker_memory_gb=ONE_MODEL_PER_WORKER_GB,
+        min_residency_s=0.0,
+    )
+
     async def main():
-        config = ServerConfig(device="cpu", workers=2, models_file=models_file)
+        config = ServerConfig(**{**settings, **overrides})
         async with Controller(config) as controller:
             return await scenario(controller)
 

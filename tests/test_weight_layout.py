@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.engine import Engine
 from warmserve.loader.checkpoint import Checkpoint
-from warmserve.loader.weight_store import HostWeightStore, SegmentWeights, forward_order
+from warmserve.loader.segment_weights import SegmentWeights
+from warmserve.loader.weight_store import HostWeightStore, forward_order
 from warmserve.models.config import ModelConfig
 from warmserve.models.registry import model_class
 from warmserve.models.weights import WeightLoadError, bind_parameters

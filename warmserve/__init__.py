@@ -8,7 +8,8 @@ from warmserve.config import ModelSpec, SamplingParams, ServerConfig
 
 
 def __getattr__(name: str):
-    # The controller pulls in torch; importing it lazily keeps `warmserve ps` and friends quick.
+    # The controller pulls in the HTTP-free server side; importing it lazily keeps `warmserve ps`
+    # and friends quick.
     if name == "Controller":
         from warmserve.controller.controller import Controller
 

@@ -1,4 +1,4 @@
-"""`warmserve serve | load | unload | ps | demo`.
+"""`warmserve serve | load | unload | ps | demo | bench [serve|trace]`.
 
 Only `serve` and `demo` import the server side (torch among it), so the client commands start
 in a fraction of a second.
@@ -17,6 +17,7 @@ import sys
 import time
 
 from warmserve.client import AdminClient, ServerError
+from warmserve.config import CPU_WORKER_MEMORY_GB, DTYPES, EngineConfig, ServerConfig
 from warmserve.text_tables import format_bytes, format_table
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -78,10 +79,47 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})",
     )
     serve.add_argument(
+        "--gpu-memory-utilization",
+        type=_fraction,
+        default=0.9,
+        help="share of each GPU's memory warmserve may use, CUDA context included (default 0.9)",
+    )
+    serve.add_argument(
+        "--worker-memory-gb",
+        type=_positive_float,
+        help="cap on what models may take on each worker (on CPU: the memory each worker "
+        f"stands in for, default {CPU_WORKER_MEMORY_GB:g})",
+    )
+    serve.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        help="context length of a model whose load names none (default: the checkpoint's)",
+    )
+    serve.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        default=EngineConfig.max_num_seqs,
+        help=f"sequences each model runs at once (default {EngineConfig.max_num_seqs})",
+    )
+    serve.add_argument(
         "--max-queued-requests",
         type=_non_negative_int,
         default=256,
-        help="requests a model may hold waiting beyond its running batch; more get 503",
+        help="requests a model may hold waiting (for its load, or beyond its running batch); "
+        "more get 503 (default 256)",
+    )
+    serve.add_argument(
+        "--min-residency",
+        type=_non_negative_float,
+        default=ServerConfig.min_residency_s,
+        help="seconds a model loaded on demand stays before it may be evicted for another, so "
+        f"that alternating requests are served in groups (default {ServerConfig.min_residency_s:g})",
+    )
+    serve.add_argument(
+        "--queue-timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds a request waits for its model to be loaded before a 503 (default 60)",
     )
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="INFO", type=str.upper, help="log verbosity"
@@ -97,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size")
     load.add_argument(
         "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=sorted(DTYPES),
         default="auto",
         help="serving dtype (auto: the checkpoint's)",
     )
@@ -133,17 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=run_demo)
 
     bench = add_command(
-        "bench", help="measure swap, load and decode against baselines; write BENCHMARKS.md"
+        "bench",
+        help="measure swap, load and decode against baselines; `bench serve`: one model under "
+        "HTTP load; `bench trace`: many models under a request trace",
     )
-    from warmserve.bench.swap import add_arguments
+    from warmserve.bench import options as bench_options
+    from warmserve.bench import serve as serve_bench
+    from warmserve.bench import trace as trace_bench
 
-    add_arguments(bench)
-    bench.set_defaults(run=run_bench)
+    bench_options.add_swap_arguments(bench)
+    bench.set_defaults(run=run_swap_bench)
+    # Optional: plain `warmserve bench` stays the swap benchmark.
+    benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for name, module, text in (
+        ("serve", serve_bench, "one model over HTTP under load, like `vllm bench serve`"),
+        ("trace", trace_bench, "many models on one server under a request trace"),
+    ):
+        benchmark = benchmarks.add_parser(
+            name, help=text, description=module.__doc__, formatter_class=HelpFormatter
+        )
+        module.add_arguments(benchmark)
+        benchmark.set_defaults(run=module.run)
     return parser
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    from warmserve.bench.swap import run
+def run_swap_bench(args: argparse.Namespace) -> int:
+    from warmserve.bench.swap import run  # imports torch: only when the benchmark runs
 
     return run(args)
 
@@ -152,6 +205,27 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
@@ -173,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from warmserve.api.server import bind_socket
-    from warmserve.config import ConfigError, ServerConfig
+    from warmserve.config import ConfigError
     from warmserve.controller.pool import StartupError
     from warmserve.controller.registry import RegistryError, check_registry_paths
 
@@ -189,7 +263,13 @@ def run_serve(args: argparse.Namespace) -> int:
         models_file=args.models,
         host_cache_gb=args.host_cache_gb,
         api_key=args.api_key or None,
+        worker_memory_gb=args.worker_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
         max_queued_requests=args.max_queued_requests,
+        queue_timeout_s=args.queue_timeout,
+        min_residency_s=args.min_residency,
+        engine=EngineConfig(max_num_seqs=args.max_num_seqs),
     )
     if args.models:
         try:
@@ -305,6 +385,8 @@ def run_ps(args: argparse.Namespace) -> int:
                     "LOAD S",
                     "LAST USED",
                     "IN FLIGHT",
+                    "QUEUED",
+                    "MEMORY",
                     "KEEP ALIVE",
                     "PINNED",
                     "PORT",
@@ -320,6 +402,8 @@ def run_ps(args: argparse.Namespace) -> int:
                         _seconds(model["load_seconds"]),
                         _ago(model["last_used"], now),
                         model["requests_in_flight"],
+                        model["requests_queued"],
+                        format_bytes(model["memory_bytes"]) if model["memory_bytes"] else "-",
                         _keep_alive(model["keep_alive"]),
                         "yes" if model["pinned"] else "no",
                         model["port"] or "-",
@@ -336,15 +420,17 @@ def run_ps(args: argparse.Namespace) -> int:
     print()
     print(
         format_table(
-            ["WORKER", "PID", "DEVICE", "STATE", "MODEL", "MEMORY USED", "MEMORY TOTAL"],
+            ["WORKER", "PID", "DEVICE", "STATE", "MODELS", "USED", "FREE", "USABLE", "TOTAL"],
             [
                 [
                     worker["id"],
                     worker["pid"] or "-",
                     worker["device"],
                     worker["state"],
-                    worker["model"] or "-",
+                    _resident_models(worker["models"]),
                     format_bytes(worker["memory_used_bytes"]),
+                    format_bytes(worker["memory_free_bytes"]),
+                    format_bytes(worker["memory_usable_bytes"]),
                     format_bytes(worker["memory_total_bytes"]),
                 ]
                 for worker in workers
@@ -358,6 +444,13 @@ def run_demo(args: argparse.Namespace) -> int:
     from warmserve.demo import run_demo_in_process
 
     return run_demo_in_process(args.dir)
+
+
+def _resident_models(models: list[dict]) -> str:
+    """The models sharing a worker, each with what it takes there."""
+    if not models:
+        return "-"
+    return ", ".join(f"{m['name']} ({format_bytes(m['memory_bytes'])})" for m in models)
 
 
 def _seconds(value: float | None) -> str:

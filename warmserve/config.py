@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar the output must follow, compiled and enforced in the worker.
+
+    `kind` is json_schema (spec: the schema as JSON text), json_object (spec unused), regex
+    (spec: the pattern) or choice (spec: a JSON list of the allowed strings). `field` is the
+    request field it came from, which an error names."""
+
+    kind: str
+    spec: str = ""
+    field: str = "structured output"
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_OUTPUT_KINDS:
+            raise ConfigError(
+                f"structured output kind must be one of {sorted(STRUCTURED_OUTPUT_KINDS)}, "
+                f"got {self.kind!r}"
+            )
+
+
+STRUCTURED_OUTPUT_KINDS = {"json_schema", "json_object", "regex", "choice"}
 
 
 @dataclass(frozen=True)
@@ -20,6 +45,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -55,17 +81,31 @@ class ModelSpec:
     port: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.name or not isinstance(self.name, str):
-            raise ConfigError("name must be a non-empty string")
-        if self.tensor_parallel_size < 1:
-            raise ConfigError("tensor_parallel_size must be >= 1")
+        # The one place a model's deployment fields are checked: the registry, the admin API,
+        # the CLI and the Python API all build a ModelSpec.
+        if not isinstance(self.name, str) or not self.name or len(self.name) > 128:
+            raise ConfigError("name must be 1 to 128 characters")
+        if "/" in self.name:
+            raise ConfigError("name must not contain '/'")
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError("path must be a non-empty string")
+        if _not_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size must be a positive integer")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ConfigError("max_model_len must be a positive integer")
+        if self.max_model_len is not None and (
+            _not_int(self.max_model_len) or self.max_model_len < 2
+        ):
+            raise ConfigError("max_model_len must be an integer of at least 2")
 
 
-DTYPES = {"auto", "float32", "bfloat16", "float16"}
+def _not_int(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
+# The serving dtypes and their sizes in bytes; "auto" serves a checkpoint in its own dtype.
+DTYPE_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPES = {"auto", *DTYPE_ITEMSIZE}
 
 
 @dataclass(frozen=True)
@@ -81,6 +121,9 @@ class EngineConfig:
     max_kv_cache_bytes: int = 4 * 2**30
 
 
+CPU_WORKER_MEMORY_GB = 4.0
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -91,9 +134,13 @@ class ServerConfig:
     models_file: str | None = None  # the registry (--models models.yaml)
     host_cache_gb: float = 16.0
     api_key: str | None = None
-    # Memory each CPU worker may use for weights + KV cache (stands in for a GPU's memory).
-    cpu_worker_memory_gb: float = 4.0
+    # The most memory models may take on each worker (weights, KV cache, activations); on a CPU
+    # worker, the memory it stands in for (CPU_WORKER_MEMORY_GB when None).
+    worker_memory_gb: float | None = None
+    # The share of each GPU's memory warmserve may use, the CUDA context included.
     gpu_memory_utilization: float = 0.9
+    # A model's context unless its load names one (None: the checkpoint's own).
+    max_model_len: int | None = None
     request_timeout_s: float = 600.0
     load_timeout_s: float = 600.0
     # How long an unload lets requests in flight finish before it ends them with an error.
@@ -102,7 +149,25 @@ class ServerConfig:
     # unless a load comes first: a swap's next model then takes the same memory (no cudaFree,
     # no cudaMalloc, and its copy lands in memory the GPU has already mapped).
     memory_release_delay_s: float = 0.25
-    # Requests one model may hold waiting beyond the batch its engine runs (max_num_seqs);
+    # Requests one model may hold waiting (for its load, or beyond the batch its engine runs);
     # more are refused at once with 503 and Retry-After.
     max_queued_requests: int = 256
+    # How long a request waits for its model to be loaded (room made, the load done) before it
+    # is refused with 503.
+    queue_timeout_s: float = 60.0
+    # A model loaded on demand stays at least this long before it may be evicted for another,
+    # so that requests alternating between models that do not fit together are served in
+    # groups instead of swapping on every request.
+    min_residency_s: float = 1.0
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def user_cache_dir() -> Path:
+    """Where warmserve keeps what it downloads or derives for a user (the demo's model,
+    dequantized GGUF copies): $WARMSERVE_CACHE_DIR, or warmserve/ under $XDG_CACHE_HOME
+    (~/.cache by default)."""
+    explicit = os.environ.get("WARMSERVE_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "warmserve"

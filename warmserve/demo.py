@@ -18,14 +18,17 @@ from pathlib import Path
 import httpx
 
 from warmserve.client import ServerError, describe_error
+from warmserve.config import user_cache_dir
 from warmserve.real_model import SMOLLM2_FILE, FetchFailed, fetch_smollm2
 from warmserve.text_tables import format_table
-from warmserve.user_cache import user_cache_dir
 
 REAL_MODEL_NAME = "smollm2"
 QUESTION = "What is the capital of France?"
 PROMPT = "The weather today is"
 MAX_TOKENS = 24
+# Enough for the demo's exchanges; SmolLM2's full 8k context would need a larger KV cache than
+# a CPU worker's default budget.
+MAX_MODEL_LEN = 1024
 HEALTH_TIMEOUT_S = 30.0
 
 
@@ -121,7 +124,7 @@ async def _swap_models(
     rows, texts = [], []
 
     async def load(model: DemoModel) -> dict:
-        body = {"name": model.name, "path": str(model.path)}
+        body = {"name": model.name, "path": str(model.path), "max_model_len": MAX_MODEL_LEN}
         return await _request(http, "POST", "/admin/models", json=body)
 
     async def generate(model: DemoModel) -> None:

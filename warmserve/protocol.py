@@ -7,9 +7,38 @@ hosts): nothing here assumes the workers share the server's host.
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
 
 from warmserve.config import EngineConfig, SamplingParams
+
+
+class ErrorKind(enum.Enum):
+    """Why a worker refused a command: the server maps each kind to one of its own errors, so
+    no exception class name crosses the process boundary."""
+
+    CHECKPOINT = "checkpoint"  # the checkpoint cannot be read or does not fit its architecture
+    INSUFFICIENT_MEMORY = "insufficient_memory"
+    INVALID = "invalid"  # the command asks for something this model or worker cannot do
+    BUSY = "busy"  # the worker cannot take this model now (a tensor-parallel group holds it)
+    INTERNAL = "internal"
+
+
+class WorkerArgs(msgspec.Struct, frozen=True):
+    """What a worker process is started with: its identity, its device and two addresses."""
+
+    worker_id: int
+    device: str  # "cpu" or "cuda:N"
+    command_address: str
+    event_address: str
+    # The most memory warmserve may use on this worker (None: no cap); a CPU worker stands in
+    # for a GPU of this size.
+    memory_cap_bytes: int | None
+    gpu_memory_utilization: float
+    memory_release_delay_s: float  # see ServerConfig
+    num_threads: int | None
+    parent_pid: int
 
 
 class TensorEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -33,6 +62,7 @@ class WeightSegment(msgspec.Struct, frozen=True):
 
 class LoadModel(msgspec.Struct, tag=True, frozen=True):
     command_id: int
+    deployment: str  # unique per load; every later message about this model carries it
     name: str
     model_dir: str
     segment: WeightSegment | None  # None: read the checkpoint from disk
@@ -42,19 +72,24 @@ class LoadModel(msgspec.Struct, tag=True, frozen=True):
     tp_rank: int
     tp_size: int
     dist_init_method: str | None  # tcp://host:port of the group's rendezvous when tp_size > 1
+    # What the controller's ledger grants this model on this worker (None: whatever is free).
+    memory_budget_bytes: int | None = None
 
 
 class UnloadModel(msgspec.Struct, tag=True, frozen=True):
     command_id: int
+    deployment: str
 
 
 class AddRequest(msgspec.Struct, tag=True, frozen=True):
+    deployment: str
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams  # stop strings travel too; the server applies them
 
 
 class AbortRequest(msgspec.Struct, tag=True, frozen=True):
+    deployment: str
     request_id: str
 
 
@@ -86,6 +121,7 @@ class WorkerReady(msgspec.Struct, tag=True, frozen=True):
     device: str
     memory_total_bytes: int
     memory_used_bytes: int
+    memory_usable_bytes: int  # what models may take on this worker, all of them together
     warmup_seconds: float
 
 
@@ -100,8 +136,10 @@ class CommandDone(msgspec.Struct, tag=True, frozen=True):
     worker_id: int
     command_id: int
     error: str | None = None
-    error_type: str | None = None  # CheckpointError | InsufficientMemory | …
+    error_kind: ErrorKind | None = None
     memory_used_bytes: int = 0
+    memory_free_bytes: int = 0  # what the worker measures as free for another model
+    model_bytes: int = 0  # a load: what the model takes (weights, KV cache, activations)
     max_model_len: int = 0
     seconds: float = 0.0
     phases: dict[str, float] = {}  # where a load's or unload's time went
@@ -115,23 +153,26 @@ class TokenOutput(msgspec.Struct, array_like=True, frozen=True):
 
 class StepOutputs(msgspec.Struct, tag=True, frozen=True):
     worker_id: int
+    deployment: str
     outputs: list[TokenOutput]
 
 
 class RequestFailed(msgspec.Struct, tag=True, frozen=True):
     worker_id: int
+    deployment: str
     request_id: str
     error: str
+    # The request itself is at fault (a grammar that does not compile): the client gets a 400.
+    invalid_request: bool = False
 
 
 class ModelLost(msgspec.Struct, tag=True, frozen=True):
-    """A rank lost its tensor-parallel peers (one died) and dropped the model."""
+    """A step failed (a fault in the model, or a tensor-parallel peer died): the worker dropped
+    the model."""
 
     worker_id: int
+    deployment: str
     error: str
-    # The LoadModel that built the lost model: the server may already have given this worker
-    # to another model by the time this arrives.
-    load_command_id: int
 
 
 class SegmentRegistered(msgspec.Struct, tag=True, frozen=True):
@@ -147,6 +188,7 @@ class MemoryReleased(msgspec.Struct, tag=True, frozen=True):
 
     worker_id: int
     memory_used_bytes: int
+    memory_free_bytes: int
 
 
 WorkerEvent = (

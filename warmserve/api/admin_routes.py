@@ -11,9 +11,10 @@ from pydantic_core import PydanticCustomError
 
 from warmserve.api.openai_schemas import KeepAlive
 from warmserve.api.services import Services
+from warmserve.config import DTYPES
 from warmserve.controller.registry import spec_from_fields
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Dtype = Literal[tuple(sorted(DTYPES))]
 
 
 class ModelRequest(BaseModel):
@@ -24,9 +25,10 @@ class ModelRequest(BaseModel):
 
     name: str = Field(min_length=1)
     path: str = Field(min_length=1)
-    tensor_parallel_size: int = Field(1, ge=1)
+    # Bounds are checked once, by ModelSpec (a 400 naming the field).
+    tensor_parallel_size: int = 1
     dtype: Dtype = "auto"
-    max_model_len: int | None = Field(None, ge=1)
+    max_model_len: int | None = None
     keep_alive: KeepAlive = None
 
     @field_validator("name")

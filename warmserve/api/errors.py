@@ -95,8 +95,9 @@ def describe_validation_errors(errors: list[dict]) -> str:
 def refusal_response(
     request: Request, status: int, message: str, code: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """A client error (or 503), logged with its reason."""
-    if status < 500 or status == 503:
+    """An error response; a client error is logged with its reason (the controller logs the
+    503s of its admission itself)."""
+    if status < 500:
         log_refusal(request.scope, status, code, message)
     return error_response(status, message, code, headers)
 
@@ -107,7 +108,7 @@ async def _handle_api_error(request: Request, exc: APIError) -> JSONResponse:
 
 async def _handle_controller_error(request: Request, exc: ControllerError) -> JSONResponse:
     status, body = controller_error_body(exc)
-    if status < 500 or status == 503:
+    if status < 500:
         log_refusal(request.scope, status, exc.code, body["error"]["message"])
     return JSONResponse(body, status_code=status, headers=retry_after_headers(exc))
 

@@ -1,8 +1,8 @@
-"""INFO log lines for what happens to models and requests, written from the HTTP layer.
+"""INFO log lines written from the HTTP layer: a load's start and its progress, and requests
+refused with a client error.
 
-Model lines come from the controller's events, so every load and unload is logged whatever asked
-for it (an admin request, a request for a registered model, an eviction, keep-alive); why the
-controller did it is the controller's own line.
+The controller logs the rest itself: loads done, unloads, failures, auto-loads, evictions,
+keep-alive unloads, and the requests its admission refuses (503).
 """
 
 from __future__ import annotations
@@ -19,43 +19,27 @@ from warmserve.text_tables import describe_progress
 models_log = logging.getLogger("warmserve.models")
 requests_log = logging.getLogger("warmserve.requests")
 
-
 # A load from disk that takes longer than this logs its progress this often.
 PROGRESS_EVERY_S = 5.0
 
 
-class ModelEventLog:
+class LoadProgressLog:
     def __init__(self, controller):
         self.controller = controller
         self._progress_tasks: set[asyncio.Task] = set()
 
     def on_model_event(self, event: str, name: str) -> None:
-        """Controller listener."""
-        if event in ("unloading", "unloaded"):
-            models_log.info("%s %s", event, name)
+        """Controller listener: a load that starts is logged, then its progress until it ends."""
+        if event != "loading":
             return
         try:
             info = self.controller.model(name)
         except ControllerError:  # gone again already
-            info = None
-        if info is None:
-            models_log.info("%s %s", event, name)
-        elif event == "loading":
-            models_log.info("loading %s from %s", name, info.path)
-            task = asyncio.get_running_loop().create_task(self._log_progress(name))
-            self._progress_tasks.add(task)
-            task.add_done_callback(self._progress_tasks.discard)
-        elif event == "loaded":
-            workers = ",".join(str(worker) for worker in info.workers)
-            models_log.info(
-                "loaded %s on worker(s) %s in %.3f s (from %s)",
-                name,
-                workers,
-                info.load_seconds or 0.0,
-                info.load_source,
-            )
-        elif event == "failed":
-            models_log.info("model %s failed: %s", name, info.error)
+            return
+        models_log.info("loading %s from %s", name, info.path)
+        task = asyncio.get_running_loop().create_task(self._log_progress(name))
+        self._progress_tasks.add(task)
+        task.add_done_callback(self._progress_tasks.discard)
 
     async def _log_progress(self, name: str) -> None:
         """Bytes read into host memory, rate and time left, while the model loads."""
@@ -75,7 +59,7 @@ class ModelEventLog:
 
 
 def log_refusal(scope: Scope, status: int, code: str, message: str) -> None:
-    """One line for each request refused with a client error or 503, with its reason."""
+    """One line for each request refused with a client error, with its reason."""
     requests_log.info(
         "refused %s %s: %d %s: %s", scope["method"], scope["path"], status, code, message
     )

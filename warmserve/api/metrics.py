@@ -14,7 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-WORKER_STATES = ("starting", "idle", "loading", "loaded", "unloading", "dead")
+from warmserve.api.model_metrics import ModelCollector
+
+WORKER_STATES = ("starting", "ready", "dead")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_INTERVAL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SWAP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -43,7 +45,7 @@ class PoolCollector:
         )
         used = GaugeMetricFamily(
             "warmserve_worker_memory_used_bytes",
-            "Memory a worker holds for model weights and KV cache",
+            "Memory a worker process holds (its baseline and its models)",
             labels=["worker"],
         )
         total = GaugeMetricFamily(
@@ -130,6 +132,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(PoolCollector(controller))
+        self.registry.register(ModelCollector(controller))
         self.controller = controller
         self._unloads_started: dict[str, float] = {}
 

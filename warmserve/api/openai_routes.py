@@ -29,6 +29,8 @@ from warmserve.api.openai_schemas import (
 )
 from warmserve.api.services import Services
 from warmserve.api.sse import sse_response
+from warmserve.api.structured_schemas import FunctionCall, MessageToolCall
+from warmserve.api.tool_calls import ToolCalling, new_tool_call_id
 from warmserve.controller.types import GenerationChunk, ModelInfo
 
 
@@ -55,20 +57,33 @@ async def completion_chunks(
         yield chunk([], usage_of(generation.last))
 
 
+def reply_finish_reason(called_tools: bool, finish_reason: str) -> str:
+    return "tool_calls" if called_tools and finish_reason == "stop" else finish_reason
+
+
 async def chat_chunks(
-    generation: Generation, response_id: str, created: int, include_usage: bool
+    generation: Generation,
+    response_id: str,
+    created: int,
+    include_usage: bool,
+    calling: ToolCalling,
 ) -> AsyncIterator[ChatCompletionChunk]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=response_id, created=created, model=generation.model, choices=choices, usage=usage
         )
 
+    reply = calling.reply_stream()
     yield chunk([ChatChunkChoice(delta={"role": "assistant", "content": ""})])
     async for piece in generation.chunks():
-        if piece.text:
-            yield chunk([ChatChunkChoice(delta={"content": piece.text})])
+        deltas = reply.feed(piece.text)
         if piece.finish_reason:
-            yield chunk([ChatChunkChoice(delta={}, finish_reason=piece.finish_reason)])
+            deltas += reply.finish()
+        for delta in deltas:
+            yield chunk([ChatChunkChoice(delta=delta)])
+        if piece.finish_reason:
+            finish_reason = reply_finish_reason(reply.called, piece.finish_reason)
+            yield chunk([ChatChunkChoice(delta={}, finish_reason=finish_reason)])
     if include_usage:
         yield chunk([], usage_of(generation.last))
 
@@ -137,8 +152,11 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
     ) -> ChatCompletion | StreamingResponse:
         info = requested_model(request, body.model)
         tokenizer = controller.tokenizer(info.name)
+        calling = body.tool_calling()
         prompt = tokenizer.chat_token_ids(
-            [m.template_message() for m in body.messages], **body.template_options()
+            [m.template_message() for m in body.messages],
+            tools=calling.template_tools(),
+            **body.template_options(),
         )
         params = body.sampling_params(CHAT_DEFAULT_MAX_TOKENS, tokenizer.generation_defaults)
         generation = Generation(
@@ -148,17 +166,22 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return sse_response(
-                chat_chunks(generation, response_id, created, body.include_usage_chunk)
+                chat_chunks(generation, response_id, created, body.include_usage_chunk, calling)
             )
-        text = await generation.collect()
+        reply = calling.reply(await generation.collect())
+        tool_calls = [
+            MessageToolCall(id=new_tool_call_id(), function=FunctionCall(**vars(call)))
+            for call in reply.tool_calls
+        ]
+        finish_reason = reply_finish_reason(bool(tool_calls), generation.last.finish_reason)
         return ChatCompletion(
             id=response_id,
             created=created,
             model=info.name,
             choices=[
                 ChatChoice(
-                    message=AssistantMessage(content=text),
-                    finish_reason=generation.last.finish_reason,
+                    message=AssistantMessage(content=reply.content, tool_calls=tool_calls or None),
+                    finish_reason=finish_reason,
                 )
             ],
             usage=usage_of(generation.last),

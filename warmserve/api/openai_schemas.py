@@ -1,7 +1,8 @@
 """OpenAI request and response bodies for /v1/completions, /v1/chat/completions and /v1/models.
 
 Requests are validated here so that a bad field is a 400 naming that field; anything warmserve
-cannot honour (several choices, log-probabilities, tools, ...) is refused rather than ignored.
+cannot honour (several choices, log-probabilities, ...) is refused rather than ignored. The fields
+that constrain the output (response_format, tools, guided_*) are in structured_schemas.
 """
 
 from __future__ import annotations
@@ -14,11 +15,20 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from warmserve.config import ConfigError, SamplingParams
+from warmserve.api.structured_schemas import (
+    MessageToolCall,
+    NamedToolChoice,
+    StructuredRequest,
+    Tool,
+    ToolChoice,
+)
+from warmserve.api.tool_calls import ToolCalling
+from warmserve.config import ConfigError, SamplingParams, StructuredOutput
 from warmserve.controller.registry import parse_keep_alive
 
 # OpenAI's default for /v1/completions.
@@ -48,9 +58,7 @@ UNSUPPORTED_UNLESS = {
     "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0),
     "logit_bias": (None, {}),
-    "tools": (None, []),
     "functions": (None, []),
-    "response_format": (None, {"type": "text"}),
 }
 
 
@@ -131,7 +139,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(StructuredRequest):
     """Fields shared by completions and chat completions."""
 
     # Unknown fields are kept so UNSUPPORTED_UNLESS can refuse the ones that matter.
@@ -201,6 +209,7 @@ class GenerationRequest(BaseModel):
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
+            structured_output=self.structured_output(),
         )
 
 
@@ -210,13 +219,20 @@ class CompletionRequest(GenerationRequest):
 
 class ChatMessage(BaseModel):
     role: Text = Field(min_length=1)
+    # null (an assistant turn that only calls tools) is rendered as "".
     content: Annotated[str, BeforeValidator(_text_content)] = ""
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: Text | None = None  # a tool turn: the call it answers
 
-    def template_message(self) -> dict[str, str]:
-        message = {"role": self.role, "content": self.content}
+    def template_message(self) -> dict:
+        message: dict = {"role": self.role, "content": self.content}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.template_call() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -229,6 +245,40 @@ RESERVED_TEMPLATE_VARIABLES = frozenset(
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise PydanticCustomError("tool_choice", "tool_choice needs tools")
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise PydanticCustomError("tools", "tools: each function needs its own name")
+        named = isinstance(self.tool_choice, NamedToolChoice)
+        if named and self.tool_choice.function.name not in names:
+            raise PydanticCustomError(
+                "tool_choice",
+                "tool_choice: no tool is named '{name}'",
+                {"name": self.tool_choice.function.name},
+            )
+        constrained = StructuredRequest.structured_output(self) is not None
+        if (named or self.tool_choice == "required") and constrained:
+            raise PydanticCustomError(
+                "tool_choice",
+                "a forced tool_choice constrains the output: it cannot be combined with "
+                "response_format or guided_*",
+            )
+        return self
+
+    def tool_calling(self) -> ToolCalling:
+        return ToolCalling(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def structured_output(self) -> StructuredOutput | None:
+        forced = self.tool_calling().structured_output()
+        return forced if forced is not None else super().structured_output()
+
     # vLLM extensions: extra chat template variables (e.g. Qwen3's enable_thinking), and
     # continuing the last (assistant) message instead of starting a new one.
     chat_template_kwargs: dict[str, Any] | None = None
@@ -289,7 +339,16 @@ class Completion(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[MessageToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_tool_calls(self, handler) -> dict:
+        # A reply without calls has no tool_calls key, as OpenAI's.
+        body = handler(self)
+        if body.get("tool_calls") is None:
+            body.pop("tool_calls", None)
+        return body
 
 
 class ChatChoice(BaseModel):
@@ -310,8 +369,9 @@ class ChatCompletion(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
-    # Only the keys that changed: {"role": ...} first, then {"content": ...}, {} at the end.
-    delta: dict[str, str]
+    # Only the keys that changed: {"role": ...} first, then {"content": ...} or
+    # {"tool_calls": [...]}, {} at the end.
+    delta: dict[str, Any]
     logprobs: None = None
     finish_reason: str | None = None
 

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
+from warmserve.bench.options import SWAP_QUICK_SHAPES, SWAP_SHAPES
+from warmserve.bench.report import update_section
 from warmserve.config import EngineConfig, SamplingParams, ServerConfig
 from warmserve.testing.checkpoints import ensure_checkpoint
 
-FULL_SHAPES = {"opt-125m": "opt", "qwen3-0.6b": "qwen3", "llama-3.1-8b": "llama"}
-QUICK_SHAPES = {"tiny": "qwen3", "tiny-opt": "opt"}
 GIB = 2**30
 SWAP_PROMPT = [11, 12, 13, 14, 15, 16, 17, 18]  # the 8-token prompt of a swap's first token
 
@@ -156,7 +156,7 @@ async def controller_timings(a: Path, b: Path, device: str, repeats: int, cold: 
 
     greedy = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     check = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    config = ServerConfig(device=device, workers=1, host_cache_gb=256, cpu_worker_memory_gb=64)
+    config = ServerConfig(device=device, workers=1, host_cache_gb=256, worker_memory_gb=64)
 
     async def first_token(controller, name) -> list[int]:
         tokens = []
@@ -250,8 +250,10 @@ def decode_timings(
     batches: tuple[int, ...],
     context: int,
     steps: int,
-    hbm_gbps: float,
+    hbm_gbps: float | None = None,
 ) -> dict:
+    """Median step time of a full decode batch per batch size; with `hbm_gbps`, also the time
+    the step's bytes (weights + KV cache read) take at that bandwidth."""
     from warmserve.engine.engine import Engine
 
     max_len = context + steps + 16
@@ -287,13 +289,14 @@ def decode_timings(
         for request_id in list(engine.sequences):
             engine.abort_request(request_id)
         step = statistics.median(times)
-        floor = (engine.weights_bytes + batch * (context + steps) * kv_per_token) / hbm_gbps / 1e9
         results[batch] = {
             "step_ms": step * 1e3,
             "step_min_ms": min(times) * 1e3,
             "tokens_per_s": batch / step,
-            "memory_floor_ms": floor * 1e3,
         }
+        if hbm_gbps:
+            step_bytes = engine.weights_bytes + batch * (context + steps) * kv_per_token
+            results[batch]["memory_floor_ms"] = step_bytes / hbm_gbps / 1e6
     engine.close()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -341,9 +344,9 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    shapes = SWAP_QUICK_SHAPES if args.quick else SWAP_SHAPES
     if args.shapes:
-        shapes = {name: shapes.get(name) or FULL_SHAPES[name] for name in args.shapes}
+        shapes = {name: shapes.get(name) or SWAP_SHAPES[name] for name in args.shapes}
     dtype = "bfloat16" if device == "cuda" else "float32"
     repeats = 3 if args.quick else args.repeats
     batches = (1, 4) if args.quick else (1, 64)
@@ -383,14 +386,15 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
     markdown = render_markdown(results)
-    Path(args.markdown).write_text(markdown)
+    # Its own section: the serving benchmarks' sections and hand-written text stay.
+    update_section(Path(args.markdown), "warmserve bench", markdown)
     print(markdown)
     return 0
 
 
 def render_markdown(results: dict) -> str:
     lines = [
-        "# Benchmarks",
+        "## `warmserve bench`: swap, load and decode",
         "",
         f"Device: **{results['device']}**. Command: `{results['command']}`.",
         f"Pinned host-to-device copy: {results['h2d_gbps']:.1f} GB/s; device memory copy: "
@@ -525,13 +529,3 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
 
 def _ms(samples: dict) -> str:
     return f"{samples['median'] * 1e3:.1f} [{samples['min'] * 1e3:.1f}]"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (CI)")
-    parser.add_argument("--shapes", nargs="*", help=f"subset of {sorted(FULL_SHAPES)}")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--checkpoints", default=".checkpoints/bench")
-    parser.add_argument("--out", default="bench-out", help="folder for bench.json")
-    parser.add_argument("--markdown", default="BENCHMARKS.md")

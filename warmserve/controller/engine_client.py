@@ -36,11 +36,13 @@ class EngineClient:
         tokenizer: ModelTokenizer,
         max_model_len: int,
         vocab_size: int,
+        deployment_id: str,
         send: Callable[[object], None],
     ):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.deployment_id = deployment_id
         self.send = send
         self.streams: dict[str, asyncio.Queue] = {}
 
@@ -53,10 +55,10 @@ class EngineClient:
         if stream is not None:
             stream.put_nowait(output)
 
-    def fail(self, request_id: str, reason: str) -> None:
+    def fail(self, request_id: str, reason: str, invalid_request: bool = False) -> None:
         stream = self.streams.get(request_id)
         if stream is not None:
-            stream.put_nowait(RequestAborted(reason))
+            stream.put_nowait(InvalidRequest(reason) if invalid_request else RequestAborted(reason))
 
     def fail_all(self, reason: str) -> None:
         for request_id in list(self.streams):
@@ -85,7 +87,7 @@ class EngineClient:
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop)
         finished = False
         try:
-            self.send(AddRequest(request_id, token_ids, params))
+            self.send(AddRequest(self.deployment_id, request_id, token_ids, params))
             generated = 0
             while not finished:
                 item = await stream.get()
@@ -93,7 +95,7 @@ class EngineClient:
                 while not stream.empty():  # the worker may be ahead of this consumer
                     batch.append(stream.get_nowait())
                 for item in batch:
-                    if isinstance(item, RequestAborted):
+                    if isinstance(item, (RequestAborted, InvalidRequest)):
                         raise item
                 new_tokens = [item.token_id for item in batch]
                 finish_reason = batch[-1].finish_reason
@@ -107,4 +109,4 @@ class EngineClient:
             del self.streams[request_id]
             # Unfinished (the caller went away) or cut by a stop string: the worker stops too.
             if not finished or detokenizer.stop_matched is not None:
-                self.send(AbortRequest(request_id))
+                self.send(AbortRequest(self.deployment_id, request_id))

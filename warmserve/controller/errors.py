@@ -41,7 +41,8 @@ class ModelExists(ControllerError):
 
 
 class NoCapacity(ControllerError):
-    """No free workers (or memory) for this load now; retrying later may succeed."""
+    """No worker can make room for this model now: pinned or explicitly loaded models hold the
+    memory (the message names them); retrying after one is unloaded may succeed."""
 
     status = 503
     code = "no_capacity"
@@ -69,3 +70,11 @@ class LoadFailed(ControllerError):
 
     status = 500
     code = "load_failed"
+
+
+class QueueTimeout(ControllerError):
+    """The request waited for its model's load (and the room for it) longer than its deadline."""
+
+    status = 503
+    code = "queue_timeout"
+    retry_after_s = 5

@@ -1,35 +1,111 @@
-"""The resource allocator: which idle workers take a model that needs `tp` workers and a given
-number of bytes on each."""
+"""The resource allocator: which workers take a model that needs `tp` workers and a number of
+bytes on each, and which idle models to evict when none has room. Pure Python."""
 
 from __future__ import annotations
 
-from warmserve.controller.errors import InvalidRequest, NoCapacity
-from warmserve.controller.pool import WorkerHandle
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from warmserve.controller.deployment import Deployment
+from warmserve.controller.errors import InvalidRequest
 
 GIB = 2**30
 
 
-def choose_workers(handles: list[WorkerHandle], tp: int, bytes_per_worker: int) -> list[int]:
-    if tp > len(handles):
+@dataclass(frozen=True)
+class WorkerRoom:
+    """One live worker as placement sees it."""
+
+    id: int
+    usable_bytes: int
+    free_bytes: int
+    residents: tuple[Deployment, ...]  # loading, loaded or unloading there
+
+    @property
+    def exclusive(self) -> bool:
+        """Held by a tensor-parallel model, which takes its workers alone."""
+        return any(d.tensor_parallel_size > 1 for d in self.residents)
+
+
+def check_fits_at_all(rooms: list[WorkerRoom], worker_count: int, tp: int, need: int) -> None:
+    """Refuses (400) a model that could never be placed, whatever were evicted."""
+    if tp > worker_count:
         raise InvalidRequest(
-            f"tensor_parallel_size {tp} needs {tp} workers; this server has {len(handles)}"
+            f"tensor_parallel_size {tp} needs {tp} workers; this server has {worker_count}"
         )
-    if all(h.memory_total_bytes - h.memory_idle_bytes < bytes_per_worker for h in handles):
-        largest = max(h.memory_total_bytes - h.memory_idle_bytes for h in handles)
+    largest = max((room.usable_bytes for room in rooms), default=0)
+    if need > largest:
         raise InvalidRequest(
-            f"the model needs {bytes_per_worker / GIB:.2f} GiB per worker; the largest worker "
-            f"has {largest / GIB:.2f} GiB (try a larger tensor_parallel_size)"
+            f"the model needs {need / GIB:.2f} GiB per worker; the largest worker has "
+            f"{largest / GIB:.2f} GiB usable (try a larger tensor_parallel_size, a smaller "
+            "max_model_len, or raise --gpu-memory-utilization / --worker-memory-gb)"
         )
-    fitting = [
-        h.id
-        for h in handles
-        if h.state == "idle" and h.memory_total_bytes - h.memory_idle_bytes >= bytes_per_worker
-    ]
-    if len(fitting) < tp:
-        busy = ", ".join(
-            f"worker {h.id}: {h.model or h.state}" for h in handles if h.state != "idle"
-        )
-        raise NoCapacity(
-            f"no room: the model needs {tp} free worker(s), {len(fitting)} free ({busy})"
-        )
-    return fitting[:tp]
+
+
+def choose_workers(rooms: list[WorkerRoom], tp: int, need: int) -> list[int] | None:
+    """Workers with room now: for one worker, the one with the most free memory (spreading
+    models, and their traffic, over the pool); a tensor-parallel model takes empty workers."""
+    if tp > 1:
+        empty = [room for room in rooms if not room.residents and room.free_bytes >= need]
+        if len(empty) < tp:
+            return None
+        return [room.id for room in sorted(empty, key=lambda r: -r.free_bytes)[:tp]]
+    fitting = [room for room in rooms if not room.exclusive and room.free_bytes >= need]
+    if not fitting:
+        return None
+    return [max(fitting, key=lambda room: room.free_bytes).id]
+
+
+def choose_evictions(
+    rooms: list[WorkerRoom], tp: int, need: int, evictable: Iterable[Deployment]
+) -> list[Deployment]:
+    """The least recently used evictable models whose eviction makes room, on the worker (or
+    workers) where that evicts the least recently used set; empty when no eviction makes room.
+    A model on several workers frees its bytes on each of them."""
+    allowed = {id(d) for d in evictable}
+    plans: list[tuple[float, int, list[Deployment]]] = []
+    for room in rooms:
+        if tp > 1:
+            if not all(id(d) in allowed for d in room.residents):
+                continue
+            victims = sorted(room.residents, key=_last_used)
+            if room.free_bytes + sum(d.memory_bytes for d in victims) < need:
+                continue
+        else:
+            if room.exclusive and not all(id(d) in allowed for d in room.residents):
+                continue
+            victims = _least_recently_used_until(room, need, allowed)
+            if victims is None:
+                continue
+        newest = max((_last_used(d) for d in victims), default=0.0)
+        plans.append((newest, room.id, victims))
+    plans.sort(key=lambda plan: plan[0])
+    if tp > 1:
+        if len(plans) < tp:
+            return []
+        chosen: list[Deployment] = []
+        for _, _, victims in plans[:tp]:
+            chosen += [d for d in victims if d not in chosen]
+        return chosen
+    return plans[0][2] if plans else []
+
+
+def _least_recently_used_until(
+    room: WorkerRoom, need: int, allowed: set[int]
+) -> list[Deployment] | None:
+    free = room.free_bytes
+    victims: list[Deployment] = []
+    for deployment in sorted(room.residents, key=_last_used):
+        if free >= need and not room.exclusive:
+            break
+        if id(deployment) not in allowed:
+            continue
+        victims.append(deployment)
+        free += deployment.memory_bytes
+    if free < need or (room.exclusive and len(victims) < len(room.residents)):
+        return None
+    return victims
+
+
+def _last_used(deployment: Deployment) -> float:
+    return deployment.last_used or 0.0

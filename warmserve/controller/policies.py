@@ -1,25 +1,28 @@
-"""Serverless policies over load and unload: which model to evict, which have been idle too long."""
+"""Serverless policies over load and unload: which models may be evicted now, which have been
+idle too long."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from warmserve.controller.controller import Deployment
+from warmserve.controller.deployment import Deployment
 
 KEEP_ALIVE_CHECK_S = 0.5
 
 
-def _idle(deployment: Deployment) -> bool:
-    return deployment.state == "loaded" and deployment.client.in_flight == 0
-
-
-def eviction_candidate(deployments: Iterable[Deployment]) -> Deployment | None:
-    """The least recently used loaded model that may make room: registered, not pinned, and
-    with no request in flight."""
-    candidates = [d for d in deployments if d.evictable and not d.pinned and _idle(d)]
-    return min(candidates, key=lambda d: d.last_used or 0.0, default=None)
+def evictable_now(
+    deployments: Iterable[Deployment], min_residency_s: float, now: float | None = None
+) -> list[Deployment]:
+    """Loaded models that may make room at once: registered, not pinned, no request in flight,
+    and resident for at least `min_residency_s` (so that a model's queued requests are served
+    together before another model takes its memory)."""
+    now = time.monotonic() if now is None else now
+    return [
+        d
+        for d in deployments
+        if d.may_make_room and d.idle and now - d.loaded_at >= min_residency_s
+    ]
 
 
 def expired(deployments: Iterable[Deployment], now: float) -> list[Deployment]:
@@ -27,5 +30,5 @@ def expired(deployments: Iterable[Deployment], now: float) -> list[Deployment]:
     return [
         d
         for d in deployments
-        if d.keep_alive >= 0 and _idle(d) and now - (d.last_used or now) >= d.keep_alive
+        if d.keep_alive >= 0 and d.idle and now - (d.last_used or now) >= d.keep_alive
     ]

@@ -24,12 +24,15 @@ import zmq.asyncio
 
 from warmserve.protocol import (
     Shutdown,
+    WorkerArgs,
     WorkerFailed,
     WorkerReady,
     command_encoder,
     event_decoder,
 )
-from warmserve.worker.worker import WorkerArgs, worker_main
+
+# Imported in the worker process only: the server never imports torch.
+WORKER_ENTRY = "warmserve.worker.worker:worker_main"
 
 
 class StartupError(RuntimeError):
@@ -43,11 +46,10 @@ class WorkerHandle:
     process: multiprocessing.Process | None = None
     socket: zmq.Socket | None = None
     pid: int | None = None
-    state: str = "starting"  # starting | idle | loading | loaded | unloading | dead
-    model: str | None = None
+    state: str = "starting"  # starting | ready | dead
     memory_total_bytes: int = 0
     memory_used_bytes: int = 0
-    memory_idle_bytes: int = 0
+    memory_idle_bytes: int = 0  # what the worker holds with no model (its baseline)
     ready: asyncio.Future = field(default=None, repr=False)
 
 
@@ -68,7 +70,10 @@ class LocalLauncher:
 
     def launch(self, args: WorkerArgs) -> multiprocessing.Process:
         process = self.context.Process(
-            target=worker_main, args=(args,), name=f"warmserve-worker-{args.worker_id}", daemon=True
+            target=run_entry,
+            args=(WORKER_ENTRY, args),
+            name=f"warmserve-worker-{args.worker_id}",
+            daemon=True,
         )
         process.start()
         return process
@@ -154,10 +159,21 @@ class WorkerPool:
     def send(self, worker_id: int, command) -> None:
         self.send_to(self.handles[worker_id], command)
 
+    def is_current(self, handle: WorkerHandle) -> bool:
+        """Whether `handle` is still its worker's live process (not a dead one, not replaced)."""
+        return self.handles[handle.id] is handle and handle.state != "dead"
+
     def send_to(self, handle: WorkerHandle, command) -> None:
         """Sends to that very process: nothing goes to a replacement of a dead worker."""
-        if self.handles[handle.id] is handle and handle.state != "dead" and not self.closed:
+        if self.is_current(handle) and not self.closed:
             handle.socket.send(command_encoder.encode(command), copy=False)
+
+    def broadcast(self, command) -> None:
+        """Sends a command that needs no reply to every live worker."""
+        if self.closing:
+            return
+        for handle in self.handles:
+            self.send_to(handle, command)
 
     async def _read_events(self) -> None:
         while True:
@@ -170,7 +186,7 @@ class WorkerPool:
                 handle.memory_total_bytes = event.memory_total_bytes
                 handle.memory_used_bytes = event.memory_used_bytes
                 handle.memory_idle_bytes = event.memory_used_bytes
-                handle.state = "idle"
+                handle.state = "ready"
                 if not handle.ready.done():
                     handle.ready.set_result(event)
             elif isinstance(event, WorkerFailed):
@@ -218,7 +234,6 @@ class WorkerPool:
         if self.closing or handle.state == "dead" or handle.process.is_alive():
             return
         handle.state = "dead"
-        handle.model = None
         warmed_up = handle.ready.done() and handle.ready.exception() is None
         if not handle.ready.done():
             handle.ready.set_exception(
@@ -263,6 +278,14 @@ class WorkerPool:
         self.launcher.close()
         for end in self._monitor_wakeup:
             end.close()
+
+
+def run_entry(entry: str, args: WorkerArgs) -> None:
+    """The worker process's target: imports the worker (and torch) in the child only."""
+    import importlib
+
+    module, function = entry.split(":")
+    getattr(importlib.import_module(module), function)(args)
 
 
 def default_num_threads(num_workers: int) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from warmserve.controller.engine_client import GenerationChunk
 
-__all__ = ["GenerationChunk", "LoadResult", "ModelInfo", "WorkerInfo"]
+__all__ = ["GenerationChunk", "LoadResult", "ModelInfo", "ResidentModel", "WorkerInfo"]
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,20 @@ class ModelInfo:
     load_seconds: float | None = None
     last_used: float | None = None  # unix time
     requests_in_flight: int = 0
+    requests_queued: int = 0  # waiting for this model's load
     port: int | None = None
     memory_bytes: int = 0
     keep_alive: float = -1.0  # seconds idle before an automatic unload; -1 = never
     pinned: bool = False
+    evictions: int = 0  # times it was evicted to make room for another model
     error: str | None = None  # why a failed model failed
+
+
+@dataclass
+class ResidentModel:
+    name: str
+    memory_bytes: int  # what it takes on this worker (weights, KV cache, activations)
+    state: str  # loading | loaded | unloading | failed
 
 
 @dataclass
@@ -43,8 +52,10 @@ class WorkerInfo:
     id: int
     pid: int | None
     device: str
-    state: str  # starting | idle | loading | loaded | unloading | dead
-    model: str | None
-    memory_total_bytes: int
-    memory_used_bytes: int  # model weights + KV cache held by this worker
-    memory_idle_bytes: int  # what the worker used with no model (its baseline)
+    state: str  # starting | ready | dead
+    models: list[ResidentModel]
+    memory_total_bytes: int  # the device's memory
+    memory_used_bytes: int  # what the worker process holds (its baseline included)
+    memory_idle_bytes: int  # what the worker held with no model (its baseline)
+    memory_usable_bytes: int  # what models may take on this worker, all together
+    memory_free_bytes: int  # usable and not taken: room for another model

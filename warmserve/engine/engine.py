@@ -11,10 +11,11 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from warmserve.config import EngineConfig, SamplingParams
+from warmserve.config import DTYPE_ITEMSIZE, EngineConfig, SamplingParams
 from warmserve.engine.block_manager import BlockManager
 from warmserve.engine.model_runner import ModelRunner
 from warmserve.engine.scheduler import Scheduler, SchedulerLimits
@@ -22,12 +23,17 @@ from warmserve.engine.sequence import Sequence
 from warmserve.engine.skeletons import SKELETONS, Skeleton
 from warmserve.layers.parallel import tp_world_size
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_json
-from warmserve.loader.weight_store import SegmentWeights
+from warmserve.loader.segment_weights import SegmentWeights
+from warmserve.loader.tensors import iter_checkpoint_tensors
 from warmserve.models.config import ModelConfig
+from warmserve.models.memory_plan import kv_block_bytes, plan_memory
 from warmserve.models.registry import model_class
 from warmserve.models.weights import WeightLoadError, parameter_slots
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    from warmserve.engine.structured_output import StructuredOutputs
+
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPE_ITEMSIZE}
 
 
 class InsufficientMemory(RuntimeError):
@@ -81,6 +87,7 @@ class Engine:
         self.runner = runner
         self.scheduler = scheduler
         self.weights_bytes = weights_bytes
+        self.activation_bytes = 0  # kept free for a step's activations (part of the footprint)
         self.max_model_len = scheduler.limits.max_model_len
         self.generators: dict[str, torch.Generator] = {}
         self.sequences: dict[str, Sequence] = {}
@@ -88,6 +95,11 @@ class Engine:
         self.skeleton_key: tuple | None = None
         self.skeleton: Skeleton | None = None
         self.load_phases: dict[str, float] = {}
+        # Where tokenizer.json lies (structured output builds its vocabulary from it), and the
+        # constrained requests' grammars, made on the first such request.
+        self.tokenizer_dir: Path | None = None
+        self.structured_outputs: StructuredOutputs | None = None
+        self.failures: list[tuple[str, str]] = []
 
     @classmethod
     def create(
@@ -101,11 +113,13 @@ class Engine:
         engine_config: EngineConfig = EngineConfig(),
         memory_budget_bytes: int | None = None,
         eos_token_ids: Iterable[int] = (),
+        tokenizer_dir: Path | None = None,
     ) -> Engine:
         """Builds the model on `device` with `weights` (checkpoint tensors, a host-store segment,
-        or None for random weights: the worker's warm-up model) and sizes the KV cache."""
+        or None for random weights: the worker's warm-up model) and sizes the KV cache.
+        `tokenizer_dir` holds the tokenizer.json that structured output needs."""
         try:
-            return cls._build(
+            engine = cls._build(
                 raw_config,
                 weights,
                 device=device,
@@ -121,6 +135,8 @@ class Engine:
             # frees memory and reports the failure).
             traceback.clear_frames(error.__traceback__)
             raise
+        engine.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+        return engine
 
     @classmethod
     def _build(
@@ -168,33 +184,27 @@ class Engine:
         )
         attention = model.attention_layers()[0]
         block_size = engine_config.block_size
-        block_bytes = (
-            2
-            * len(model.attention_layers())
-            * block_size
-            * attention.num_kv_heads
-            * attention.head_dim
-            * torch_dtype.itemsize
+        memory = plan_memory(
+            config,
+            engine_config,
+            weights_bytes=weights_bytes,
+            itemsize=torch_dtype.itemsize,
+            block_bytes=kv_block_bytes(
+                len(model.attention_layers()),
+                attention.num_kv_heads,
+                attention.head_dim,
+                block_size,
+                torch_dtype.itemsize,
+            ),
+            max_model_len=max_model_len,
+            budget_bytes=memory_budget_bytes,
         )
-        limit = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-        num_blocks = engine_config.max_num_seqs * -(-limit // block_size)
-        kv_budget = engine_config.kv_cache_bytes
-        if kv_budget is None and memory_budget_bytes is not None:
-            kv_budget = (
-                memory_budget_bytes
-                - weights_bytes
-                - activation_reserve(config, engine_config, limit, torch_dtype)
-            )
-        if kv_budget is None:
-            kv_budget = engine_config.max_kv_cache_bytes
-        kv_budget = min(kv_budget, engine_config.max_kv_cache_bytes)
-        num_blocks = min(num_blocks, kv_budget // block_bytes)
-        if num_blocks < 1:
+        if memory.num_blocks < 1:
             raise InsufficientMemory(
                 f"no memory left for the KV cache: weights take {weights_bytes / 2**20:.0f} MiB "
                 f"of a {(memory_budget_bytes or 0) / 2**20:.0f} MiB budget"
             )
-        limit = min(limit, num_blocks * block_size)
+        num_blocks, limit = memory.num_blocks, memory.max_model_len
         runner = ModelRunner(
             model,
             device,
@@ -213,6 +223,7 @@ class Engine:
         )
         scheduler = Scheduler(limits, BlockManager(num_blocks, block_size), eos_token_ids)
         engine = cls(config, runner, scheduler, weights_bytes)
+        engine.activation_bytes = memory.activation_bytes
         engine.skeleton_key, engine.skeleton = skeleton_key, skeleton
         engine.load_phases = {
             **phases,
@@ -234,8 +245,9 @@ class Engine:
         try:
             return cls.create(
                 checkpoint.config,
-                checkpoint.iter_tensors(),
+                iter_checkpoint_tensors(checkpoint),
                 eos_token_ids=eos_token_ids(checkpoint.path, checkpoint.config),
+                tokenizer_dir=checkpoint.path,
                 **kwargs,
             )
         except WeightLoadError as exc:
@@ -248,6 +260,11 @@ class Engine:
     @property
     def memory_bytes(self) -> int:
         return self.weights_bytes + self.runner.kv_cache_bytes
+
+    @property
+    def footprint_bytes(self) -> int:
+        """What the model takes from its worker: weights, KV cache and activation headroom."""
+        return self.memory_bytes + self.activation_bytes
 
     @property
     def vocab_size(self) -> int:
@@ -265,35 +282,69 @@ class Engine:
             )
         if any(not 0 <= token < self.vocab_size for token in prompt_token_ids):
             raise RequestRejected(f"token ids must lie in [0, {self.vocab_size})")
+        grammars = self._structured_outputs() if params.structured_output is not None else None
         seq = Sequence(request_id, prompt_token_ids, params)
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device)
             generator.manual_seed(params.seed)
             self.generators[request_id] = generator
         self.sequences[request_id] = seq
-        self.scheduler.add(seq)
+        if grammars is None:
+            self.scheduler.add(seq)
+        else:  # joins the scheduler once its grammar is compiled
+            grammars.add(seq)
+
+    def _structured_outputs(self) -> StructuredOutputs:
+        if self.tokenizer_dir is None or not (self.tokenizer_dir / "tokenizer.json").is_file():
+            raise RequestRejected("structured output needs the model's tokenizer.json")
+        if self.structured_outputs is None:
+            # Imported here: xgrammar takes a second to import, which only the workers that
+            # serve structured output pay, once per process.
+            from warmserve.engine.structured_output import StructuredOutputs
+
+            self.structured_outputs = StructuredOutputs.of(self)
+        return self.structured_outputs
+
+    def take_failures(self) -> list[tuple[str, str]]:
+        """Requests that failed after they were added (a grammar that did not compile), with
+        why; the worker reports them to the server."""
+        failures, self.failures = self.failures, []
+        return failures
+
+    def _forget(self, request_id: str) -> Sequence | None:
+        self.generators.pop(request_id, None)
+        if self.structured_outputs is not None:
+            self.structured_outputs.remove(request_id)
+        return self.sequences.pop(request_id, None)
 
     def abort_request(self, request_id: str) -> bool:
-        seq = self.sequences.pop(request_id, None)
-        self.generators.pop(request_id, None)
-        return seq is not None and self.scheduler.abort(request_id) is not None
+        if self._forget(request_id) is None:
+            return False
+        self.scheduler.abort(request_id)  # not there while its grammar compiles
+        return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        compiling = self.structured_outputs is not None and self.structured_outputs.compiling
+        return self.scheduler.has_unfinished() or bool(compiling)
 
     def step(self) -> list[StepOutput]:
+        if self.structured_outputs is not None:
+            for request_id, error in self.structured_outputs.admit_compiled(self.scheduler):
+                self._forget(request_id)
+                self.failures.append((request_id, error))
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
         generators = [self.generators.get(seq.request_id) for seq in seqs]
-        tokens = self.runner.execute(seqs, generators)
+        tokens = self.runner.execute(seqs, generators, self.structured_outputs)
+        if self.structured_outputs is not None:
+            self.structured_outputs.accept(seqs, tokens)
         self.scheduler.finish_step(seqs, tokens)
         outputs = []
         for seq, token in zip(seqs, tokens, strict=True):
             outputs.append(StepOutput(seq.request_id, token, seq.finish_reason))
             if seq.finish_reason is not None:
-                self.sequences.pop(seq.request_id, None)
-                self.generators.pop(seq.request_id, None)
+                self._forget(seq.request_id)
         return outputs
 
     def follow(self) -> None:
@@ -310,6 +361,9 @@ class Engine:
         self.runner = None
         self.sequences.clear()
         self.generators.clear()
+        if self.structured_outputs is not None:
+            self.structured_outputs.close()
+            self.structured_outputs = None
         # The model holds no reference cycles, so its memory is back in the caching allocator
         # now; the owner decides when the driver gets it (torch.cuda.empty_cache).
 
@@ -353,13 +407,3 @@ def _model_on_arena(
         registered=float(weights.registered),
     )
     return skeleton
-
-
-def activation_reserve(
-    config: ModelConfig, engine_config: EngineConfig, max_model_len: int, dtype: torch.dtype
-) -> int:
-    """A bound on the memory a step's activations take, kept free of the KV cache."""
-    tokens = max(engine_config.max_num_batched_tokens, max_model_len)
-    width = 4 * config.hidden_size + 3 * config.intermediate_size
-    logits = engine_config.max_num_seqs * config.vocab_size * 4 * 2
-    return tokens * width * dtype.itemsize + logits

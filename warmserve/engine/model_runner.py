@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,9 @@ from warmserve.engine.sequence import Sequence
 from warmserve.layers.attention import AttentionMetadata
 from warmserve.layers.parallel import tp_rank, tp_world_size
 from warmserve.layers.sampling import sample
+
+if TYPE_CHECKING:
+    from warmserve.engine.structured_output import StructuredOutputs
 
 
 @dataclass
@@ -106,8 +110,11 @@ class ModelRunner:
         self,
         seqs: list[Sequence],
         generators: list[torch.Generator | None],
+        structured_outputs: StructuredOutputs | None = None,
     ) -> list[int]:
-        """Lead rank: runs one step for `seqs` and returns one sampled token per sequence."""
+        """Lead rank: runs one step for `seqs` and returns one sampled token per sequence. The
+        constrained sequences' token masks are filled while the forward runs."""
+        masks = structured_outputs.start_masks(seqs) if structured_outputs is not None else None
         inputs = self.build_inputs(seqs)
         if self.tp_size > 1:
             dist.broadcast_object_list([inputs], src=0)
@@ -116,6 +123,8 @@ class ModelRunner:
             logits = self.decode_graphs.run(inputs)
         else:
             logits = self._forward(inputs)
+        if masks is not None:
+            masks.apply(logits)
         params: list[SamplingParams] = [seq.params for seq in seqs]
         return sample(logits, params, generators).tolist()
 

@@ -92,7 +92,7 @@ class Scheduler:
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.params
-        if token_id in params.stop_token_ids:
+        if seq.grammar_done or token_id in params.stop_token_ids:
             return "stop"
         if not params.ignore_eos and token_id in self.eos_token_ids:
             return "stop"

@@ -32,6 +32,8 @@ class Sequence:
         self.num_hashed_blocks = 0
         self.last_block_hash = -1
         self.finish_reason: str | None = None
+        # Set when the request's grammar (structured output) has ended: the sequence stops.
+        self.grammar_done = False
         self.arrival = next(_arrival)
         self.num_preemptions = 0
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from warmserve.loader.weight_store import SegmentWeights
+from warmserve.loader.segment_weights import SegmentWeights
 from warmserve.models.weights import bind_parameters, parameter_slots
 
 KEPT = 4

@@ -8,27 +8,24 @@ ranges in large chunks, and a truncated file is caught before anything is loaded
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors dtype codes: the torch dtype name (without "torch.") and its size in bytes. The
+# index is read by the server, which does not import torch; workers map names to torch dtypes.
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -41,7 +38,8 @@ class CheckpointError(Exception):
 class TensorInfo:
     name: str
     file: str  # absolute path of the safetensors file
-    dtype: torch.dtype
+    dtype: str  # torch dtype name without the "torch." prefix
+    itemsize: int
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in `file`
     nbytes: int
@@ -80,13 +78,13 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            dtype, itemsize = SAFETENSORS_DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{file}: bad header entry for tensor {name!r}") from exc
         nbytes = end - begin
-        expected = dtype.itemsize * _numel(shape)
+        expected = itemsize * _numel(shape)
         if nbytes != expected:
             raise CheckpointError(
                 f"{file}: tensor {name!r} has {nbytes} bytes, its shape {shape} needs {expected}"
@@ -96,7 +94,9 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
                 f"{file}: truncated safetensors file: tensor {name!r} ends at byte "
                 f"{data_start + end}, the file has {size}"
             )
-        tensors[name] = TensorInfo(name, str(file), dtype, shape, data_start + begin, nbytes)
+        tensors[name] = TensorInfo(
+            name, str(file), dtype, itemsize, shape, data_start + begin, nbytes
+        )
     return tensors
 
 
@@ -162,32 +162,3 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
-
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yields (name, CPU tensor) backed by a read-only memory map of each file."""
-        by_file: dict[str, list[TensorInfo]] = {}
-        for info in self.tensors.values():
-            by_file.setdefault(info.file, []).append(info)
-        for file, infos in by_file.items():
-            with open(file, "rb") as handle:
-                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            buffer = memoryview(mapped)
-            for info in infos:
-                yield (
-                    info.name,
-                    tensor_from_buffer(buffer, info.offset, info.dtype, info.shape, info.nbytes),
-                )
-
-
-def tensor_from_buffer(
-    buffer: memoryview, offset: int, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int
-) -> torch.Tensor:
-    """A tensor viewing `nbytes` bytes of `buffer` at `offset` (no copy)."""
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    raw = buffer[offset : offset + nbytes]
-    # Read-only buffers make torch warn; these tensors are only ever read.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        flat = torch.frombuffer(raw, dtype=torch.uint8)
-    return flat.view(dtype).view(shape)

@@ -3,8 +3,7 @@
 Quantized tensors are dequantized with the `gguf` package (as transformers does), the query and
 key projections un-permuted (llama.cpp interleaves their rotary halves for its kernels), and the
 result written once to a file in the user cache, keyed by the GGUF file's path, size and time.
-The tensor index then points into that file, so the host weight store, `iter_tensors` and the
-workers read a GGUF model exactly like a safetensors one, and a second server start skips the
+The tensor index then points into that file, so the host weight store and the workers read a GGUF model exactly like a safetensors one, and a second server start skips the
 dequantization.
 """
 
@@ -17,11 +16,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from warmserve.config import user_cache_dir
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, TensorInfo
 from warmserve.loader.gguf_metadata import GGUFHeader, gguf_model_config, read_gguf_header
-from warmserve.user_cache import user_cache_dir
 
 # Bumped when the dequantized layout changes, so stale cache files are not read.
 CACHE_FORMAT = 1
@@ -92,7 +90,7 @@ class GGUFCheckpoint(Checkpoint):
         self.files = [self.dequantized_file]
         self.tensors = {
             name: TensorInfo(
-                name, str(self.dequantized_file), torch.float32, tensor.shape, offset, nbytes
+                name, str(self.dequantized_file), "float32", 4, tensor.shape, offset, nbytes
             )
             for name, (tensor, offset, nbytes) in self.tensors.items()
         }

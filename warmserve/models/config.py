@@ -4,6 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The architectures (config.json `architectures[0]`) that `models/` implements.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "OPTForCausalLM",
+)
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def architecture_of(raw_config: dict) -> str:
+    """config.json's first architecture, if warmserve implements it."""
+    architectures = raw_config.get("architectures") or []
+    if not architectures:
+        raise UnsupportedArchitecture("config.json names no 'architectures'")
+    if not isinstance(architectures[0], str) or architectures[0] not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+        raise UnsupportedArchitecture(
+            f"architecture {architectures[0]!r} is not supported (supported: {supported})"
+        )
+    return architectures[0]
+
 
 @dataclass(frozen=True)
 class ModelConfig:

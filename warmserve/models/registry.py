@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from warmserve.models.config import (
+    SUPPORTED_ARCHITECTURES,
+    UnsupportedArchitecture,
+    architecture_of,
+)
 from warmserve.models.llama import (
     LlamaForCausalLM,
     MistralForCausalLM,
@@ -19,21 +24,12 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
 }
+__all__ = ["ARCHITECTURES", "UnsupportedArchitecture", "model_class"]
 
 
-class UnsupportedArchitecture(ValueError):
-    pass
+assert set(ARCHITECTURES) == set(SUPPORTED_ARCHITECTURES), "models/config.py lists them too"
 
 
 def model_class(raw_config: dict) -> type[nn.Module]:
     """The class for config.json's first architecture."""
-    architectures = raw_config.get("architectures") or []
-    if not architectures:
-        raise UnsupportedArchitecture("config.json names no 'architectures'")
-    try:
-        return ARCHITECTURES[architectures[0]]
-    except (KeyError, TypeError):
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedArchitecture(
-            f"architecture {architectures[0]!r} is not supported (supported: {supported})"
-        ) from None
+    return ARCHITECTURES[architecture_of(raw_config)]

@@ -1,0 +1,101 @@
+"""`warmserve bench serve` and `bench trace` with `--device cpu --quick` run end to end against
+a real server, so the serving benchmarks cannot rot. Figures are not checked, only that every
+request is accounted for and that nothing failed that should not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from warmserve.bench.report import update_section
+
+DISTRIBUTION = {"mean", "median", "p99"}
+
+
+def run_bench(benchmark: str, tmp_path) -> tuple[dict, str]:
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n\n## Kept\n\nother sections stay\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "warmserve",
+            "bench",
+            benchmark,
+            "--device",
+            "cpu",
+            "--quick",
+            "--checkpoints",
+            str(tmp_path / "checkpoints"),
+            "--out",
+            str(tmp_path / "out"),
+            "--markdown",
+            str(markdown),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    json_name = "serve-tiny.json" if benchmark == "serve" else "trace.json"
+    text = markdown.read_text()
+    assert "other sections stay" in text
+    return json.loads((tmp_path / "out" / json_name).read_text()), text
+
+
+def test_bench_serve_quick_reports_every_run_without_failures(tmp_path):
+    results, markdown = run_bench("serve", tmp_path)
+    runs = {
+        f"{mix} {kind}"
+        for mix in ("fixed", "sharegpt")
+        for kind in ("concurrency 1", "concurrency 4", "rate 8")
+    }
+    assert set(results["http"]) == runs
+    for figures in results["http"].values():
+        assert figures["failed"] == 0, figures["first_errors"]
+        assert figures["completed"] >= 4
+        assert figures["total_output_tokens"] > 0 and figures["output_throughput"] > 0
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            assert set(figures[key]) == DISTRIBUTION
+            assert figures[key]["median"] > 0
+    fixed = results["http"]["fixed concurrency 4"]
+    # Fixed lengths: every request sent exactly its 32 prompt ids and got its 16 tokens.
+    assert fixed["total_input_tokens"] == 32 * fixed["completed"]
+    assert fixed["total_output_tokens"] == 16 * fixed["completed"]
+    assert set(results["python_api"]) == {"fixed concurrency 1", "fixed concurrency 4"}
+    assert all(figures["failed"] == 0 for figures in results["python_api"].values())
+    assert set(results["engine_decode"]) == {"1", "4"}  # JSON keys are strings
+    assert [row["concurrency"] for row in results["comparison"]] == [1, 4]
+    assert "## `warmserve bench serve`: tiny" in markdown
+
+
+def test_bench_trace_quick_counts_refusals_and_loads(tmp_path):
+    results, markdown = run_bench("trace", tmp_path)
+    assert set(results["ideal"]) == {"m0-tiny", "m1-tiny-opt"}
+    # Each registered model was loaded on demand at least once (its ideal was measured), and
+    # /metrics says so.
+    assert results["counters_at_end"]["auto_loads"] >= 2
+    assert results["counters_at_end"]["loads"] >= 2
+    assert set(results["phases"]) == {"sequential", "clients", "poisson"}
+    for phase, figures in results["phases"].items():
+        assert figures["completed"] + figures["failed"] == len(figures["requests"]) == 8
+        # Refusals are counted by HTTP status; a broken exchange or a server error is a bug.
+        assert set(figures["failed_by_status"]) <= {"503"}, (phase, figures["first_errors"])
+    sequential = results["phases"]["sequential"]
+    assert sequential["failed"] == 0, sequential["first_errors"]
+    assert sequential["latency_over_ideal"] > 0
+    assert set(sequential["ttft_ms"]) == DISTRIBUTION
+    assert "## `warmserve bench trace`" in markdown
+
+
+def test_update_section_replaces_its_own_section_only(tmp_path):
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n\nhand-written\n")
+    update_section(markdown, "bench a", "first a\n")
+    update_section(markdown, "bench b", "first b\n")
+    update_section(markdown, "bench a", "second a\n")
+    text = markdown.read_text()
+    assert text.startswith("# Benchmarks\n\nhand-written\n")
+    assert "second a" in text and "first a" not in text and "first b" in text
+    assert text.index("second a") < text.index("first b")  # replaced where it was

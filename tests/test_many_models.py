@@ -1,0 +1,170 @@
+"""Several models resident on each worker, with real worker processes (CPU): streams that go on
+while other models load and evict beside them, requests that queue for a load instead of being
+refused, the queue's bounds, and requests served in groups rather than a swap per request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+from support import ONE_MODEL_PER_WORKER_GB, PROMPTS, hf_greedy
+
+from warmserve import Controller, SamplingParams, ServerConfig
+from warmserve.config import EngineConfig
+from warmserve.controller.errors import Overloaded, QueueTimeout
+from warmserve.controller.tokenizer import ModelTokenizer
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+# qwen3 (45 MB) and opt (45 MB) fit together in this worker; llama (28 MB) then does not.
+TWO_MODELS_GB = 0.086
+
+
+def registry(tmp_path, checkpoints, names) -> str:
+    lines = ["models:"]
+    for name in names:
+        lines += [f"  - name: {name}", f"    path: {checkpoints[name]}"]
+    path = tmp_path / "models.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def run(scenario, **settings):
+    async def main():
+        config = ServerConfig(**{"device": "cpu", "workers": 1, **settings})
+        async with Controller(config) as controller:
+            pids = [worker.pid for worker in controller.workers()]
+            result = await scenario(controller)
+            assert [worker.pid for worker in controller.workers()] == pids
+            return result
+
+    return asyncio.run(main())
+
+
+async def generate_ids(controller, name, prompt, params=GREEDY) -> list[int]:
+    tokens = []
+    async for chunk in controller.generate(name, prompt, params):
+        tokens.extend(chunk.token_ids)
+    return tokens
+
+
+def expected(checkpoints, name, prompt, max_tokens=GREEDY.max_tokens) -> list[int]:
+    prompt_ids = ModelTokenizer(checkpoints[name]).encode(prompt)
+    return hf_greedy(checkpoints[name], prompt_ids, max_tokens)
+
+
+def test_a_stream_goes_on_while_other_models_load_and_evict_on_its_worker(checkpoints, tmp_path):
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def scenario(controller):
+        await controller.load("qwen3", str(checkpoints["qwen3"]))
+        stream = asyncio.ensure_future(generate_ids(controller, "qwen3", PROMPTS[0], long))
+        others = []
+        for name in ["opt", "llama", "opt", "llama"]:
+            others.append((name, await generate_ids(controller, name, PROMPTS[1])))
+            assert not stream.done(), "the stream should outlast the swaps beside it"
+        return await stream, others, dict(controller.counters)
+
+    models = registry(tmp_path, checkpoints, ["opt", "llama"])
+    streamed, others, counters = run(
+        scenario, models_file=models, worker_memory_gb=TWO_MODELS_GB, min_residency_s=0.0
+    )
+    assert streamed == expected(checkpoints, "qwen3", PROMPTS[0], 200)
+    for name, output in others:
+        assert output == expected(checkpoints, name, PROMPTS[1])
+    assert counters["evictions"] == 3 and counters["auto_loads"] == 4
+
+
+def test_requests_for_models_that_do_not_fit_together_queue_and_are_all_answered(
+    checkpoints, tmp_path
+):
+    jobs = [(name, prompt) for prompt in PROMPTS for name in ("qwen3", "opt", "llama")]
+
+    async def scenario(controller):
+        outputs = await asyncio.gather(*(generate_ids(controller, n, p) for n, p in jobs))
+        return outputs, dict(controller.counters), controller.queue_stats
+
+    models = registry(tmp_path, checkpoints, ["qwen3", "opt", "llama"])
+    outputs, counters, stats = run(
+        scenario, models_file=models, worker_memory_gb=ONE_MODEL_PER_WORKER_GB
+    )
+    for (name, prompt), output in zip(jobs, outputs, strict=True):
+        assert output == expected(checkpoints, name, prompt), (name, prompt)
+    # Each model's queued requests went together: one load each, no swap per request.
+    assert counters["auto_loads"] == 3 and counters["evictions"] == 2
+    assert sum(sum(counts) for counts in stats.wait_counts.values()) == len(jobs)
+
+
+def test_a_full_queue_is_refused_at_once(checkpoints, tmp_path):
+    async def scenario(controller):
+        first = [asyncio.ensure_future(generate_ids(controller, "qwen3", p)) for p in PROMPTS[:2]]
+        await asyncio.sleep(0)  # both are admitted and wait for the load
+        with pytest.raises(Overloaded, match="2 requests running or queued"):
+            await generate_ids(controller, "qwen3", PROMPTS[2])
+        return [len(output) for output in await asyncio.gather(*first)]
+
+    models = registry(tmp_path, checkpoints, ["qwen3"])
+    lengths = run(
+        scenario,
+        models_file=models,
+        max_queued_requests=1,
+        engine=EngineConfig(max_num_seqs=1),
+    )
+    assert lengths == [GREEDY.max_tokens] * 2
+
+
+def test_a_request_waiting_past_its_deadline_is_refused(checkpoints, tmp_path):
+    busy = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+
+    async def scenario(controller):
+        held = controller.generate("qwen3", PROMPTS[0], busy)
+        await anext(held)  # qwen3 is busy: it cannot make room for llama
+        started = time.monotonic()
+        with pytest.raises(QueueTimeout, match="'llama'"):
+            await generate_ids(controller, "llama", PROMPTS[1])
+        waited = time.monotonic() - started
+        await held.aclose()
+        # Once qwen3 is idle it makes room: llama is served (a client retries after a 503).
+        for _ in range(10):
+            with contextlib.suppress(QueueTimeout):
+                return waited, await generate_ids(controller, "llama", PROMPTS[1])
+        raise AssertionError("llama was never served")
+
+    models = registry(tmp_path, checkpoints, ["qwen3", "llama"])
+    waited, output = run(
+        scenario,
+        models_file=models,
+        worker_memory_gb=ONE_MODEL_PER_WORKER_GB,
+        queue_timeout_s=1.0,
+        min_residency_s=0.0,
+    )
+    assert 0.9 <= waited < 10
+    assert output == expected(checkpoints, "llama", PROMPTS[1])
+
+
+def test_alternating_clients_are_served_in_groups_not_a_swap_per_request(checkpoints, tmp_path):
+    duration_s, residency_s = 3.0, 1.0
+
+    async def client(controller, name, answers):
+        deadline = time.monotonic() + duration_s
+        while time.monotonic() < deadline:
+            answers.append(await generate_ids(controller, name, PROMPTS[0]))
+
+    async def scenario(controller):
+        answers = {"qwen3": [], "opt": []}
+        await asyncio.gather(*(client(controller, name, out) for name, out in answers.items()))
+        return answers, dict(controller.counters)
+
+    models = registry(tmp_path, checkpoints, ["qwen3", "opt"])
+    answers, counters = run(
+        scenario,
+        models_file=models,
+        worker_memory_gb=ONE_MODEL_PER_WORKER_GB,
+        min_residency_s=residency_s,
+    )
+    for name, outputs in answers.items():
+        assert outputs and all(o == expected(checkpoints, name, PROMPTS[0]) for o in outputs)
+    requests = sum(len(outputs) for outputs in answers.values())
+    # A model stays at least its residency once loaded: no more swaps than that allows.
+    assert counters["evictions"] <= duration_s / residency_s + 2 < requests

@@ -1,0 +1,138 @@
+"""Placement by memory, the memory ledger, eviction choice and fair stepping: pure Python, no
+workers."""
+
+from __future__ import annotations
+
+import pytest
+
+from warmserve.controller.deployment import Deployment, DeploymentState
+from warmserve.controller.errors import InvalidRequest
+from warmserve.controller.memory import MemoryLedger
+from warmserve.controller.placement import (
+    WorkerRoom,
+    check_fits_at_all,
+    choose_evictions,
+    choose_workers,
+)
+from warmserve.controller.policies import evictable_now
+from warmserve.worker.fair_share import FairShare
+
+GIB = 2**30
+
+
+def deployment(name, nbytes, last_used, tp=1, evictable=True, pinned=False) -> Deployment:
+    return Deployment(
+        id=f"{name}-1",
+        name=name,
+        path=name,
+        tensor_parallel_size=tp,
+        dtype="auto",
+        requested_max_model_len=None,
+        state=DeploymentState.LOADED,
+        memory_bytes=nbytes,
+        last_used=last_used,
+        evictable=evictable,
+        pinned=pinned,
+        loaded_at=0.0,
+    )
+
+
+def test_ledger_free_is_the_smaller_of_ledger_and_measurement():
+    ledger = MemoryLedger()
+    ledger.worker_ready(0, 10 * GIB)
+    assert ledger.free(0) == 10 * GIB
+    ledger.hold(0, "a", 4 * GIB)  # a load under way: the worker has not counted it yet
+    assert ledger.free(0) == 6 * GIB
+    ledger.measured(0, 5 * GIB)  # the worker measured after building a (and something else)
+    ledger.settle(0, "a", 4 * GIB)
+    assert ledger.free(0) == 5 * GIB
+    ledger.release(0, "a")
+    ledger.measured(0, 9 * GIB)
+    assert ledger.free(0) == 9 * GIB
+    ledger.worker_gone(0)
+    assert ledger.free(0) == 0
+
+
+def test_one_worker_models_go_where_most_memory_is_free():
+    rooms = [WorkerRoom(0, 10 * GIB, 3 * GIB, ()), WorkerRoom(1, 10 * GIB, 7 * GIB, ())]
+    assert choose_workers(rooms, 1, 2 * GIB) == [1]
+    assert choose_workers(rooms, 1, 8 * GIB) is None
+
+
+def test_tensor_parallel_models_take_empty_workers_and_nothing_joins_them():
+    wide = deployment("wide", 2 * GIB, 1.0, tp=2)
+    small = deployment("small", GIB, 1.0)
+    rooms = [
+        WorkerRoom(0, 10 * GIB, 8 * GIB, (wide,)),
+        WorkerRoom(1, 10 * GIB, 9 * GIB, (small,)),
+        WorkerRoom(2, 10 * GIB, 5 * GIB, ()),
+    ]
+    assert choose_workers(rooms, 1, GIB) == [1]  # not worker 0, which the group holds alone
+    assert choose_workers(rooms, 2, GIB) is None  # only one empty worker
+    rooms.append(WorkerRoom(3, 10 * GIB, 10 * GIB, ()))
+    assert sorted(choose_workers(rooms, 2, GIB)) == [2, 3]
+
+
+def test_a_model_no_worker_could_ever_hold_is_refused_with_figures():
+    rooms = [WorkerRoom(0, 4 * GIB, 4 * GIB, ())]
+    with pytest.raises(InvalidRequest, match="needs 5.00 GiB per worker; the largest worker"):
+        check_fits_at_all(rooms, 1, 1, 5 * GIB)
+    with pytest.raises(InvalidRequest, match="needs 2 workers"):
+        check_fits_at_all(rooms, 1, 2, GIB)
+
+
+def test_evictions_free_just_enough_least_recently_used_models():
+    old, middle, new = (deployment(n, 3 * GIB, t) for n, t in (("old", 1), ("mid", 2), ("new", 3)))
+    rooms = [WorkerRoom(0, 10 * GIB, GIB, (new, old, middle))]
+    assert choose_evictions(rooms, 1, 4 * GIB, [old, middle, new]) == [old]
+    assert choose_evictions(rooms, 1, 6 * GIB, [old, middle, new]) == [old, middle]
+    # Only what may be evicted counts: with old held (pinned, busy...), middle and new go.
+    assert choose_evictions(rooms, 1, 6 * GIB, [middle, new]) == [middle, new]
+    assert choose_evictions(rooms, 1, 11 * GIB, [old, middle, new]) == []
+
+
+def test_evictions_prefer_the_worker_whose_models_were_used_longest_ago():
+    stale, fresh = deployment("stale", 4 * GIB, 1.0), deployment("fresh", 4 * GIB, 9.0)
+    rooms = [WorkerRoom(0, 5 * GIB, GIB, (fresh,)), WorkerRoom(1, 5 * GIB, GIB, (stale,))]
+    assert choose_evictions(rooms, 1, 3 * GIB, [stale, fresh]) == [stale]
+
+
+def test_only_idle_registered_unpinned_models_past_their_residency_may_go():
+    idle = deployment("idle", GIB, 1.0)
+    pinned = deployment("pinned", GIB, 1.0, pinned=True)
+    explicit = deployment("explicit", GIB, 1.0, evictable=False)
+    recent = deployment("recent", GIB, 1.0)
+    recent.loaded_at = 99.5
+    loading = deployment("loading", GIB, 1.0)
+    loading.state = DeploymentState.LOADING
+    candidates = [idle, pinned, explicit, recent, loading]
+    assert evictable_now(candidates, min_residency_s=1.0, now=100.0) == [idle]
+    assert evictable_now(candidates, min_residency_s=0.0, now=100.0) == [idle, recent]
+
+
+def test_fair_share_steps_the_model_with_the_least_weighted_time():
+    share = FairShare()
+    share.add("a")
+    share.add("b", weight=2.0)
+    steps = []
+    for _ in range(30):
+        key = share.pick(["a", "b"])
+        steps.append(key)
+        share.charge(key, 0.01)
+    # b weighs twice as much: it gets about twice the steps.
+    assert 18 <= steps.count("b") <= 22
+
+
+def test_fair_share_gives_no_credit_for_idle_time():
+    share = FairShare()
+    share.add("busy")
+    share.add("quiet")
+    for _ in range(100):
+        share.charge(share.pick(["busy"]), 0.01)
+    # quiet wakes up: it may go first, but must not then hold the device for a second.
+    picks = []
+    for _ in range(10):
+        key = share.pick(["busy", "quiet"])
+        picks.append(key)
+        share.charge(key, 0.01)
+    assert picks.count("busy") >= 4

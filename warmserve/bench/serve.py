@@ -1,0 +1,308 @@
+"""`warmserve bench serve`: one model served over HTTP under load, measured like `vllm bench
+serve`, beside the Python API and the engine on the same workload in the same run.
+
+1. `warmserve serve` starts as a subprocess (default flags plus `--serve-arg`s), the model is
+   loaded through the admin API, one request warms it up, then streaming `/v1/completions`
+   runs a concurrency sweep and Poisson arrival rates, for fixed lengths and a ShareGPT-like mix.
+2. The server stops; `Controller.generate` in this process runs the fixed-length concurrency
+   sweep with the same requests (the Python API's figure).
+3. The engine alone (`Engine.step` in this process) decodes a full batch of each concurrency
+   with prompts of the fixed input length: the decode rate the server could reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import random
+import sys
+from pathlib import Path
+
+from warmserve.bench import http_load, options, report
+from warmserve.bench.server_process import BenchServer
+from warmserve.bench.workloads import fixed_lengths, random_prompt, sharegpt_like_lengths
+
+MODEL_NAME = "bench"
+MIXES = ("fixed", "sharegpt")
+FULL = {
+    "shape": "llama-3.1-8b",
+    "concurrency": [1, 16, 64, 128],
+    "rates": [1.0, 4.0, 16.0],
+    "mixes": list(MIXES),
+    "input_len": 512,
+    "output_len": 128,
+    "min_requests": 16,
+    "duration_s": 20.0,
+    "decode_steps": 32,
+    "length_scale": 1.0,
+}
+QUICK = {  # tiny model, small sweep: CI runs this in seconds on CPU
+    **FULL,
+    "shape": "tiny",
+    "concurrency": [1, 4],
+    "rates": [8.0],
+    "input_len": 32,
+    "output_len": 16,
+    "min_requests": 4,
+    "duration_s": 1.0,
+    "decode_steps": 8,
+    "length_scale": 0.1,
+    "max_model_len": 256,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    options.add_common_arguments(parser, "tiny model, small sweep (CI)")
+    parser.add_argument("--shape", help=f"of the built model (default {FULL['shape']})")
+    parser.add_argument("--model-path", help="an existing checkpoint folder instead of --shape")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="default 1 16 64 128")
+    parser.add_argument("--rates", type=float, nargs="+", help="requests/s; default 1 4 16")
+    parser.add_argument("--mixes", nargs="+", choices=MIXES, help="default both")
+    parser.add_argument("--input-len", type=int, help="of the fixed mix (default 512)")
+    parser.add_argument("--output-len", type=int, help="of the fixed mix (default 128)")
+    parser.add_argument(
+        "--min-requests",
+        type=int,
+        help="per concurrency level, which sends max(this, 4 x clients); default 16",
+    )
+    parser.add_argument("--duration-s", type=float, help="of each Poisson rate (default 20)")
+    parser.add_argument("--decode-steps", type=int, help="timed engine steps (default 32)")
+    parser.add_argument("--max-model-len", type=int, help="of the loaded model")
+    parser.add_argument("--length-scale", type=float, help="shrinks the ShareGPT-like mix")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here: `warmserve ps` and the other client commands build this parser too.
+    from warmserve.bench.checkpoints import bench_checkpoint, model_config
+    from warmserve.bench.swap import decode_timings
+
+    options.apply_presets(args, FULL, QUICK)
+    device = options.resolve_device(args.device)
+    if args.model_path:
+        checkpoint, model = Path(args.model_path).resolve(), Path(args.model_path).name
+    else:
+        dtype = args.dtype or options.default_dtype(device)
+        checkpoint = bench_checkpoint(Path(args.checkpoints), args.shape, dtype)
+        model = args.shape
+    serve_args = [*options.quick_serve_args(args), *args.serve_arg]
+    config = model_config(checkpoint)
+    context_len = args.max_model_len or config["max_position_embeddings"]
+    scenarios = build_scenarios(args, context_len)
+    results: dict = {
+        "command": "warmserve bench serve " + " ".join(sys.argv[3:]),
+        "device": device,
+        "model": model,
+        "checkpoint": str(checkpoint),
+        "serve_args": serve_args,
+        "dtype": config.get("dtype") or config.get("torch_dtype"),  # the newer name first
+        "fixed_lengths": [args.input_len, args.output_len],
+    }
+    out = Path(args.out)
+    log = out / f"serve-{model}.log"
+    results["http"] = asyncio.run(http_runs(device, checkpoint, serve_args, log, args, scenarios))
+    # The baselines are for the fixed lengths' concurrency sweep.
+    fixed = [s for s in scenarios if s["mix"] == "fixed" and s["kind"] == "concurrency"]
+    if fixed:
+        results["python_api"] = asyncio.run(python_api_runs(device, checkpoint, args, fixed))
+        results["engine_decode"] = decode_timings(
+            checkpoint, device, tuple(args.concurrency), args.input_len, args.decode_steps
+        )
+        results["comparison"] = comparison(results, args.concurrency)
+    results["device"] = options.device_name(device)  # after the runs: see device_name
+    results["targets"] = [
+        {"target": name, "measured": measured, "met": met}
+        for name, measured, met in targets(results)
+    ]
+    json_path = out / f"serve-{model}.json"
+    report.write_json(json_path, results)
+    markdown = render_markdown(results)
+    report.update_section(Path(args.markdown), f"warmserve bench serve {model}", markdown)
+    print(markdown)
+    print(f"wrote {json_path} and a section of {args.markdown}")
+    return 0 if all(entry["failed"] == 0 for entry in results["http"].values()) else 1
+
+
+def build_scenarios(args: argparse.Namespace, context_len: int) -> list[dict]:
+    """Every run of the sweep, each with its own seeded requests."""
+    scenarios = []
+    for mix in args.mixes:
+        for clients in args.concurrency:
+            count = max(args.min_requests, 4 * clients)
+            scenarios.append({"kind": "concurrency", "value": clients, "mix": mix, "n": count})
+        for rate in args.rates:
+            count = max(4, math.ceil(rate * args.duration_s))
+            scenarios.append({"kind": "rate", "value": rate, "mix": mix, "n": count})
+    for index, scenario in enumerate(scenarios):
+        scenario["name"] = f"{scenario['mix']} {scenario['kind']} {scenario['value']:g}"
+        seed = scenario["seed"] = args.seed * 1000 + index  # lengths, prompts and arrivals
+        if scenario["mix"] == "fixed":
+            lengths = fixed_lengths(scenario["n"], args.input_len, args.output_len)
+        else:
+            lengths = sharegpt_like_lengths(scenario["n"], seed, context_len, args.length_scale)
+        rng = random.Random(seed)
+        scenario["requests"] = [
+            http_load.BenchRequest(MODEL_NAME, random_prompt(rng, input_len), output_len)
+            for input_len, output_len in lengths
+        ]
+    return scenarios
+
+
+async def sweep(scenarios: list[dict], send: http_load.Sender) -> dict:
+    await send(scenarios[0]["requests"][0])  # warm-up, as vLLM's benchmark sends a test prompt
+    figures = {}
+    for scenario in scenarios:
+        if scenario["kind"] == "concurrency":
+            run = await http_load.run_clients(scenario["requests"], send, scenario["value"])
+        else:
+            run = await http_load.run_poisson(
+                scenario["requests"], send, scenario["value"], scenario["seed"]
+            )
+        figures[scenario["name"]] = http_load.serving_metrics(run)
+        print(f"{scenario['name']}: {summary_line(figures[scenario['name']])}", flush=True)
+    return figures
+
+
+async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dict:
+    with BenchServer(device, checkpoint.parent, serve_args, log) as server:
+        async with http_load.http_client(server.url) as client:
+            body = {"name": MODEL_NAME, "path": checkpoint.name}
+            if args.max_model_len:
+                body["max_model_len"] = args.max_model_len
+            response = await client.post("/admin/models", json=body)
+            if response.status_code != 200:
+                raise RuntimeError(f"loading {checkpoint} failed: {response.text}")
+            print(f"server {server.url}: loaded {response.json()}", flush=True)
+            return await sweep(scenarios, http_load.http_sender(client))
+
+
+async def python_api_runs(device, checkpoint, args, scenarios) -> dict:
+    from warmserve import Controller, ServerConfig
+
+    async with Controller(ServerConfig(device=device, workers=1)) as controller:
+        await controller.load(MODEL_NAME, str(checkpoint), max_model_len=args.max_model_len)
+        return await sweep(scenarios, http_load.controller_sender(controller))
+
+
+def comparison(results: dict, concurrency: list[int]) -> list[dict]:
+    """Per concurrency level (fixed lengths): output tok/s over HTTP, through the Python API,
+    and the engine's decode rate at that batch."""
+    rows = []
+    for clients in concurrency:
+        name = f"fixed concurrency {clients:g}"
+        http, api = results["http"].get(name), results["python_api"].get(name)
+        if http is None or api is None:
+            continue
+        rows.append(
+            {
+                "concurrency": clients,
+                "http_output_throughput": http["output_throughput"],
+                "python_api_output_throughput": api["output_throughput"],
+                "http_over_python_api": http["output_throughput"] / api["output_throughput"],
+                "engine_decode_tokens_per_s": results["engine_decode"][clients]["tokens_per_s"],
+                "http_ttft_median_ms": http["ttft_ms"]["median"],
+                "python_api_ttft_median_ms": api["ttft_ms"]["median"],
+            }
+        )
+    return rows
+
+
+def summary_line(figures: dict) -> str:
+    return (
+        f"{figures['completed']} done, {figures['failed']} failed, "
+        f"{figures['output_throughput']:.0f} output tok/s, "
+        f"TTFT median {report.number(figures['ttft_ms']['median'])} ms, "
+        f"ITL median {report.number(figures['itl_ms']['median'], 2)} ms"
+    )
+
+
+# Issue 16's output-rate targets for 64 clients at 512 in / 128 out, by shape.
+OUTPUT_RATE_TARGETS = {"llama-3.1-8b": 4000, "qwen3-0.6b": 15000}
+
+
+def targets(results: dict) -> list[tuple[str, str, bool]]:
+    """(target, what was measured, met) for each of issue 16's targets this run can check."""
+    http, model = results["http"], results["model"]
+    issue_lengths = results["fixed_lengths"] == [512, 128]
+    rows = []
+    at_64 = http.get("fixed concurrency 64")
+    if at_64 and "comparison" in results:
+        ratio = next(r for r in results["comparison"] if r["concurrency"] == 64)
+        ratio = ratio["http_over_python_api"]
+        rows.append(("64 clients: HTTP ≥ 0.9 × the Python API", f"{ratio:.2f}x", ratio >= 0.9))
+    if at_64 and issue_lengths and model in OUTPUT_RATE_TARGETS:
+        floor, rate = OUTPUT_RATE_TARGETS[model], at_64["output_throughput"]
+        rows.append((f"64 clients: ≥ {floor:,} output tok/s", f"{rate:,.0f}", rate >= floor))
+    alone = http.get("fixed concurrency 1")
+    if alone and issue_lengths and model == "llama-3.1-8b":
+        ttft = alone["ttft_ms"]["median"]
+        rows.append(("1 client: TTFT median ≤ 25 ms", f"{ttft:.1f} ms", ttft <= 25))
+    poisson = http.get("fixed rate 4")
+    if poisson and issue_lengths and model == "llama-3.1-8b":
+        p99 = poisson["ttft_ms"]["p99"]
+        rows.append(("Poisson 4 req/s: TTFT p99 ≤ 100 ms", f"{p99:.1f} ms", p99 <= 100))
+    for name, figures in http.items():
+        itl = figures["itl_ms"]
+        if " concurrency " in name and itl["median"]:
+            ratio = itl["p99"] / itl["median"]
+            rows.append((f"{name}: ITL p99 ≤ 3 × median", f"{ratio:.1f}x", ratio <= 3))
+    return rows
+
+
+def render_markdown(results: dict) -> str:
+    input_len, output_len = results["fixed_lengths"]
+    lines = [
+        f"## `warmserve bench serve`: {results['model']}",
+        "",
+        f"Device: **{results['device']}**. Command: `{results['command']}`; server flags: "
+        f"`{' '.join(results['serve_args']) or 'defaults'}`. Fixed lengths: {input_len} in / "
+        f"{output_len} out; *sharegpt*: the seeded lognormal mix of "
+        "`warmserve/bench/workloads.py`. Streaming `/v1/completions`, greedy, `ignore_eos`. "
+        "Latencies in ms as mean / median / p99, defined as in `vllm bench serve`.",
+        "",
+    ]
+    rows = []
+    for name, figures in results["http"].items():
+        failed = figures["failed"]
+        rows.append(
+            [
+                name,
+                f"{figures['completed']}" + (f" ({failed} failed)" if failed else ""),
+                report.number(figures["request_throughput"], 2),
+                report.number(figures["output_throughput"], 0),
+                report.number(figures["total_token_throughput"], 0),
+                report.distribution(figures["ttft_ms"]),
+                report.distribution(figures["tpot_ms"], 2),
+                report.distribution(figures["itl_ms"], 2),
+                report.distribution(figures["e2el_ms"], 0),
+            ]
+        )
+    header = ["run", "completed", "req/s", "output tok/s", "total tok/s", "TTFT", "TPOT"]
+    lines += [report.table([*header, "ITL", "E2E"], rows), ""]
+    if "comparison" in results:
+        lines += [
+            "Same run, fixed lengths: the Python API (`Controller.generate` in-process, same "
+            "requests, same concurrency) and the engine alone decoding a full batch of that size:",
+            "",
+        ]
+        rows = [
+            [
+                row["concurrency"],
+                report.number(row["http_output_throughput"], 0),
+                report.number(row["python_api_output_throughput"], 0),
+                f"{row['http_over_python_api']:.2f}x",
+                report.number(row["engine_decode_tokens_per_s"], 0),
+                report.number(row["http_ttft_median_ms"]),
+                report.number(row["python_api_ttft_median_ms"]),
+            ]
+            for row in results["comparison"]
+        ]
+        header = ["clients", "HTTP output tok/s", "Python API output tok/s", "HTTP / API"]
+        header += ["engine decode tok/s", "HTTP TTFT median ms", "API TTFT median ms"]
+        lines += [report.table(header, rows), ""]
+    lines += [
+        "Targets (issue 16) this run can check:",
+        "",
+        report.targets_table(results["targets"]),
+    ]
+    return "\n".join(lines) + "\n"

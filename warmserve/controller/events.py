@@ -1,0 +1,72 @@
+"""Routes what workers report to whoever it concerns: replies to the command channel, tokens and
+failures to the deployment they name, memory figures to the ledger."""
+
+from __future__ import annotations
+
+from warmserve.controller.channel import CommandChannel
+from warmserve.controller.deployment import Deployments
+from warmserve.controller.lifecycle import Lifecycle
+from warmserve.controller.memory import MemoryLedger
+from warmserve.controller.pool import WorkerPool
+from warmserve.loader.weight_store import HostWeightStore
+from warmserve.protocol import (
+    CommandDone,
+    MemoryReleased,
+    ModelLost,
+    RegisterSegment,
+    RequestFailed,
+    SegmentRegistered,
+    StepOutputs,
+    WorkerReady,
+)
+
+
+class EventRouter:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        channel: CommandChannel,
+        ledger: MemoryLedger,
+        deployments: Deployments,
+        lifecycle: Lifecycle,
+        store: HostWeightStore,
+    ):
+        self.pool = pool
+        self.channel = channel
+        self.ledger = ledger
+        self.deployments = deployments
+        self.lifecycle = lifecycle
+        self.store = store
+        # shm name -> workers that registered that host-store segment for DMA
+        self.registered_segments: dict[str, set[int]] = {}
+
+    def __call__(self, event) -> None:
+        if isinstance(event, StepOutputs):
+            deployment = self.deployments.by_id(event.deployment)
+            if deployment is not None and deployment.client is not None:
+                for output in event.outputs:
+                    deployment.client.deliver(output)
+        elif isinstance(event, CommandDone):
+            self.pool.handles[event.worker_id].memory_used_bytes = event.memory_used_bytes
+            self.ledger.measured(event.worker_id, event.memory_free_bytes)
+            self.channel.resolve(event)
+        elif isinstance(event, RequestFailed):
+            deployment = self.deployments.by_id(event.deployment)
+            if deployment is not None and deployment.client is not None:
+                deployment.client.fail(event.request_id, event.error, event.invalid_request)
+        elif isinstance(event, WorkerReady):
+            self.ledger.worker_ready(event.worker_id, event.memory_usable_bytes)
+            # A replacement worker maps the host store's segments like the others did.
+            for segment in self.store.segments():
+                self.pool.send(event.worker_id, RegisterSegment(segment))
+            self.lifecycle.room_changed()
+        elif isinstance(event, MemoryReleased):
+            self.pool.handles[event.worker_id].memory_used_bytes = event.memory_used_bytes
+            self.ledger.measured(event.worker_id, event.memory_free_bytes)
+            self.lifecycle.room_changed()
+        elif isinstance(event, SegmentRegistered):
+            self.registered_segments.setdefault(event.shm_name, set()).add(event.worker_id)
+        elif isinstance(event, ModelLost):
+            deployment = self.deployments.by_id(event.deployment)
+            if deployment is not None:
+                self.lifecycle.fail(deployment, f"worker {event.worker_id}: {event.error}")
