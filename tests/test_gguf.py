@@ -3,6 +3,8 @@ dequantized float32 weights and tokenizer, the same greedy text, real English.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from server_process import TEST_CACHE_ENV, serving
@@ -107,3 +109,22 @@ def test_gguf_chat_template_and_reload_from_the_host_cache(server):
         )
         assert "Paris" in answer.json()["choices"][0]["message"]["content"]
         assert http.delete("/admin/models/again").status_code == 200
+
+
+def test_structured_output_on_the_gguf_model(server):
+    """The grammar's vocabulary comes from a tokenizer.json written from the file's metadata."""
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "maxLength": 20}},
+        "required": ["capital"],
+        "additionalProperties": False,
+    }
+    chat = server.openai().chat.completions.create(
+        model="smollm2",
+        messages=QUESTION,
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    assert chat.choices[0].finish_reason == "stop"
+    assert "Paris" in json.loads(chat.choices[0].message.content)["capital"]

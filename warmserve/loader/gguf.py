@@ -9,20 +9,21 @@ dequantization.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from warmserve.config import user_cache_dir
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, TensorInfo
-from warmserve.loader.gguf_metadata import GGUFHeader, gguf_model_config, read_gguf_header
+from warmserve.loader.gguf_metadata import (
+    GGUFHeader,
+    derived_file,
+    gguf_model_config,
+    read_gguf_header,
+    write_atomically,
+)
 
-# Bumped when the dequantized layout changes, so stale cache files are not read.
-CACHE_FORMAT = 1
 TENSOR_ALIGNMENT = 64
 LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
@@ -84,7 +85,7 @@ class GGUFCheckpoint(Checkpoint):
             cursor = -(-cursor // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
             self.tensors[name] = (tensor, cursor, nbytes)
             cursor += nbytes
-        self.dequantized_file = _cache_file(self.path)
+        self.dequantized_file = derived_file(self.path, ".f32")
         if not self.dequantized_file.is_file():
             _write_dequantized(header, self.config, self.tensors, self.dequantized_file, cursor)
         self.files = [self.dequantized_file]
@@ -94,13 +95,6 @@ class GGUFCheckpoint(Checkpoint):
             )
             for name, (tensor, offset, nbytes) in self.tensors.items()
         }
-
-
-def _cache_file(gguf_path: Path) -> Path:
-    stat = gguf_path.stat()
-    identity = f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_FORMAT}"
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
-    return user_cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}.f32"
 
 
 def dequantized_tensor(header: GGUFHeader, tensor, config: dict) -> np.ndarray:
@@ -133,17 +127,12 @@ def dequantized_tensor(header: GGUFHeader, tensor, config: dict) -> np.ndarray:
 def _write_dequantized(
     header: GGUFHeader, config: dict, layout: dict, target: Path, size: int
 ) -> None:
-    """Writes every tensor, dequantized, at its offset; the file appears whole or not at all
-    (several servers may open the same GGUF file at once)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, staging = tempfile.mkstemp(dir=target.parent, prefix=".staging-")
-    try:
-        with os.fdopen(descriptor, "r+b") as handle:
-            handle.truncate(size)
-            for tensor, offset, _ in layout.values():
-                handle.seek(offset)
-                handle.write(np.ascontiguousarray(dequantized_tensor(header, tensor, config)))
-        os.replace(staging, target)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    """Writes every tensor, dequantized, at its offset."""
+
+    def write(handle) -> None:
+        handle.truncate(size)
+        for tensor, offset, _ in layout.values():
+            handle.seek(offset)
+            handle.write(np.ascontiguousarray(dequantized_tensor(header, tensor, config)))
+
+    write_atomically(target, write)

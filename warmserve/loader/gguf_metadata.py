@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from warmserve.config import user_cache_dir
 from warmserve.loader.checkpoint import CheckpointError
 
 GGUF_SUFFIX = ".gguf"
+# Bumped when what is derived from a GGUF file changes, so stale cache files are not read.
+DERIVED_FORMAT = 1
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 # GGUF value types: struct formats of the scalars; 8 is a string, 9 an array.
@@ -30,6 +35,29 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM"}
 
 def is_gguf_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() == GGUF_SUFFIX
+
+
+def derived_file(gguf_path: Path, suffix: str) -> Path:
+    """Where a file derived from a GGUF file (its dequantized weights, its tokenizer.json) is
+    kept: the user cache, under a name that changes with the GGUF file's path, size and time."""
+    stat = gguf_path.stat()
+    identity = f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}|{DERIVED_FORMAT}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
+    return user_cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}{suffix}"
+
+
+def write_atomically(target: Path, write) -> None:
+    """Calls `write(handle)` on a staging file renamed to `target` once complete: the file
+    appears whole or not at all (several servers may derive it at once)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, staging = tempfile.mkstemp(dir=target.parent, prefix=".staging-")
+    try:
+        with os.fdopen(descriptor, "r+b") as handle:
+            write(handle)
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from warmserve.loader.checkpoint import CheckpointError
-from warmserve.loader.gguf_metadata import read_gguf_header
+from warmserve.loader.gguf_metadata import (
+    derived_file,
+    is_gguf_path,
+    read_gguf_header,
+    write_atomically,
+)
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 # The split regexes of the pre-tokenizers named by tokenizer.ggml.pre, as transformers maps them;
@@ -146,3 +152,16 @@ def _add_bos_eos(tokenizer: Tokenizer, metadata: dict, special_tokens: dict[str,
         single=" ".join(pieces).replace("$bos", bos or "").replace("$eos", eos or ""),
         special_tokens=list(dict.fromkeys(used)),
     )
+
+
+def tokenizer_json(model_path: Path) -> Path | None:
+    """The model's tokenizer.json: the folder's own, or for a GGUF file one written once from
+    its metadata into the user cache (structured output reads its vocabulary from it)."""
+    if not is_gguf_path(model_path):
+        path = model_path / "tokenizer.json"
+        return path if path.is_file() else None
+    target = derived_file(model_path, ".tokenizer.json")
+    if not target.is_file():
+        text = read_gguf_tokenizer(model_path).tokenizer.to_str()
+        write_atomically(target, lambda handle: handle.write(text.encode("utf-8")))
+    return target
