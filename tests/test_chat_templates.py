@@ -4,6 +4,7 @@ rendered chat encodes to the same token ids (one BOS, whoever writes it)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -178,3 +179,13 @@ def test_generation_config_sampling_defaults(tmp_path, llama_path):
         "top_p": 0.95,
         "top_k": 20,
     }
+
+
+def test_a_tokenizer_is_built_once_per_version_of_its_file(tmp_path, llama_path):
+    path = tokenizer_dir(tmp_path, llama_path, THINKING_TEMPLATE)
+    assert ModelTokenizer(path).tokenizer is ModelTokenizer(path).tokenizer
+    first = ModelTokenizer(path).tokenizer
+    rewritten = path / "tokenizer.json"
+    rewritten.write_text(rewritten.read_text())
+    os.utime(rewritten, ns=(1, 1))  # another version of the file
+    assert ModelTokenizer(path).tokenizer is not first

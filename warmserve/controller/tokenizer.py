@@ -7,6 +7,7 @@ file's metadata.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -67,13 +68,13 @@ class ModelTokenizer:
         if is_gguf_path(model_path):
             from warmserve.loader.gguf_tokenizer import read_gguf_tokenizer
 
-            parts = read_gguf_tokenizer(model_path)
+            parts = _cached(read_gguf_tokenizer, model_path)
             self.tokenizer = parts.tokenizer
             self.chat_template = parts.chat_template
             special = parts.special_tokens
             self.generation_defaults: dict = {}
         else:
-            self.tokenizer = _load_tokenizer_json(model_path / "tokenizer.json")
+            self.tokenizer = _cached(_load_tokenizer_json, model_path / "tokenizer.json")
             config = _read_optional_json(model_path / "tokenizer_config.json")
             legacy_special = _read_optional_json(model_path / "special_tokens_map.json")
             special = {
@@ -127,6 +128,22 @@ class ModelTokenizer:
         without adding special tokens: the template writes the ones the model expects (a BOS
         added here as well would be a second one)."""
         return self.encode(self.apply_chat_template(messages, **options), add_special_tokens=False)
+
+
+def _cached(read, path: Path):
+    """`read(path)`, built once per version of the file: a request for a registered model that
+    is not loaded opens its tokenizer, and a large vocabulary takes ~0.1-0.5 s to build. The
+    tokenizer is only read from (encode, decode), so one object serves every caller."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return read(path)  # which names the missing file
+    return _cached_by_version(read, path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_by_version(read, path: Path, size: int, mtime_ns: int):
+    return read(path)
 
 
 def _load_tokenizer_json(path: Path) -> Tokenizer:
