@@ -77,6 +77,8 @@ def test_bench_trace_quick_counts_refusals_and_loads(tmp_path):
     # /metrics says so.
     assert results["counters_at_end"]["auto_loads"] >= 2
     assert results["counters_at_end"]["loads"] >= 2
+    # The worker holds one of them at a time: the trace swaps, and no request is refused.
+    assert results["counters_at_end"]["evictions"] >= 1
     assert set(results["phases"]) == {"sequential", "clients", "poisson"}
     for phase, figures in results["phases"].items():
         assert figures["completed"] + figures["failed"] == len(figures["requests"]) == 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -116,7 +117,12 @@ def test_cli_load_ps_unload(server, shared_model):
         lines = listing.stdout.splitlines()
         assert lines[0].split()[:3] == ["MODEL", "STATE", "WORKERS"]
         assert any(line.split()[:2] == ["cli-model", "loaded"] for line in lines)
-        assert any(line.startswith("WORKER") for line in lines)
+        header = next(i for i, line in enumerate(lines) if line.startswith("WORKER"))
+        assert lines[header].split()[:5] == ["WORKER", "PID", "DEVICE", "STATE", "MODELS"]
+        # Each worker row names its resident models with what each takes there.
+        workers = "\n".join(lines[header + 1 :])
+        assert re.search(r"cli-model \(\d+(\.\d+)? [KMG]i?B\)", workers), workers
+        assert f"{shared_model} (" in workers, workers
     finally:
         unloaded = run_cli(server, "unload", "cli-model")
     assert unloaded.returncode == 0, unloaded.stderr

@@ -44,6 +44,8 @@ QUICK = {  # two tiny models on one CPU worker, so that they swap; CI runs this
     "input_len": 16,
     "output_len": 4,
     "ideal_requests": 3,
+    # Room for one of the two tiny models (each takes 30 to 45 MB): every switch is a swap.
+    "worker_memory_gb": 0.06,
 }
 COUNTERS = {
     "auto_loads": "warmserve_auto_loads_total",

@@ -105,13 +105,20 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self, bucket: int) -> None:
+        # Captured by hand rather than with torch.cuda.graph, which synchronizes the device and
+        # empties the allocator's cache first: that would stall every other model this worker
+        # is serving. Thread-local capture leaves the worker's DMA-registration thread free.
+        current = torch.cuda.current_stream(self.device)
         stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        stream.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             self._forward(bucket)  # warm-up outside the graph, as capture requires
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.logits[bucket] = self._forward(bucket)
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                self.logits[bucket] = self._forward(bucket)
+            finally:
+                graph.capture_end()
+        current.wait_stream(stream)
         self.pool = graph.pool()
         self.graphs[bucket] = graph

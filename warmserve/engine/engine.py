@@ -3,7 +3,6 @@ worker that holds the model (the lead rank with tensor parallelism)."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import time
@@ -16,12 +15,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from warmserve.config import DTYPE_ITEMSIZE, EngineConfig, SamplingParams
+from warmserve.engine.arena import bindable, default_dtype, model_on_arena
 from warmserve.engine.block_manager import BlockManager
 from warmserve.engine.model_runner import ModelRunner
 from warmserve.engine.scheduler import Scheduler, SchedulerLimits
 from warmserve.engine.sequence import Sequence
 from warmserve.engine.skeletons import SKELETONS, Skeleton
-from warmserve.layers.parallel import tp_world_size
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_json
 from warmserve.loader.gguf_tokenizer import tokenizer_json
 from warmserve.loader.segment_weights import SegmentWeights
@@ -58,16 +57,6 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None) -> torch.dtype:
     return TORCH_DTYPES.get(checkpoint_dtype or "float32", torch.float32)
 
 
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def eos_token_ids(model_dir: Path, raw_config: dict) -> list[int]:
     ids: list[int] = []
     generation_config = model_dir / "generation_config.json"
@@ -95,6 +84,7 @@ class Engine:
         # Set when the model's module tree is kept for a reload once it is unloaded.
         self.skeleton_key: tuple | None = None
         self.skeleton: Skeleton | None = None
+        self.weights_ready: torch.cuda.Event | None = None  # a load's copy, still running
         self.load_phases: dict[str, float] = {}
         # The model's folder or GGUF file (structured output builds its vocabulary from its
         # tokenizer.json, see loader.gguf_tokenizer.tokenizer_json), and the
@@ -161,13 +151,14 @@ class Engine:
         torch_dtype = resolve_dtype(dtype, config.torch_dtype)
         skeleton_key, skeleton = None, None
         phases: dict[str, float] = {}
-        if isinstance(weights, SegmentWeights) and _bindable(weights, torch_dtype):
+        weights_ready = None
+        if isinstance(weights, SegmentWeights) and bindable(weights, torch_dtype):
             skeleton_key = (
                 architecture.__name__,
                 json.dumps(raw_config, sort_keys=True),
                 str(torch_dtype),
             )
-            skeleton = _model_on_arena(
+            skeleton, weights_ready = model_on_arena(
                 architecture, config, weights, device, torch_dtype, skeleton_key, phases
             )
             model = skeleton.model
@@ -228,6 +219,7 @@ class Engine:
         engine = cls(config, runner, scheduler, weights_bytes)
         engine.activation_bytes = memory.activation_bytes
         engine.skeleton_key, engine.skeleton = skeleton_key, skeleton
+        engine.weights_ready = weights_ready
         engine.load_phases = {
             **phases,
             "weights_s": weights_done - started,
@@ -339,6 +331,9 @@ class Engine:
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
+        if self.weights_ready is not None:  # the load's copy runs on the copy stream
+            torch.cuda.current_stream(self.runner.device).wait_event(self.weights_ready)
+            self.weights_ready = None
         generators = [self.generators.get(seq.request_id) for seq in seqs]
         tokens = self.runner.execute(seqs, generators, self.structured_outputs)
         if self.structured_outputs is not None:
@@ -370,44 +365,3 @@ class Engine:
             self.structured_outputs = None
         # The model holds no reference cycles, so its memory is back in the caching allocator
         # now; the owner decides when the driver gets it (torch.cuda.empty_cache).
-
-
-def _bindable(weights: SegmentWeights, dtype: torch.dtype) -> bool:
-    """Whether the model's parameters can be views of one copy of the segment: a single rank
-    (no slicing) and the checkpoint's dtype (no conversion)."""
-    return tp_world_size() == 1 and weights.dtypes == {str(dtype).removeprefix("torch.")}
-
-
-def _model_on_arena(
-    architecture, config, weights: SegmentWeights, device, dtype, key: tuple, phases: dict
-) -> Skeleton:
-    """A reload without per-tensor work: one device allocation, one bulk copy of the segment
-    (asynchronous from registered host memory), parameters bound as views of it."""
-    started = time.perf_counter()
-    skeleton = SKELETONS.take(key)
-    fresh = skeleton is None
-    if fresh:
-        with torch.device("meta"), default_dtype(dtype):
-            skeleton = Skeleton.of(architecture(config))
-    built = time.perf_counter()
-    arena = torch.empty(weights.segment.size, dtype=torch.uint8, device=device)
-    weights.copy_into(arena)
-    issued = time.perf_counter()
-    skeleton.bind(weights, arena)
-    if fresh:  # buffers built on the CPU (rotary frequencies) move once; the skeleton keeps them
-        for module in skeleton.model.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None and buffer.device != device:
-                    module._buffers[name] = buffer.to(device)
-    bound = time.perf_counter()
-    # The copy from registered memory is left running: everything that follows (the KV cache,
-    # the reply, the first request's prefill launches) overlaps it, and the first kernel that
-    # reads a weight is queued behind it on the same stream. The worker keeps the segment
-    # mapped until it forgets it, and synchronizes before that.
-    phases.update(
-        build_s=built - started,
-        copy_issue_s=issued - built,
-        bind_s=bound - issued,
-        registered=float(weights.registered),
-    )
-    return skeleton

@@ -1,0 +1,81 @@
+"""A model's weights put on the device from a host-store segment without per-tensor work: one
+device allocation (the arena), one bulk copy, parameters bound as views of it.
+
+On a GPU the copy runs on the worker's copy stream, so that a load never queues the kernels of
+the models already serving on that device behind its copy; the model's first kernel waits for
+the copy's event instead (`Engine.step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from warmserve.engine.skeletons import SKELETONS, Skeleton
+from warmserve.layers.parallel import tp_world_size
+from warmserve.loader.segment_weights import SegmentWeights
+
+_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def bindable(weights: SegmentWeights, dtype: torch.dtype) -> bool:
+    """Whether the model's parameters can be views of one copy of the segment: a single rank
+    (no slicing) and the checkpoint's dtype (no conversion)."""
+    return tp_world_size() == 1 and weights.dtypes == {str(dtype).removeprefix("torch.")}
+
+
+def model_on_arena(
+    architecture, config, weights: SegmentWeights, device, dtype, key: tuple, phases: dict
+) -> tuple[Skeleton, torch.cuda.Event | None]:
+    """The model bound to a fresh copy of the segment, and the event its first kernel must wait
+    for (None on the CPU, where the copy is done when this returns)."""
+    started = time.perf_counter()
+    skeleton = SKELETONS.take(key)
+    fresh = skeleton is None
+    if fresh:
+        with torch.device("meta"), default_dtype(dtype):
+            skeleton = Skeleton.of(architecture(config))
+    built = time.perf_counter()
+    arena = torch.empty(weights.segment.size, dtype=torch.uint8, device=device)
+    copied = None
+    if arena.is_cuda:
+        if device not in _copy_streams:
+            _copy_streams[device] = torch.cuda.Stream(device)
+        stream = _copy_streams[device]
+        with torch.cuda.stream(stream):
+            weights.copy_into(arena)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        arena.record_stream(stream)  # freed at unload only once the copy is done
+    else:
+        weights.copy_into(arena)
+    issued = time.perf_counter()
+    skeleton.bind(weights, arena)
+    if fresh:  # buffers built on the CPU (rotary frequencies) move once; the skeleton keeps them
+        for module in skeleton.model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device != device:
+                    module._buffers[name] = buffer.to(device)
+    bound = time.perf_counter()
+    # The copy from registered memory is left running: everything that follows (the KV cache,
+    # the reply, the first request's prefill launches) overlaps it. The worker keeps the
+    # segment mapped until it forgets it, and synchronizes before that.
+    phases.update(
+        build_s=built - started,
+        copy_issue_s=issued - built,
+        bind_s=bound - issued,
+        registered=float(weights.registered),
+    )
+    return skeleton, copied
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
