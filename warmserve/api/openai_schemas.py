@@ -20,6 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from warmserve.api.chat_template_options import ChatTemplateOptions
 from warmserve.api.structured_schemas import (
     MessageToolCall,
     NamedToolChoice,
@@ -236,13 +237,7 @@ class ChatMessage(BaseModel):
         return message
 
 
-# Template variables a request's chat_template_kwargs may not set: the server sets them.
-RESERVED_TEMPLATE_VARIABLES = frozenset(
-    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"}
-)
-
-
-class ChatCompletionRequest(GenerationRequest):
+class ChatCompletionRequest(GenerationRequest, ChatTemplateOptions):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     tools: list[Tool] | None = None
@@ -278,35 +273,6 @@ class ChatCompletionRequest(GenerationRequest):
     def structured_output(self) -> StructuredOutput | None:
         forced = self.tool_calling().structured_output()
         return forced if forced is not None else super().structured_output()
-
-    # vLLM extensions: extra chat template variables (e.g. Qwen3's enable_thinking), and
-    # continuing the last (assistant) message instead of starting a new one.
-    chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-
-    @model_validator(mode="after")
-    def _check_template_options(self) -> ChatCompletionRequest:
-        reserved = sorted(RESERVED_TEMPLATE_VARIABLES & set(self.chat_template_kwargs or {}))
-        if reserved:
-            raise PydanticCustomError(
-                "chat_template_kwargs",
-                "chat_template_kwargs may not set {names}: use the request's own fields",
-                {"names": ", ".join(reserved)},
-            )
-        if self.continue_final_message and self.add_generation_prompt:
-            raise PydanticCustomError(
-                "continue_final_message",
-                "continue_final_message needs add_generation_prompt: false",
-            )
-        return self
-
-    def template_options(self) -> dict:
-        return {
-            "add_generation_prompt": self.add_generation_prompt,
-            "continue_final_message": self.continue_final_message,
-            "template_kwargs": self.chat_template_kwargs,
-        }
 
     def requested_max_tokens(self) -> int | None:
         # OpenAI deprecated max_tokens for chat in favour of max_completion_tokens.

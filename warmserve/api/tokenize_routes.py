@@ -3,26 +3,22 @@ token ids, and token ids back to text."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from warmserve.api import model_lookup
+from warmserve.api.chat_template_options import ChatTemplateOptions
 from warmserve.api.errors import APIError
-from warmserve.api.openai_schemas import (
-    RESERVED_TEMPLATE_VARIABLES,
-    TOKEN_ID_MAX,
-    ChatMessage,
-    Text,
-)
+from warmserve.api.openai_schemas import TOKEN_ID_MAX, ChatMessage, Text
 from warmserve.api.services import Services
 
 TokenId = Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatTemplateOptions):
     """Either {"prompt"} (special tokens added, as for a completion) or {"messages"} (rendered
     by the chat template, encoded without added special tokens, as for a chat completion)."""
 
@@ -32,22 +28,12 @@ class TokenizeRequest(BaseModel):
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise PydanticCustomError("prompt", "give exactly one of prompt and messages")
-        reserved = sorted(RESERVED_TEMPLATE_VARIABLES & set(self.chat_template_kwargs or {}))
-        if reserved:
-            raise PydanticCustomError(
-                "chat_template_kwargs",
-                "chat_template_kwargs may not set {names}",
-                {"names": ", ".join(reserved)},
-            )
         return self
 
 
@@ -83,9 +69,7 @@ def tokenize_router(services: Services, only_model: str | None) -> APIRouter:
         else:
             text = tokenizer.apply_chat_template(
                 [message.template_message() for message in body.messages],
-                body.add_generation_prompt,
-                continue_final_message=body.continue_final_message,
-                template_kwargs=body.chat_template_kwargs,
+                **body.template_options(),
             )
             tokens = tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
         token_strs = None
