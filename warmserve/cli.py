@@ -9,40 +9,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.metadata
 import logging
 import os
 import signal
 import sys
 import time
 
+from warmserve.cli_help import LOG_LEVELS, HelpFormatter, warmserve_version
 from warmserve.client import AdminClient, ServerError
 from warmserve.config import CPU_WORKER_MEMORY_GB, DTYPES, EngineConfig, ServerConfig
 from warmserve.text_tables import format_bytes, format_table
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "WARMSERVE_API_KEY"
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none or the help already says it
-    (a default read from the environment, such as an API key, is never printed)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default is None or action.default is False or "default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
-def warmserve_version() -> str:
-    try:
-        return importlib.metadata.version("warmserve")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
-        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
