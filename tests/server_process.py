@@ -31,6 +31,10 @@ DEFAULT_REGISTRY = (
     f"models:\n  - name: {REGISTERED_MODEL}\n    path: tiny-qwen3\n    keep_alive: 0\n"
 )
 SHM_DIR = Path("/dev/shm")
+# warmserve's user cache for the tests (the real model, dequantized GGUF copies): gitignored,
+# kept between runs.
+TEST_CACHE_DIR = REPO_ROOT / ".checkpoints" / "cache"
+TEST_CACHE_ENV = {"WARMSERVE_CACHE_DIR": str(TEST_CACHE_DIR)}
 INSTANCE_LINE = re.compile(r"instance ([0-9a-z]+): shared memory")
 
 

@@ -88,7 +88,7 @@ def test_tools_reach_the_template_unless_choice_is_none(client, controller, tool
     if tool_choice is not None:
         body["tool_choice"] = tool_choice
     client.post("/v1/chat/completions", json=body).raise_for_status()
-    assert controller.last_prompt.startswith("tools: get_time, get_weather") == shown
+    assert controller.last_chat[0].startswith("tools: get_time, get_weather") == shown
 
 
 def test_auto_reply_with_a_hermes_call_becomes_tool_calls(client, controller):

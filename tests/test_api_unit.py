@@ -4,6 +4,7 @@ metrics. Fast; the same behaviour against real workers is in the test_e2e_* modu
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -107,10 +108,61 @@ def test_chat_renders_text_parts_and_takes_max_completion_tokens(client, control
         "/v1/chat/completions",
         json={"model": MODEL, "messages": messages, "max_completion_tokens": 2},
     ).json()
-    assert controller.last_prompt == "system: be brief\nuser: hi\nyou\nassistant:"
+    assert controller.last_chat[0] == "system: be brief\nuser: hi\nyou\nassistant:"
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": " w0 w1"}
     assert body["usage"]["completion_tokens"] == 2
+
+
+def test_chat_template_options_reach_the_template(client, controller):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I am"}]
+    client.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": messages,
+            "chat_template_kwargs": {"enable_thinking": False},
+            "add_generation_prompt": False,
+            "continue_final_message": True,
+        },
+    ).raise_for_status()
+    text, options = controller.last_chat
+    assert text == "user: hi\nassistant: I am"
+    assert options == {
+        "continue_final_message": True,
+        "template_kwargs": {"enable_thinking": False},
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+        ({"continue_final_message": True}, "continue_final_message"),
+        ({"chat_template_kwargs": "yes"}, "chat_template_kwargs"),
+    ],
+)
+def test_bad_chat_template_options_are_400_naming_the_field(client, fields, named):
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], **fields},
+    )
+    assert response.status_code == 400
+    assert named in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_generation_config_fills_what_the_request_leaves_out(client, controller, route):
+    controller.generation_defaults = {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
+    body = {"model": MODEL, "top_p": 0.5}
+    body |= (
+        {"prompt": "x"}
+        if route == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "x"}]}
+    )
+    client.post(route, json=body).raise_for_status()
+    params = controller.last_params
+    assert (params.temperature, params.top_p, params.top_k) == (0.6, 0.5, 20)
 
 
 def test_chat_default_max_tokens(client, controller):
@@ -452,3 +504,17 @@ def test_every_step_with_tokens_makes_a_chunk_even_when_its_text_is_held_back(cl
         if route == "/v1/chat/completions":
             token_chunks = token_chunks[1:]  # the role chunk comes first
         assert len(token_chunks) == 3, (route, payloads)
+
+
+def test_refused_requests_are_logged_with_their_reason(client, controller, caplog):
+    caplog.set_level(logging.INFO, logger="warmserve")
+    client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "temperature": 9})
+    client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    lines = [record.getMessage() for record in caplog.records]
+    assert any(
+        line.startswith("refused POST /v1/completions: 400 invalid_request: temperature")
+        for line in lines
+    )
+    assert any(
+        line.startswith("refused POST /v1/completions: 404 model_not_found") for line in lines
+    )

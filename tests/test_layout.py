@@ -19,6 +19,10 @@ TORCH_FREE_SHARED = {
     "warmserve.models.memory_plan",
     "warmserve.loader.checkpoint",
     "warmserve.loader.weight_store",
+    "warmserve.loader.gguf_metadata",
+    "warmserve.loader.gguf_tokenizer",
+    # Formatting helpers (sizes, progress) shared by the CLI and the server's log.
+    "warmserve.text_tables",
 }
 ALLOWED = {
     "config": set(),

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from warmserve.config import ConfigError
-from warmserve.controller.registry import RegistryError, load_registry, parse_keep_alive
+from warmserve.controller.registry import (
+    RegistryError,
+    check_registry_paths,
+    load_registry,
+    parse_keep_alive,
+)
 
 
 def write(tmp_path, text):
@@ -74,3 +79,37 @@ def test_malformed_files_name_line_and_field(tmp_path, text, where):
         load_registry(write(tmp_path, text))
     assert where in str(error.value)
     assert "models.yaml" in str(error.value)
+
+
+@pytest.fixture
+def model_root(tmp_path):
+    root = tmp_path / "models"
+    (root / "folder").mkdir(parents=True)
+    (root / "folder" / "config.json").write_text("{}")
+    (root / "no-config").mkdir()
+    (root / "small.gguf").write_bytes(b"GGUF")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "config.json").write_text("{}")
+    return root
+
+
+def test_registry_paths_inside_the_root_pass(tmp_path, model_root):
+    registry = "models:\n  - name: a\n    path: folder\n  - name: b\n    path: small.gguf\n"
+    check_registry_paths(write(tmp_path, registry), str(model_root))
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("missing", "path 'missing' not found"),
+        ("no-config", "neither a checkpoint folder (no config.json) nor a .gguf file"),
+        ("../elsewhere", "lies outside --model-root"),
+    ],
+)
+def test_a_bad_registry_path_names_the_entry(tmp_path, model_root, path, problem):
+    registry = f"models:\n  - name: good\n    path: folder\n  - name: bad\n    path: {path}\n"
+    file = write(tmp_path, registry)
+    with pytest.raises(RegistryError) as raised:
+        check_registry_paths(file, str(model_root))
+    assert str(raised.value).startswith(f"{file}:4: models[1] (bad): ")
+    assert problem in str(raised.value)

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 
+from warmserve.cli_help import LOG_LEVELS, HelpFormatter, warmserve_version
 from warmserve.client import AdminClient, ServerError
 from warmserve.config import CPU_WORKER_MEMORY_GB, DTYPES, EngineConfig, ServerConfig
 from warmserve.text_tables import format_bytes, format_table
@@ -27,13 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="warmserve",
         description="Serve many LLMs from one pool of pre-warmed workers.",
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"warmserve {warmserve_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    def add_command(name: str, **options) -> argparse.ArgumentParser:
+        return commands.add_parser(name, formatter_class=HelpFormatter, **options)
+
+    serve = add_command("serve", help="run the server")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="the gateway's port")
+    serve.add_argument(
+        "--device", choices=["auto", "cuda", "cpu"], default="auto", help="where workers run"
+    )
     serve.add_argument(
         "--workers", type=_positive_int, help="worker processes (default: one per GPU, 2 on CPU)"
     )
@@ -92,22 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds a request waits for its model to be loaded before a 503 (default 60)",
     )
+    serve.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="INFO", type=str.upper, help="log verbosity"
+    )
     serve.set_defaults(run=run_serve)
 
-    load = commands.add_parser("load", help="load a model into the running server")
+    load = add_command("load", help="load a model into the running server")
     load.add_argument("name", help="the name clients put in 'model'")
-    load.add_argument("path", help="checkpoint directory, relative to the server's --model-root")
+    load.add_argument(
+        "path",
+        help="checkpoint folder or .gguf file, relative to the server's --model-root",
+    )
     load.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size")
-    load.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
-    load.add_argument("--max-model-len", type=_positive_int)
+    load.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="auto",
+        help="serving dtype (auto: the checkpoint's)",
+    )
+    load.add_argument(
+        "--max-model-len", type=_positive_int, help="context length (default: the model's)"
+    )
     load.add_argument("--port", type=int, help="also serve this model alone on this port")
     load.set_defaults(run=run_load)
 
-    unload = commands.add_parser("unload", help="unload a model from the running server")
-    unload.add_argument("name")
+    unload = add_command("unload", help="unload a model from the running server")
+    unload.add_argument("name", help="the model's name")
     unload.set_defaults(run=run_unload)
 
-    ps = commands.add_parser("ps", help="list the running server's models and workers")
+    ps = add_command("ps", help="list the running server's models and workers")
     ps.set_defaults(run=run_ps)
 
     for client_command in (load, unload, ps):
@@ -118,13 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"the server's API key (default: ${API_KEY_ENV})",
         )
 
-    demo = commands.add_parser(
-        "demo", help="load, swap and reload two tiny models and print the timings"
+    demo = add_command(
+        "demo",
+        help="answer a question with a real model (SmolLM2, fetched once), swap to another "
+        "model and back, and print the timings",
     )
-    demo.add_argument("--dir", default=".checkpoints", help="where the demo checkpoints live")
+    demo.add_argument(
+        "--dir", default=".checkpoints", help="where the random-weight demo checkpoints live"
+    )
     demo.set_defaults(run=run_demo)
 
-    bench = commands.add_parser(
+    bench = add_command(
         "bench",
         help="measure swap, load and decode against baselines; `bench serve`: one model under "
         "HTTP load; `bench trace`: many models under a request trace",
@@ -141,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", serve_bench, "one model over HTTP under load, like `vllm bench serve`"),
         ("trace", trace_bench, "many models on one server under a request trace"),
     ):
-        benchmark = benchmarks.add_parser(name, help=text, description=module.__doc__)
+        benchmark = benchmarks.add_parser(
+            name, help=text, description=module.__doc__, formatter_class=HelpFormatter
+        )
         module.add_arguments(benchmark)
         benchmark.set_defaults(run=module.run)
     return parser
@@ -201,10 +228,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from warmserve.api.server import bind_socket
     from warmserve.config import ConfigError
     from warmserve.controller.pool import StartupError
-    from warmserve.controller.registry import RegistryError
+    from warmserve.controller.registry import RegistryError, check_registry_paths
 
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = ServerConfig(
         host=args.host,
@@ -223,6 +250,12 @@ def run_serve(args: argparse.Namespace) -> int:
         min_residency_s=args.min_residency,
         engine=EngineConfig(max_num_seqs=args.max_num_seqs),
     )
+    if args.models:
+        try:
+            check_registry_paths(args.models, args.model_root)
+        except RegistryError as exc:
+            print(f"warmserve: error: {exc}", file=sys.stderr)
+            return 1
     # Bound before the workers start, so a taken port fails at once; connections are refused
     # until the pool is warm and the gateway listens.
     try:
@@ -236,14 +269,14 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     try:
         with sock:
-            asyncio.run(_serve(config, sock))
+            asyncio.run(_serve(config, sock, args.log_level))
     except (StartupError, RegistryError, ConfigError) as exc:
         print(f"warmserve: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve(config, sock) -> None:
+async def _serve(config, sock, log_level: str) -> None:
     from warmserve.api.gateway import serve_gateway
     from warmserve.controller.controller import Controller
 
@@ -257,7 +290,7 @@ async def _serve(config, sock) -> None:
     try:
         logger.info("starting the worker pool (device %s)", config.device)
         if await _until_stopped(controller.start(), stop):
-            await serve_gateway(controller, config, sock, stop)
+            await serve_gateway(controller, config, sock, stop, log_level=log_level)
     finally:
         logger.info("stopping the worker pool")
         await controller.close()
@@ -279,14 +312,22 @@ async def _until_stopped(work, stop: asyncio.Event) -> bool:
 
 
 def run_load(args: argparse.Namespace) -> int:
-    with AdminClient(args.url, args.api_key) as client:
-        result = client.load(
+    from warmserve.load_progress import load_with_progress
+
+    # Two clients: the load's request blocks in a thread while the other polls its progress.
+    with AdminClient(args.url, args.api_key) as client, AdminClient(args.url, args.api_key) as poll:
+        result = load_with_progress(
             args.name,
-            args.path,
-            tensor_parallel_size=args.tp,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            port=args.port,
+            lambda: client.load(
+                args.name,
+                args.path,
+                tensor_parallel_size=args.tp,
+                dtype=args.dtype,
+                max_model_len=args.max_model_len,
+                port=args.port,
+            ),
+            poll.load_progress,
+            sys.stderr,
         )
     workers = ", ".join(str(worker) for worker in result["workers"])
     line = (

@@ -56,6 +56,9 @@ class AdminClient:
     def unload(self, name: str) -> dict:
         return self._request("DELETE", f"/admin/models/{name}", timeout=LOAD_TIMEOUT_S)
 
+    def load_progress(self, name: str) -> dict:
+        return self._request("GET", f"/admin/models/{name}/progress")
+
     def models(self) -> list[dict]:
         return self._request("GET", "/admin/models")
 

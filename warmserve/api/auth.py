@@ -8,6 +8,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from warmserve.api.errors import error_response
+from warmserve.api.event_log import log_refusal
 
 UNAUTHENTICATED_PATHS = frozenset({"/health"})
 
@@ -25,11 +26,10 @@ class APIKeyMiddleware:
         ):
             await self.app(scope, receive, send)
             return
+        message = "missing or invalid API key: send the header 'Authorization: Bearer <key>'"
+        log_refusal(scope, 401, "invalid_api_key", message)
         response = error_response(
-            401,
-            "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
-            "invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
+            401, message, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
         )
         await response(scope, receive, send)
 

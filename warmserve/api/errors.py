@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from warmserve.api.event_log import log_refusal
 from warmserve.config import ConfigError
 from warmserve.controller.errors import ControllerError
 from warmserve.controller.tokenizer import ChatTemplateError
@@ -91,21 +92,34 @@ def describe_validation_errors(errors: list[dict]) -> str:
     return "; ".join(messages) or "invalid request"
 
 
+def refusal_response(
+    request: Request, status: int, message: str, code: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An error response; a client error is logged with its reason (the controller logs the
+    503s of its admission itself)."""
+    if status < 500:
+        log_refusal(request.scope, status, code, message)
+    return error_response(status, message, code, headers)
+
+
 async def _handle_api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.code)
+    return refusal_response(request, exc.status, exc.message, exc.code)
 
 
 async def _handle_controller_error(request: Request, exc: ControllerError) -> JSONResponse:
     status, body = controller_error_body(exc)
+    if status < 500:
+        log_refusal(request.scope, status, exc.code, body["error"]["message"])
     return JSONResponse(body, status_code=status, headers=retry_after_headers(exc))
 
 
 async def _handle_bad_value(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(400, str(exc), "invalid_request")
+    return refusal_response(request, 400, str(exc), "invalid_request")
 
 
 async def _handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(400, describe_validation_errors(exc.errors()), "invalid_request")
+    message = describe_validation_errors(exc.errors())
+    return refusal_response(request, 400, message, "invalid_request")
 
 
 async def _handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -115,7 +129,7 @@ async def _handle_http_error(request: Request, exc: StarletteHTTPException) -> J
         message = "request body could not be parsed: send JSON encoded in UTF-8"
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}"
-    return error_response(exc.status_code, message, code, headers=exc.headers)
+    return refusal_response(request, exc.status_code, message, code, headers=exc.headers)
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:

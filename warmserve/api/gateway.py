@@ -24,12 +24,15 @@ async def serve_gateway(
     sock: socket.socket,
     stop: asyncio.Event,
     access_log: bool = True,
+    log_level: str | None = None,
 ) -> None:
-    """Serves the gateway app for a started controller on a bound socket until `stop` is set."""
+    """Serves the gateway app for a started controller on a bound socket until `stop` is set;
+    `log_level` (e.g. "WARNING") applies to uvicorn's own loggers too."""
     uvicorn_config = uvicorn.Config(
         create_app(controller, config),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         access_log=access_log,
+        log_level=log_level.lower() if log_level else None,
         # Without access logs (the demo) the caller owns logging, so uvicorn must not set it up.
         log_config=uvicorn.config.LOGGING_CONFIG if access_log else None,
     )

@@ -7,6 +7,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from warmserve.api.errors import error_response
+from warmserve.api.event_log import log_refusal
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -25,6 +26,7 @@ class BodySizeLimitMiddleware:
             return
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
+            log_refusal(scope, 413, "request_too_large", self._too_large_message())
             response = error_response(413, self._too_large_message(), "request_too_large")
             await response(scope, receive, send)
             return

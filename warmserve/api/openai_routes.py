@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from warmserve.api import model_lookup
 from warmserve.api.choices import Choices
-from warmserve.api.errors import APIError
 from warmserve.api.generation import Generation
 from warmserve.api.logprobs import chat_logprobs, completion_logprobs
 from warmserve.api.openai_schemas import (
@@ -154,18 +154,7 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         )
 
     def requested_model(request: Request, name: str | None) -> ModelInfo:
-        if only_model is None and not name:
-            raise APIError(400, "model: field required", "invalid_request")
-        if only_model is not None and name and name != only_model:
-            raise APIError(
-                404,
-                f"this port serves only model {only_model!r}, not {name!r}",
-                "model_not_found",
-            )
-        info = controller.model(only_model or name)
-        # Known to exist now: safe to use as a metrics label.
-        request.state.model = info.name
-        return info
+        return model_lookup.requested_model(controller, only_model, request, name)
 
     @router.get("/v1/models")
     async def list_models() -> ModelList:
@@ -173,6 +162,10 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         if only_model is not None:
             models = [info for info in models if info.name == only_model]
         return ModelList(data=[model_card(info) for info in models])
+
+    @router.get("/v1/models/{model_id}")
+    async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+        return model_card(requested_model(request, model_id))
 
     def generation_of(model: str, keep_alive: float | None):
         def make(prompt: str | list[int], params: SamplingParams) -> Generation:
@@ -185,7 +178,8 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         body: CompletionRequest, request: Request
     ) -> Completion | StreamingResponse:
         info = requested_model(request, body.model)
-        params = body.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs)
+        model_defaults = controller.tokenizer(info.name).generation_defaults
+        params = body.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs, model_defaults)
         if body.echo and body.logprobs is not None:  # the echoed prompt's tokens are scored too
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         echoes = [""] * len(body.prompt) * body.num_samples
@@ -232,11 +226,15 @@ def openai_router(services: Services, only_model: str | None) -> APIRouter:
         info = requested_model(request, body.model)
         tokenizer = controller.tokenizer(info.name)
         calling = body.tool_calling()
-        prompt = tokenizer.apply_chat_template(
-            [m.template_message() for m in body.messages], tools=calling.template_tools()
+        prompt = tokenizer.chat_token_ids(
+            [m.template_message() for m in body.messages],
+            tools=calling.template_tools(),
+            **body.template_options(),
         )
         num_logprobs = body.num_logprobs
-        params = body.sampling_params(CHAT_DEFAULT_MAX_TOKENS, num_logprobs)
+        params = body.sampling_params(
+            CHAT_DEFAULT_MAX_TOKENS, num_logprobs, tokenizer.generation_defaults
+        )
         choices = await Choices.start(
             generation_of(info.name, body.keep_alive), [prompt], params, body.num_samples
         )

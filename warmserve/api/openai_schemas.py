@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from warmserve.api.chat_template_options import ChatTemplateOptions
 from warmserve.api.logprobs import ChatLogprobs, CompletionLogprobs
 from warmserve.api.request_fields import (
     TOKEN_ID_MAX,
@@ -60,6 +61,16 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed acc
 
 # OpenAI's bound on n; it bounds the choices of a request with several prompts too.
 MAX_CHOICES = 128
+# Request fields that the model's generation_config.json sets when a request leaves them out (as
+# vLLM's `--generation-config auto`): request field -> generation_config.json field. Its
+# `max_new_tokens` is the default `max_tokens` in the same way.
+MODEL_DEFAULT_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+}
 
 
 def _text_content(value: Any) -> Any:
@@ -180,26 +191,41 @@ class GenerationRequest(StructuredRequest):
         return self.n or 1
 
     def sampling_params(
-        self, default_max_tokens: int, num_logprobs: int | None = None
+        self,
+        default_max_tokens: int,
+        num_logprobs: int | None = None,
+        model_defaults: dict | None = None,
     ) -> SamplingParams:
         """`num_logprobs`: most likely alternatives to report per token; None: no
-        log-probabilities."""
+        log-probabilities. `model_defaults` (the model's generation_config.json, see
+        MODEL_DEFAULT_FIELDS) fill what the request leaves unset."""
+        model_defaults = model_defaults or {}
+
+        def chosen(field: str, fallback):
+            value = getattr(self, field)
+            if value is not None:
+                return value
+            return model_defaults.get(MODEL_DEFAULT_FIELDS[field], fallback)
+
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        max_tokens = (
+            self.max_completion_tokens or self.max_tokens or model_defaults.get("max_new_tokens")
+        )
         return SamplingParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
+            max_tokens=max_tokens or default_max_tokens,
+            temperature=chosen("temperature", 1.0),
+            top_p=chosen("top_p", 1.0),
+            top_k=chosen("top_k", 0) or 0,
             seed=self.seed,
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logit_bias=tuple(self.logit_bias or ()),
             min_tokens=self.min_tokens or 0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=chosen("repetition_penalty", 1.0),
             frequency_penalty=self.frequency_penalty or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
-            min_p=self.min_p or 0.0,
+            min_p=chosen("min_p", 0.0) or 0.0,
             logprobs=num_logprobs,
             structured_output=self.structured_output(),
         )
@@ -250,7 +276,7 @@ class ChatMessage(BaseModel):
         return message
 
 
-class ChatCompletionRequest(GenerationRequest):
+class ChatCompletionRequest(GenerationRequest, ChatTemplateOptions):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = False
     top_logprobs: LogprobCount | None = None

@@ -22,7 +22,6 @@ UNSUPPORTED_UNLESS = {
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "guided_grammar": (None,),
-    "chat_template_kwargs": (None, {}),
     "prompt_logprobs": (None,),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1),
@@ -31,8 +30,6 @@ UNSUPPORTED_UNLESS = {
     "spaces_between_special_tokens": (None, True),
     "store": (None, False),
     "echo": (None, False),  # vLLM's chat echo; /v1/completions' echo is implemented
-    "add_generation_prompt": (None, True),
-    "continue_final_message": (None, False),
     "chat_template": (None,),
     "documents": (None,),
     "bad_words": (None, []),

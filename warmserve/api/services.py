@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
+from warmserve.api.event_log import LoadProgressLog
 from warmserve.api.metrics import Metrics
 from warmserve.api.ports import ModelListeners
 from warmserve.config import ServerConfig
@@ -30,4 +31,5 @@ class Services:
         services = cls(controller, config, Metrics(controller), listeners)
         controller.add_listener(services.listeners.on_model_event)
         controller.add_listener(services.metrics.on_model_event)
+        controller.add_listener(LoadProgressLog(controller).on_model_event)
         return services

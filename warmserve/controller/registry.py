@@ -77,7 +77,38 @@ def spec_from_fields(fields: dict) -> ModelSpec:
 
 
 def load_registry(path: str | Path) -> list[ModelSpec]:
-    path = Path(path)
+    return [spec for _, spec in _registry_entries(Path(path))]
+
+
+def check_registry_paths(path: str | Path, model_root: str | None) -> None:
+    """Refuses (RegistryError naming the line and the entry) an entry whose path does not exist,
+    is neither a checkpoint folder (config.json) nor a .gguf file, or lies outside `model_root`:
+    a server checks this at start-up rather than have the first client find it."""
+    root = Path(model_root).expanduser().resolve() if model_root else None
+    for where, spec in _registry_entries(Path(path)):
+        entry = f"{where} ({spec.name})"
+        candidate = Path(spec.path).expanduser()
+        if root is not None and not candidate.is_absolute():
+            candidate = root / candidate
+        try:
+            resolved = candidate.resolve()
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise RegistryError(f"{entry}: path {spec.path!r} is not usable: {exc}") from None
+        if root is not None and not resolved.is_relative_to(root):
+            raise RegistryError(f"{entry}: path {spec.path!r} lies outside --model-root {root}")
+        if resolved.is_file() and resolved.suffix.lower() == ".gguf":
+            continue
+        if not resolved.exists():
+            raise RegistryError(f"{entry}: path {spec.path!r} not found ({resolved})")
+        if not (resolved / "config.json").is_file():
+            raise RegistryError(
+                f"{entry}: {resolved} is neither a checkpoint folder (no config.json) "
+                "nor a .gguf file"
+            )
+
+
+def _registry_entries(path: Path) -> list[tuple[str, ModelSpec]]:
+    """Each entry's spec, with where it is written ("file:line: models[i]")."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -95,7 +126,7 @@ def load_registry(path: str | Path) -> list[ModelSpec]:
         )
     if not isinstance(models, yaml.SequenceNode):
         raise RegistryError(f"{path}:{models.start_mark.line + 1}: 'models' must be a list")
-    specs: list[ModelSpec] = []
+    entries: list[tuple[str, ModelSpec]] = []
     for index, entry in enumerate(models.value):
         where = f"{path}:{entry.start_mark.line + 1}: models[{index}]"
         if not isinstance(entry, yaml.MappingNode):
@@ -111,10 +142,10 @@ def load_registry(path: str | Path) -> list[ModelSpec]:
         except (ConfigError, TypeError) as exc:
             line = _field_line(entry, str(exc)) or entry.start_mark.line + 1
             raise RegistryError(f"{path}:{line}: models[{index}]: {exc}") from None
-        if any(existing.name == spec.name for existing in specs):
+        if any(existing.name == spec.name for _, existing in entries):
             raise RegistryError(f"{where}.name: {spec.name!r} is listed twice")
-        specs.append(spec)
-    return specs
+        entries.append((where, spec))
+    return entries
 
 
 def _mapping_value(node, key: str):

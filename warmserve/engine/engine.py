@@ -21,6 +21,7 @@ from warmserve.engine.scheduler import Scheduler, SchedulerLimits
 from warmserve.engine.sequence import Sequence
 from warmserve.engine.skeletons import SKELETONS, Skeleton
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_json
+from warmserve.loader.gguf_tokenizer import tokenizer_json
 from warmserve.loader.segment_weights import SegmentWeights
 from warmserve.loader.tensors import iter_checkpoint_tensors
 from warmserve.models.config import ModelConfig
@@ -78,7 +79,8 @@ class Engine:
         self.skeleton: Skeleton | None = None
         self.weights_ready: torch.cuda.Event | None = None  # a load's copy, still running
         self.load_phases: dict[str, float] = {}
-        # Where tokenizer.json lies (structured output builds its vocabulary from it), and the
+        # The model's folder or GGUF file (structured output builds its vocabulary from its
+        # tokenizer.json, see loader.gguf_tokenizer.tokenizer_json), and the
         # constrained requests' grammars, made on the first such request.
         self.tokenizer_dir: Path | None = None
         self.structured_outputs: StructuredOutputs | None = None
@@ -100,7 +102,8 @@ class Engine:
     ) -> Engine:
         """Builds the model on `device` with `weights` (checkpoint tensors, a host-store segment,
         or None for random weights: the worker's warm-up model) and sizes the KV cache.
-        `tokenizer_dir` holds the tokenizer.json that structured output needs."""
+        `tokenizer_dir` (a folder or a GGUF file) has the tokenizer that structured output
+        needs."""
         try:
             engine = cls._build(
                 raw_config,
@@ -284,14 +287,15 @@ class Engine:
             grammars.add(seq)
 
     def _structured_outputs(self) -> StructuredOutputs:
-        if self.tokenizer_dir is None or not (self.tokenizer_dir / "tokenizer.json").is_file():
+        found = tokenizer_json(self.tokenizer_dir) if self.tokenizer_dir else None
+        if found is None:
             raise RequestRejected("structured output needs the model's tokenizer.json")
         if self.structured_outputs is None:
             # Imported here: xgrammar takes a second to import, which only the workers that
             # serve structured output pay, once per process.
             from warmserve.engine.structured_output import StructuredOutputs
 
-            self.structured_outputs = StructuredOutputs.of(self)
+            self.structured_outputs = StructuredOutputs.of(self, found)
         return self.structured_outputs
 
     def take_failures(self) -> list[tuple[str, str]]:

@@ -138,9 +138,9 @@ class StructuredOutputs:
         self.filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
 
     @classmethod
-    def of(cls, engine: Engine) -> StructuredOutputs:
+    def of(cls, engine: Engine, tokenizer_path: Path) -> StructuredOutputs:
         return cls(
-            engine.tokenizer_dir / "tokenizer.json",
+            tokenizer_path,
             engine.vocab_size,
             tuple(sorted(engine.scheduler.eos_token_ids)),
             engine.scheduler.limits.max_num_seqs,

@@ -108,7 +108,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def read_model_config(path: str | os.PathLike) -> tuple[Path, dict]:
-    """The resolved checkpoint folder and its config.json."""
+    """The resolved checkpoint folder and its config.json (for a .gguf file: the file and the
+    config its metadata describes)."""
+    from warmserve.loader.gguf_metadata import is_gguf_path, read_gguf_config
+
+    if is_gguf_path(path):
+        return read_gguf_config(path)
     folder = Path(path).expanduser().resolve()
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
@@ -116,7 +121,20 @@ def read_model_config(path: str | os.PathLike) -> tuple[Path, dict]:
 
 
 class Checkpoint:
-    """A checkpoint folder with its config and the index of every tensor it holds."""
+    """A checkpoint folder with its config and the index of every tensor it holds.
+
+    `Checkpoint(path)` of a .gguf file is a GGUFCheckpoint (loader/gguf.py), which presents the
+    file through this same interface.
+    """
+
+    def __new__(cls, path: str | os.PathLike):
+        from warmserve.loader.gguf_metadata import is_gguf_path
+
+        if cls is Checkpoint and is_gguf_path(path):
+            from warmserve.loader.gguf import GGUFCheckpoint
+
+            return super().__new__(GGUFCheckpoint)
+        return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike):
         self.path, self.config = read_model_config(path)

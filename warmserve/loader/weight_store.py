@@ -84,6 +84,18 @@ class HostWeightStore:
             self._entries.move_to_end(key)
             return entry.segment
 
+    def fill_progress(self, key: str) -> tuple[int, int] | None:
+        """(bytes in place, segment size) of the copy stored under `key`, while or after it is
+        read from disk; None when there is none (or its fill failed)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            ready = READY_WORD.unpack_from(entry.ready, 0)[0]
+            if ready == READY_FAILED:
+                return None
+            return min(ready, entry.segment.size), entry.segment.size
+
     def release(self, key: str) -> None:
         with self._lock:
             entry = self._entries.get(key)

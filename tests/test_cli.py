@@ -1,0 +1,67 @@
+"""The command line: --version, help texts with defaults, --log-level, and a registry checked
+before the server starts anything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from server_process import REPO_ROOT, subprocess_env
+
+from warmserve.cli import build_parser, main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("warmserve ")
+
+
+def test_help_texts_show_defaults_but_never_an_api_key(monkeypatch):
+    monkeypatch.setenv("WARMSERVE_API_KEY", "do-not-print-me")
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    serve_help = subcommands["serve"].format_help()
+    assert "(default: 8000)" in serve_help and "(default: INFO)" in serve_help
+    assert "(default: 16.0)" in serve_help
+    assert "do-not-print-me" not in serve_help
+    assert "(default: None)" not in serve_help
+    assert "(default: auto)" in subcommands["load"].format_help()
+
+
+def test_log_level_is_checked():
+    args = build_parser().parse_args(["serve", "--log-level", "warning"])
+    assert args.log_level == "WARNING"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--log-level", "chatty"])
+
+
+def test_a_bad_registry_entry_stops_serve_before_it_starts(tmp_path):
+    (tmp_path / "root").mkdir()
+    registry = tmp_path / "models.yaml"
+    registry.write_text("models:\n  - name: typo\n    path: qwen3-06b\n")
+    served = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "warmserve",
+            "serve",
+            "--device",
+            "cpu",
+            "--port",
+            "0",
+            "--models",
+            str(registry),
+            "--model-root",
+            str(tmp_path / "root"),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+    assert served.returncode == 1
+    assert f"{registry}:2: models[0] (typo): path 'qwen3-06b' not found" in served.stderr
+    assert "starting the worker pool" not in served.stderr
