@@ -88,8 +88,12 @@ def _open_checkpoint(path: Path) -> tuple[Checkpoint, ModelTokenizer]:
 
 
 def _folder_version(path: Path) -> tuple:
-    """Changes when any file of the checkpoint folder changes (names, sizes, times)."""
+    """Changes when any file of the checkpoint (a folder, or one GGUF file) changes (names,
+    sizes, times)."""
     try:
+        if path.is_file():
+            stat = path.stat()
+            return ((path.name, stat.st_size, stat.st_mtime_ns),)
         return tuple(
             sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir())
         )

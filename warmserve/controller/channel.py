@@ -6,9 +6,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from warmserve.controller.errors import LoadFailed
+from warmserve.controller.errors import (
+    CheckpointInvalid,
+    ControllerError,
+    InvalidRequest,
+    LoadFailed,
+    ModelUnavailable,
+    NoCapacity,
+)
 from warmserve.controller.pool import WorkerHandle, WorkerPool
-from warmserve.protocol import CommandDone
+from warmserve.protocol import CommandDone, ErrorKind
 
 
 class WorkerDied(Exception):
@@ -70,3 +77,20 @@ class CommandChannel:
         for future in self._pending.values():
             if not future.done():
                 future.cancel()
+
+
+def load_error(reply) -> ControllerError:
+    """The controller's error for a worker's failed (or missing) reply to a load."""
+    if isinstance(reply, WorkerDied):
+        return ModelUnavailable(f"{reply} while loading")
+    if isinstance(reply, BaseException):
+        return LoadFailed(str(reply))
+    if reply.error_kind == ErrorKind.CHECKPOINT:
+        return CheckpointInvalid(reply.error)
+    if reply.error_kind == ErrorKind.INSUFFICIENT_MEMORY:
+        return NoCapacity(reply.error)
+    if reply.error_kind == ErrorKind.INVALID:
+        return InvalidRequest(reply.error)
+    if reply.error_kind == ErrorKind.BUSY:
+        return NoCapacity(reply.error)
+    return LoadFailed(reply.error or "the worker could not build the model")

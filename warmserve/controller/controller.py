@@ -13,16 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 
-from warmserve.config import CPU_WORKER_MEMORY_GB, ConfigError, ModelSpec, ServerConfig
+from warmserve.config import ConfigError, ModelSpec, ServerConfig
 from warmserve.controller.admission import Admission
 from warmserve.controller.catalogue import CheckpointCatalogue
 from warmserve.controller.channel import CommandChannel
 from warmserve.controller.deployment import Deployment, Deployments, DeploymentState
-from warmserve.controller.devices import worker_devices
+from warmserve.controller.devices import worker_args_factory, worker_devices
 from warmserve.controller.engine_client import RequestAborted
 from warmserve.controller.errors import (
     CheckpointInvalid,
@@ -36,7 +35,7 @@ from warmserve.controller.events import EventRouter
 from warmserve.controller.lifecycle import Lifecycle
 from warmserve.controller.memory import MemoryLedger
 from warmserve.controller.policies import KEEP_ALIVE_CHECK_S, expired
-from warmserve.controller.pool import WorkerPool, default_num_threads
+from warmserve.controller.pool import WorkerPool
 from warmserve.controller.registry import load_registry
 from warmserve.controller.shared_memory import new_instance_name, remove_stale_instances
 from warmserve.controller.tokenizer import ModelTokenizer
@@ -44,12 +43,12 @@ from warmserve.controller.types import (
     GenerationChunk,
     LoadResult,
     ModelInfo,
-    ResidentModel,
     WorkerInfo,
 )
+from warmserve.controller.views import deployment_info, registered_info, worker_info
 from warmserve.loader.checkpoint import CheckpointError
 from warmserve.loader.weight_store import HostWeightStore
-from warmserve.protocol import ForgetSegment, WorkerArgs
+from warmserve.protocol import ForgetSegment
 
 log = logging.getLogger("warmserve.controller")
 GIB = 2**30
@@ -95,27 +94,12 @@ class Controller:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         devices = worker_devices(self.config.device, self.config.workers)
-        on_cpu = devices[0] == "cpu"
-        threads = default_num_threads(len(devices)) if on_cpu else None
-        memory_gb = self.config.worker_memory_gb
-        if memory_gb is None and on_cpu:
-            memory_gb = CPU_WORKER_MEMORY_GB
-
-        def worker_args(worker_id, device, command_address, event_address):
-            return WorkerArgs(
-                worker_id=worker_id,
-                device=device,
-                command_address=command_address,
-                event_address=event_address,
-                memory_cap_bytes=int(memory_gb * GIB) if memory_gb is not None else None,
-                gpu_memory_utilization=self.config.gpu_memory_utilization,
-                memory_release_delay_s=self.config.memory_release_delay_s,
-                num_threads=threads,
-                parent_pid=os.getpid(),
-            )
-
         self.pool = WorkerPool(
-            devices, worker_args, self._on_event, self._on_death, instance=self.instance
+            devices,
+            worker_args_factory(self.config, devices),
+            self._on_event,
+            self._on_death,
+            instance=self.instance,
         )
         self.channel = CommandChannel(self.pool, self.config.load_timeout_s)
         self.lifecycle = Lifecycle(
@@ -385,72 +369,21 @@ class Controller:
         raise ModelNotFound(f"model {name!r} is neither loaded nor registered")
 
     def models(self) -> list[ModelInfo]:
-        infos = [self._deployment_info(d) for d in self.deployments]
+        infos = [deployment_info(d, self.admission, self.lifecycle) for d in self.deployments]
         for spec in self.registry.values():
             if spec.name not in self.deployments:
                 infos.append(self._registered_info(spec))
         return infos
-
-    def _deployment_info(self, deployment: Deployment) -> ModelInfo:
-        client = deployment.client
-        return ModelInfo(
-            name=deployment.name,
-            path=deployment.path,
-            state=deployment.state.value,
-            workers=list(deployment.workers),
-            tensor_parallel_size=deployment.tensor_parallel_size,
-            dtype=deployment.dtype,
-            max_model_len=client.max_model_len if client else deployment.requested_max_model_len,
-            load_source=deployment.load_source,
-            load_seconds=deployment.load_seconds,
-            last_used=deployment.last_used,
-            requests_in_flight=deployment.in_flight,
-            requests_queued=self.admission.queued(deployment.name),
-            memory_bytes=deployment.memory_bytes,
-            keep_alive=deployment.keep_alive,
-            pinned=deployment.pinned,
-            evictions=self.lifecycle.evictions_by_model.get(deployment.name, 0),
-            error=deployment.error,
-        )
 
     def _registered_info(self, spec: ModelSpec) -> ModelInfo:
         try:
             in_host_cache = str(self.catalogue.resolve(spec.path)) in self.store
         except ControllerError:
             in_host_cache = False
-        return ModelInfo(
-            name=spec.name,
-            path=spec.path,
-            state="host-cache" if in_host_cache else "disk",
-            tensor_parallel_size=spec.tensor_parallel_size,
-            dtype=spec.dtype,
-            max_model_len=spec.max_model_len,
-            last_used=self.lifecycle.last_used(spec.name),
-            requests_queued=self.admission.queued(spec.name),
-            keep_alive=spec.keep_alive,
-            pinned=spec.pinned,
-            evictions=self.lifecycle.evictions_by_model.get(spec.name, 0),
-        )
+        return registered_info(spec, in_host_cache, self.admission, self.lifecycle)
 
     def workers(self) -> list[WorkerInfo]:
-        return [
-            WorkerInfo(
-                id=h.id,
-                pid=h.pid,
-                device=h.device,
-                state=h.state,
-                models=[
-                    ResidentModel(d.name, self.ledger.held(h.id, d.id), d.state.value)
-                    for d in self.deployments.on_worker(h.id)
-                ],
-                memory_total_bytes=h.memory_total_bytes,
-                memory_used_bytes=h.memory_used_bytes,
-                memory_idle_bytes=h.memory_idle_bytes,
-                memory_usable_bytes=self.ledger.usable(h.id),
-                memory_free_bytes=self.ledger.free(h.id),
-            )
-            for h in self.pool.handles
-        ]
+        return [worker_info(handle, self.deployments, self.ledger) for handle in self.pool.handles]
 
     @property
     def queue_stats(self):

@@ -1,14 +1,19 @@
 """Which devices the workers take, found without importing torch (the server never does): the
-GPUs the driver lists, narrowed by CUDA_VISIBLE_DEVICES."""
+GPUs the driver lists, narrowed by CUDA_VISIBLE_DEVICES; and what each worker is started with."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
-from warmserve.controller.pool import StartupError
+from warmserve.config import CPU_WORKER_MEMORY_GB, ServerConfig
+from warmserve.controller.pool import StartupError, default_num_threads
+from warmserve.protocol import WorkerArgs
+
+GIB = 2**30
 
 CPU_WORKERS = 2
 
@@ -46,3 +51,29 @@ def worker_devices(device: str, workers: int | None) -> list[str]:
     if device != "cpu":
         raise StartupError(f"--device must be auto, cuda or cpu, not {device!r}")
     return ["cpu"] * (workers or CPU_WORKERS)
+
+
+def worker_args_factory(
+    config: ServerConfig, devices: list[str]
+) -> Callable[[int, str, str, str], WorkerArgs]:
+    """Builds each worker's start-up arguments from the server's configuration."""
+    on_cpu = devices[0] == "cpu"
+    threads = default_num_threads(len(devices)) if on_cpu else None
+    memory_gb = config.worker_memory_gb
+    if memory_gb is None and on_cpu:
+        memory_gb = CPU_WORKER_MEMORY_GB
+
+    def worker_args(worker_id, device, command_address, event_address) -> WorkerArgs:
+        return WorkerArgs(
+            worker_id=worker_id,
+            device=device,
+            command_address=command_address,
+            event_address=event_address,
+            memory_cap_bytes=int(memory_gb * GIB) if memory_gb is not None else None,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            memory_release_delay_s=config.memory_release_delay_s,
+            num_threads=threads,
+            parent_pid=os.getpid(),
+        )
+
+    return worker_args

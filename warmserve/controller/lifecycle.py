@@ -18,14 +18,12 @@ from collections.abc import Callable
 
 from warmserve.config import ModelSpec, ServerConfig
 from warmserve.controller.catalogue import CheckpointCatalogue, footprint_per_worker
-from warmserve.controller.channel import CommandChannel, WorkerDied
+from warmserve.controller.channel import CommandChannel, load_error
 from warmserve.controller.deployment import Deployment, Deployments, DeploymentState
 from warmserve.controller.engine_client import EngineClient
 from warmserve.controller.errors import (
     CheckpointInvalid,
     ControllerError,
-    InvalidRequest,
-    LoadFailed,
     ModelExists,
     ModelNotFound,
     ModelUnavailable,
@@ -38,13 +36,14 @@ from warmserve.controller.placement import (
     check_fits_at_all,
     choose_evictions,
     choose_workers,
+    no_room_message,
 )
 from warmserve.controller.policies import evictable_now
 from warmserve.controller.pool import WorkerPool
 from warmserve.controller.types import LoadResult
 from warmserve.loader.checkpoint import Checkpoint
 from warmserve.loader.weight_store import HostWeightStore
-from warmserve.protocol import CommandDone, ErrorKind, LoadModel, RegisterSegment, UnloadModel
+from warmserve.protocol import CommandDone, LoadModel, RegisterSegment, UnloadModel
 
 log = logging.getLogger("warmserve.controller")
 GIB = 2**30
@@ -138,7 +137,7 @@ class Lifecycle:
                 if victims:
                     continue
             if not self._room_may_come(rooms, tp, need):
-                raise NoCapacity(_no_room_message(deployment.name, need, rooms))
+                raise NoCapacity(no_room_message(deployment.name, need, rooms))
             if not await self._wait_for_room(deadline):
                 raise QueueTimeout(
                     f"model {deployment.name!r} waited {self.config.queue_timeout_s:.0f} s for "
@@ -294,7 +293,7 @@ class Lifecycle:
                 self.store.release(key)
         failures = [reply for reply in replies if not isinstance(reply, CommandDone) or reply.error]
         if failures:
-            raise _load_error(failures[0])
+            raise load_error(failures[0])
         return source, replies
 
     # ---- unload and failure ---------------------------------------------------------------
@@ -380,34 +379,3 @@ class Lifecycle:
 
     def forget(self, name: str) -> None:
         self._last_used.pop(name, None)
-
-
-def _no_room_message(name: str, need: int, rooms: list[WorkerRoom]) -> str:
-    holders = sorted(
-        {
-            f"{d.name} ({d.memory_bytes / GIB:.2f} GiB, {'pinned' if d.pinned else 'explicit'})"
-            for room in rooms
-            for d in room.residents
-            if not d.may_make_room
-        }
-    )
-    return (
-        f"no room for model {name!r} ({need / GIB:.2f} GiB per worker): the memory is held by "
-        f"pinned or explicitly loaded models: {', '.join(holders) or 'none'}; unload one of them"
-    )
-
-
-def _load_error(reply) -> ControllerError:
-    if isinstance(reply, WorkerDied):
-        return ModelUnavailable(f"{reply} while loading")
-    if isinstance(reply, BaseException):
-        return LoadFailed(str(reply))
-    if reply.error_kind == ErrorKind.CHECKPOINT:
-        return CheckpointInvalid(reply.error)
-    if reply.error_kind == ErrorKind.INSUFFICIENT_MEMORY:
-        return NoCapacity(reply.error)
-    if reply.error_kind == ErrorKind.INVALID:
-        return InvalidRequest(reply.error)
-    if reply.error_kind == ErrorKind.BUSY:
-        return NoCapacity(reply.error)
-    return LoadFailed(reply.error or "the worker could not build the model")

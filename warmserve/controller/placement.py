@@ -109,3 +109,18 @@ def _least_recently_used_until(
 
 def _last_used(deployment: Deployment) -> float:
     return deployment.last_used or 0.0
+
+
+def no_room_message(name: str, need: int, rooms: list[WorkerRoom]) -> str:
+    holders = sorted(
+        {
+            f"{d.name} ({d.memory_bytes / GIB:.2f} GiB, {'pinned' if d.pinned else 'explicit'})"
+            for room in rooms
+            for d in room.residents
+            if not d.may_make_room
+        }
+    )
+    return (
+        f"no room for model {name!r} ({need / GIB:.2f} GiB per worker): the memory is held by "
+        f"pinned or explicitly loaded models: {', '.join(holders) or 'none'}; unload one of them"
+    )
