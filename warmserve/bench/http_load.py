@@ -30,6 +30,7 @@ class BenchRequest:
     model: str
     prompt_token_ids: list[int]
     output_len: int
+    response_format: dict | None = None  # OpenAI's field: output constrained by a grammar
 
 
 @dataclass
@@ -89,6 +90,8 @@ def http_sender(client: httpx.AsyncClient) -> Sender:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if request.response_format is not None:
+            body["response_format"] = request.response_format
         clock = ChunkClock(result)
         try:
             async with client.stream("POST", "/v1/completions", json=body) as response:

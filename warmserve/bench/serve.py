@@ -25,6 +25,19 @@ from warmserve.bench.workloads import fixed_lengths, random_prompt, sharegpt_lik
 
 MODEL_NAME = "bench"
 MIXES = ("fixed", "sharegpt")
+# A schema no output of the benchmark's length can complete (a string of at least 100,000
+# characters): every constrained request runs its full length, as the unconstrained ones do.
+LONG_TEXT_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "bench",
+        "schema": {
+            "type": "object",
+            "properties": {"text": {"type": "string", "minLength": 100000}},
+            "required": ["text"],
+        },
+    },
+}
 FULL = {
     "shape": "llama-3.1-8b",
     "concurrency": [1, 16, 64, 128],
@@ -70,6 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-steps", type=int, help="timed engine steps (default 32)")
     parser.add_argument("--max-model-len", type=int, help="of the loaded model")
     parser.add_argument("--length-scale", type=float, help="shrinks the ShareGPT-like mix")
+    parser.add_argument(
+        "--json-schema",
+        action="store_true",
+        help="also run each fixed-length concurrency with every request's output constrained "
+        "by a JSON schema (response_format), to measure what the grammar mask costs",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,7 +121,11 @@ def run(args: argparse.Namespace) -> int:
     log = out / f"serve-{model}.log"
     results["http"] = asyncio.run(http_runs(device, checkpoint, serve_args, log, args, scenarios))
     # The baselines are for the fixed lengths' concurrency sweep.
-    fixed = [s for s in scenarios if s["mix"] == "fixed" and s["kind"] == "concurrency"]
+    fixed = [
+        s
+        for s in scenarios
+        if s["mix"] == "fixed" and s["kind"] == "concurrency" and not s.get("structured")
+    ]
     if fixed:
         results["python_api"] = asyncio.run(python_api_runs(device, checkpoint, args, fixed))
         results["engine_decode"] = decode_timings(
@@ -133,16 +156,27 @@ def build_scenarios(args: argparse.Namespace, context_len: int) -> list[dict]:
         for rate in args.rates:
             count = max(4, math.ceil(rate * args.duration_s))
             scenarios.append({"kind": "rate", "value": rate, "mix": mix, "n": count})
+    if args.json_schema:
+        scenarios += [
+            {**scenario, "structured": True}
+            for scenario in scenarios
+            if scenario["mix"] == "fixed" and scenario["kind"] == "concurrency"
+        ]
     for index, scenario in enumerate(scenarios):
         scenario["name"] = f"{scenario['mix']} {scenario['kind']} {scenario['value']:g}"
+        if scenario.get("structured"):
+            scenario["name"] += " json_schema"
         seed = scenario["seed"] = args.seed * 1000 + index  # lengths, prompts and arrivals
         if scenario["mix"] == "fixed":
             lengths = fixed_lengths(scenario["n"], args.input_len, args.output_len)
         else:
             lengths = sharegpt_like_lengths(scenario["n"], seed, context_len, args.length_scale)
         rng = random.Random(seed)
+        response_format = LONG_TEXT_FORMAT if scenario.get("structured") else None
         scenario["requests"] = [
-            http_load.BenchRequest(MODEL_NAME, random_prompt(rng, input_len), output_len)
+            http_load.BenchRequest(
+                MODEL_NAME, random_prompt(rng, input_len), output_len, response_format
+            )
             for input_len, output_len in lengths
         ]
     return scenarios
@@ -241,6 +275,10 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
     if poisson and issue_lengths and model == "llama-3.1-8b":
         p99 = poisson["ttft_ms"]["p99"]
         rows.append(("Poisson 4 req/s: TTFT p99 ≤ 100 ms", f"{p99:.1f} ms", p99 <= 100))
+    constrained = http.get("fixed concurrency 64 json_schema")
+    if at_64 and constrained:
+        cost = 1 - constrained["output_throughput"] / at_64["output_throughput"]
+        rows.append(("64 clients: json_schema mask costs ≤ 10 %", f"{cost:.1%}", cost <= 0.10))
     for name, figures in http.items():
         itl = figures["itl_ms"]
         if " concurrency " in name and itl["median"]:
