@@ -76,7 +76,7 @@ class Scheduled:
 
     request_id: str
     num_computed_tokens: int
-    num_new_tokens: int
+    num_scheduled_tokens: int  # what the step computes: all its new tokens, or a prompt chunk
     num_output_tokens: int
 
 
@@ -92,7 +92,7 @@ def record_schedules(engine: Engine) -> list[list[Scheduled]]:
                 Scheduled(
                     seq.request_id,
                     seq.num_computed_tokens,
-                    seq.num_new_tokens,
+                    seq.num_scheduled_tokens,
                     seq.num_output_tokens,
                 )
                 for seq in batch

@@ -92,7 +92,7 @@ def test_preemption_recomputes_without_changing_outputs(llama_path, solo_complet
         seq
         for step in steps
         for seq in step
-        if seq.num_output_tokens > 0 and seq.num_new_tokens > 1
+        if seq.num_output_tokens > 0 and seq.num_scheduled_tokens > 1
     ]
     assert recomputed
     assert_all_blocks_free(engine)
@@ -122,11 +122,10 @@ def test_requests_joining_a_running_batch_equal_their_solo_runs(llama_path, solo
 
 
 def test_max_num_seqs_and_max_num_batched_tokens_are_respected(llama_path, solo_completions):
-    max_num_seqs, token_budget = 8, 64
-    # The engine raises the token budget to the context length, so that any prompt fits a step.
+    max_num_seqs, token_budget = 8, 24
+    # Prompts longer than what a step has left are prefilled in chunks: outputs stay the same.
     engine = make_engine(
         llama_path,
-        max_model_len=token_budget,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=token_budget,
     )
@@ -138,20 +137,19 @@ def test_max_num_seqs_and_max_num_batched_tokens_are_respected(llama_path, solo_
         collect(completions, engine.step())
         step = steps[-1]
         assert len(step) <= max_num_seqs
-        tokens = sum(seq.num_new_tokens for seq in step)
+        tokens = sum(seq.num_scheduled_tokens for seq in step)
         assert tokens <= token_budget
-        waiting = engine.scheduler.waiting
-        if (
-            len(step) < max_num_seqs
-            and waiting
-            and waiting[0].num_new_tokens > token_budget - tokens
-        ):
+        if tokens == token_budget and len(step) < max_num_seqs:
             token_limited_steps += 1
 
     assert completions == solo_completions
-    # Both limits were reached, and the cache (8 x 64 tokens) never ran out.
+    # Both limits were reached, prompts were chunked, and the cache never ran out.
     assert max(len(step) for step in steps) == max_num_seqs
     assert token_limited_steps > 0
+    chunks = [
+        s for step in steps for s in step if s.num_output_tokens == 0 and s.num_computed_tokens
+    ]
+    assert chunks, "no prompt was prefilled in chunks"
     assert engine.scheduler.num_preemptions == 0
 
 

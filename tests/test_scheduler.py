@@ -66,19 +66,52 @@ def test_admission_stops_at_max_num_seqs():
     assert list(scheduler.waiting) == seqs[2:]
 
 
-def test_admission_stops_at_the_token_budget_in_arrival_order():
+def test_a_prompt_beyond_the_token_budget_is_prefilled_in_chunks_in_arrival_order():
     scheduler = make_scheduler(max_num_batched_tokens=9)
     long_first = make_seq("long", 6)
     longer = make_seq("longer", 7)
     short = make_seq("short", 2)
     for seq in (long_first, longer, short):
         scheduler.add(seq)
-    # 6 + 7 > 9: the second waits, and the short third does not overtake it.
-    assert scheduler.schedule() == [long_first]
-    scheduler.finish_step([long_first], [FILLER])
-    # The decode takes one token of the budget: 1 + 7 fits, 1 + 7 + 2 does not.
-    assert scheduler.schedule() == [long_first, longer]
-    assert list(scheduler.waiting) == [short]
+    # 6 + 7 > 9: the second starts with a chunk of 3, and the short third does not overtake it.
+    batch = scheduler.schedule()
+    assert batch == [long_first, longer]
+    assert (long_first.num_scheduled_tokens, longer.num_scheduled_tokens) == (6, 3)
+    assert [seq.samples_this_step for seq in batch] == [True, False]
+    scheduler.finish_step(batch, [FILLER, None])
+    assert (long_first.output_token_ids, longer.output_token_ids) == ([FILLER], [])
+    assert longer.num_computed_tokens == 3 and list(scheduler.waiting) == [short]
+    # The decode goes first (1), then the rest of the chunked prompt (4), then the short one.
+    batch = scheduler.schedule()
+    assert batch == [long_first, longer, short]
+    assert [seq.num_scheduled_tokens for seq in batch] == [1, 4, 2]
+    assert all(seq.samples_this_step for seq in batch)
+
+
+def test_decodes_are_scheduled_before_prompt_chunks():
+    scheduler = make_scheduler(max_num_batched_tokens=4)
+    early = make_seq("early", 3)
+    scheduler.add(early)
+    step(scheduler)
+    late = make_seq("late", 20)
+    scheduler.add(late)
+    for expected_chunk in (3, 3, 3):
+        batch = scheduler.schedule()
+        assert batch == [early, late] and late.num_scheduled_tokens == expected_chunk
+        assert early.num_scheduled_tokens == 1
+        scheduler.finish_step(batch, [FILLER, None])
+    assert late.num_computed_tokens == 9 and early.num_output_tokens == 4
+
+
+def test_a_prompt_whose_tokens_are_scored_is_never_chunked():
+    scheduler = make_scheduler(max_num_batched_tokens=9)
+    scheduler.add(make_seq("first", 6))
+    scored = make_seq("scored", 7, prompt_logprobs=1)
+    scheduler.add(scored)
+    batch = scheduler.schedule()
+    assert scored not in batch  # 6 + 7 > 9: it waits for a step with room for all of it
+    scheduler.finish_step(batch, [FILLER])
+    assert scored in scheduler.schedule() and scored.num_scheduled_tokens == 7
 
 
 def test_admission_waits_for_free_blocks():

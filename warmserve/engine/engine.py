@@ -205,7 +205,7 @@ class Engine:
         )
         limits = SchedulerLimits(
             max_num_seqs=engine_config.max_num_seqs,
-            max_num_batched_tokens=max(engine_config.max_num_batched_tokens, limit),
+            max_num_batched_tokens=engine_config.max_num_batched_tokens,
             max_model_len=limit,
         )
         scheduler = Scheduler(limits, BlockManager(num_blocks, block_size), eos_token_ids)
@@ -274,6 +274,13 @@ class Engine:
             raise RequestRejected(f"logit_bias: token ids must lie in [0, {self.vocab_size})")
         if max(params.logprobs or 0, params.prompt_logprobs or 0) > self.vocab_size:
             raise RequestRejected(f"logprobs: this model has only {self.vocab_size} tokens")
+        budget = self.scheduler.limits.max_num_batched_tokens
+        if params.prompt_logprobs is not None and len(prompt_token_ids) > budget:
+            # A scored prompt goes through the model in one step, which runs at most this many.
+            raise RequestRejected(
+                f"echo with logprobs scores prompts of at most {budget} tokens; this one has "
+                f"{len(prompt_token_ids)}"
+            )
         grammars = self._structured_outputs() if params.structured_output is not None else None
         seq = Sequence(request_id, prompt_token_ids, params)
         if params.seed is not None:
@@ -335,12 +342,16 @@ class Engine:
         sampled = self.runner.execute(
             seqs, generators, self.scheduler.eos_token_ids, self.structured_outputs
         )
+        sampling = [seq for seq in seqs if seq.samples_this_step]
         if self.structured_outputs is not None:
-            self.structured_outputs.accept(seqs, sampled.token_ids)
-        self.scheduler.finish_step(seqs, sampled.token_ids)
+            self.structured_outputs.accept(sampling, sampled.token_ids)
+        tokens = iter(sampled.token_ids)
+        self.scheduler.finish_step(
+            seqs, [next(tokens) if seq.samples_this_step else None for seq in seqs]
+        )
         outputs = []
         for seq, token, token_logprobs, prompt_logprobs in zip(
-            seqs, sampled.token_ids, sampled.logprobs, sampled.prompt_logprobs, strict=True
+            sampling, sampled.token_ids, sampled.logprobs, sampled.prompt_logprobs, strict=True
         ):
             outputs.append(
                 TokenOutput(

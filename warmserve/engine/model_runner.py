@@ -105,7 +105,8 @@ class ModelRunner:
     def build_inputs(self, seqs: list[Sequence]) -> StepInputs:
         inputs = StepInputs([], [], [], [], [], [])
         for seq in seqs:
-            start, end = seq.num_computed_tokens, len(seq)
+            start = seq.num_computed_tokens
+            end = start + seq.num_scheduled_tokens
             inputs.input_ids.extend(seq.token_ids[start:end])
             inputs.positions.extend(range(start, end))
             table = seq.block_table
@@ -126,10 +127,15 @@ class ModelRunner:
         eos_token_ids: frozenset[int] = frozenset(),
         structured_outputs: StructuredOutputs | None = None,
     ) -> SampledTokens:
-        """Lead rank: runs one step for `seqs`; returns one sampled token per sequence, and the
-        log-probabilities that sequences ask for. The constrained sequences' token masks are
-        filled while the forward runs."""
-        masks = structured_outputs.start_masks(seqs) if structured_outputs is not None else None
+        """Lead rank: runs one step for `seqs`; returns a sampled token for each sequence whose
+        step reaches its last token (not for a prompt chunk that only fills the cache), in
+        `seqs`' order, and the log-probabilities those sequences ask for. The constrained
+        sequences' token masks are filled while the forward runs."""
+        sampling = [index for index, seq in enumerate(seqs) if seq.samples_this_step]
+        sampled_seqs = [seqs[index] for index in sampling]
+        masks = None
+        if structured_outputs is not None:
+            masks = structured_outputs.start_masks(sampled_seqs)
         inputs = self.build_inputs(seqs)
         if self.tp_size > 1:
             dist.broadcast_object_list([inputs], src=0)
@@ -139,17 +145,22 @@ class ModelRunner:
             logits = self.decode_graphs.run(inputs)
         else:
             logits, prompt_hidden = self._forward(inputs)
+        if not sampling:  # every sequence ran a prompt chunk
+            return SampledTokens([], [], [])
+        if len(sampling) < len(seqs):
+            rows = torch.tensor(sampling, dtype=torch.long, device=logits.device)
+            logits = logits.index_select(0, rows)
         if masks is not None:
             masks.apply(logits)
-        params: list[SamplingParams] = [seq.params for seq in seqs]
+        params: list[SamplingParams] = [seq.params for seq in sampled_seqs]
         processed = process_logits(
             logits,
             params,
-            [seq.token_ids for seq in seqs],
-            [seq.num_prompt_tokens for seq in seqs],
+            [seq.token_ids for seq in sampled_seqs],
+            [seq.num_prompt_tokens for seq in sampled_seqs],
             eos_token_ids,
         )
-        tokens = sample(processed, params, generators)
+        tokens = sample(processed, params, [generators[index] for index in sampling])
         prompt_logprobs: list[list[TokenLogprobs] | None] = [None] * len(seqs)
         if prompt_hidden is not None:
             with torch.inference_mode():
@@ -157,7 +168,9 @@ class ModelRunner:
                     seqs, self.model.compute_logits, prompt_hidden
                 )
         return SampledTokens(
-            tokens.tolist(), logprobs.sampled_logprobs(logits, tokens, params), prompt_logprobs
+            tokens.tolist(),
+            logprobs.sampled_logprobs(logits, tokens, params),
+            [prompt_logprobs[index] for index in sampling],
         )
 
     def follow(self) -> None:

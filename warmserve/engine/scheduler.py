@@ -1,5 +1,9 @@
 """Continuous batching: every step runs the running sequences' next tokens and admits waiting
-prompts into the same batch while the token and sequence budgets allow.
+prompts into the same batch while the token and sequence budgets allow. Decodes go first; a
+prompt longer than what is left of the step's token budget is prefilled in chunks over several
+steps (chunked prefill), so that no step runs more than `max_num_batched_tokens` tokens and a
+long prompt never holds the running streams (or the other models of the worker) back for long.
+A prompt whose tokens are scored (prompt log-probabilities) is computed whole.
 
 Pure Python. When the KV cache runs out, the newest running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed from its tokens later (never
@@ -38,9 +42,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[Sequence]:
-        """The sequences to run this step; each computes its tokens from num_computed_tokens on."""
-        scheduled: list[Sequence] = []
-        budget = self.limits.max_num_batched_tokens
+        """The sequences to run this step; each computes `num_scheduled_tokens` tokens from
+        num_computed_tokens on."""
+        running: list[Sequence] = []
         preempted = False
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING:
@@ -53,21 +57,39 @@ class Scheduler:
                     break
             else:
                 self.block_manager.append_slots(seq)
+                running.append(seq)
+        # Decodes first (one token each), then the chunks of prompts under way.
+        running.sort(key=lambda seq: seq.num_new_tokens > 1)
+        scheduled: list[Sequence] = []
+        budget = self.limits.max_num_batched_tokens
+        for seq in running:
+            chunk = self._chunk(seq, budget)
+            if chunk:
+                seq.num_scheduled_tokens = chunk
                 scheduled.append(seq)
-                budget -= seq.num_new_tokens
+                budget -= chunk
         if preempted:
             return scheduled
-        while self.waiting and len(self.running) < self.limits.max_num_seqs:
+        while self.waiting and len(self.running) < self.limits.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            if seq.num_new_tokens > budget or not self.block_manager.can_allocate(seq):
+            if not self.block_manager.can_allocate(seq):
+                break
+            if not _chunkable(seq) and seq.num_new_tokens > budget:
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq)  # prefix-cache hits count as computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            seq.num_scheduled_tokens = self._chunk(seq, budget)
             scheduled.append(seq)
-            budget -= seq.num_new_tokens
+            budget -= seq.num_scheduled_tokens
         return scheduled
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> int:
+        if seq.num_new_tokens <= budget:
+            return seq.num_new_tokens
+        return budget if _chunkable(seq) else 0
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -77,12 +99,17 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def finish_step(self, scheduled: list[Sequence], new_token_ids: list[int]) -> list[Sequence]:
-        """Appends each sequence's sampled token; returns those that finished (blocks freed)."""
+    def finish_step(
+        self, scheduled: list[Sequence], new_token_ids: list[int | None]
+    ) -> list[Sequence]:
+        """Appends each sampling sequence's token (None for a prompt chunk that samples none);
+        returns those that finished (blocks freed)."""
         finished = []
         for seq, token_id in zip(scheduled, new_token_ids, strict=True):
-            seq.num_computed_tokens = len(seq)
+            seq.num_computed_tokens += seq.num_scheduled_tokens
             self.block_manager.register_full_blocks(seq)
+            if seq.num_computed_tokens < len(seq):
+                continue  # a chunk of its prompt: the rest comes in the next steps
             seq.token_ids.append(token_id)
             reason = self._finish_reason(seq, token_id)
             if reason is not None:
@@ -118,3 +145,8 @@ class Scheduler:
                 seq.finish_reason = "abort"
                 return seq
         return None
+
+
+def _chunkable(seq: Sequence) -> bool:
+    """A prompt whose every token is scored goes through the model in one step."""
+    return seq.params.prompt_logprobs is None

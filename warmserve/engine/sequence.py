@@ -28,6 +28,8 @@ class Sequence:
         self.block_table: list[int] = []
         # Tokens whose keys and values are in the cache (prefix-cache hits included).
         self.num_computed_tokens = 0
+        # Tokens the current step computes: all of num_new_tokens, or a chunk of a long prompt.
+        self.num_scheduled_tokens = 0
         # Prefix-cache bookkeeping of the block manager: blocks already hashed, and the last hash.
         self.num_hashed_blocks = 0
         self.last_block_hash = -1
@@ -50,8 +52,14 @@ class Sequence:
 
     @property
     def num_new_tokens(self) -> int:
-        """Tokens this sequence puts through the model when it is next scheduled."""
+        """Tokens not yet through the model (a decode's one, or what is left of a prompt)."""
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def samples_this_step(self) -> bool:
+        """Whether the current step reaches the sequence's last token (and so samples the next);
+        a chunk of a prompt that is not the last one only fills the KV cache."""
+        return self.num_computed_tokens + self.num_scheduled_tokens == len(self.token_ids)
 
     def num_blocks(self, block_size: int) -> int:
         return -(-len(self.token_ids) // block_size)

@@ -29,8 +29,9 @@ def kv_block_bytes(
 def activation_reserve(
     config: ModelConfig, engine_config: EngineConfig, max_model_len: int, itemsize: int
 ) -> int:
-    """A bound on the memory a step's activations take, kept free of the KV cache."""
-    tokens = max(engine_config.max_num_batched_tokens, max_model_len)
+    """A bound on the memory a step's activations take, kept free of the KV cache: a step runs
+    at most `max_num_batched_tokens` tokens (longer prompts are prefilled in chunks)."""
+    tokens = engine_config.max_num_batched_tokens
     width = 4 * config.hidden_size + 3 * config.intermediate_size
     logits = engine_config.max_num_seqs * config.vocab_size * 4 * 2
     return tokens * width * itemsize + logits

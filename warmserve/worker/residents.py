@@ -73,8 +73,12 @@ class ResidentModels:
             return
         try:
             model.engine.add_request(command.request_id, command.prompt_token_ids, command.sampling)
-        except (RequestRejected, ValueError) as exc:
-            self._request_failed(command.deployment, command.request_id, str(exc))
+        except (RequestRejected, ValueError) as exc:  # the request's own fault: a 400
+            self.send(
+                RequestFailed(
+                    self.worker_id, command.deployment, command.request_id, str(exc), True
+                )
+            )
 
     def abort_request(self, command: AbortRequest) -> None:
         model = self.resident.get(command.deployment)
