@@ -168,3 +168,40 @@ def test_alternating_clients_are_served_in_groups_not_a_swap_per_request(checkpo
     requests = sum(len(outputs) for outputs in answers.values())
     # A model stays at least its residency once loaded: no more swaps than that allows.
     assert counters["evictions"] <= duration_s / residency_s + 2 < requests
+
+
+def test_a_model_kept_busy_yields_its_memory_to_a_waiting_one_in_turn(checkpoints, tmp_path):
+    """Two clients keep qwen3 busy without a gap; opt needs its memory. qwen3 takes no new
+    requests while opt waits, so it drains and goes; opt is served well within its deadline, and
+    qwen3's clients are served again afterwards."""
+
+    async def keep_busy(controller, stop: asyncio.Event, answers: list) -> None:
+        while not stop.is_set():
+            answers.append(await generate_ids(controller, "qwen3", PROMPTS[0]))
+
+    async def scenario(controller):
+        await generate_ids(controller, "qwen3", PROMPTS[0])
+        stop, answers = asyncio.Event(), []
+        clients = [asyncio.ensure_future(keep_busy(controller, stop, answers)) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        other = await generate_ids(controller, "opt", PROMPTS[1])
+        waited = time.monotonic() - started
+        before = len(answers)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*clients)
+        return other, waited, answers, before
+
+    models = registry(tmp_path, checkpoints, ["qwen3", "opt"])
+    other, waited, answers, before = run(
+        scenario,
+        models_file=models,
+        worker_memory_gb=ONE_MODEL_PER_WORKER_GB,
+        queue_timeout_s=20.0,
+        min_residency_s=0.2,
+    )
+    assert other == expected(checkpoints, "opt", PROMPTS[1])
+    assert waited < 20.0
+    assert len(answers) > before, "qwen3's clients were not served again after opt's turn"
+    assert all(answer == expected(checkpoints, "qwen3", PROMPTS[0]) for answer in answers)

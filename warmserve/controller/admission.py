@@ -1,7 +1,8 @@
 """Admission: which requests a model takes, and the queue of those waiting for it to be loaded.
 
-A request for a loaded model goes straight to it. A request for a registered model that is not
-loaded waits (first come, first served: every waiter shares the one load) while the load, and
+A request for a loaded model goes straight to it, unless that model yields its memory to a load
+that waits for it (then the request waits for its reload, so that models that do not fit together
+take turns in groups). A request for a registered model that is not loaded waits (first come, first served: every waiter shares the one load) while the load, and
 any eviction it needs, makes room; it is refused only when the model's queue is full or its
 deadline (`queue_timeout_s`) passes. A model admits `max_num_seqs + max_queued_requests`
 requests at once, waiting ones included; more are refused at once.
@@ -26,6 +27,8 @@ from warmserve.controller.errors import (
 )
 
 log = logging.getLogger("warmserve.controller")
+# How often a request for a model that yields its memory to a waiting load looks again.
+YIELD_POLL_S = 0.02
 # Upper bounds (seconds) of the queue-wait histogram's buckets.
 QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -94,7 +97,7 @@ class Admission:
 
     async def _serving(self, name: str) -> Deployment:
         deployment = self.deployments.get(name)
-        if deployment is not None and deployment.state == DeploymentState.LOADED:
+        if deployment is not None and deployment.serving:
             return deployment  # the common case: no queue, no wait
         arrived = time.monotonic()
         self.stats.waiting[name] = self.stats.waiting.get(name, 0) + 1
@@ -121,9 +124,11 @@ class Admission:
                 with contextlib.suppress(QueueTimeout):
                     await _until(self._shared_load(name), deadline)
                 continue
-            if deployment.state == DeploymentState.LOADED:
+            if deployment.serving:
                 return deployment
-            if deployment.state == DeploymentState.LOADING:
+            if deployment.state == DeploymentState.LOADED:  # yielding to a waiting load
+                await asyncio.sleep(YIELD_POLL_S)
+            elif deployment.state == DeploymentState.LOADING:
                 await _until(deployment.settled.wait(), deadline)
             elif deployment.state == DeploymentState.UNLOADING and registered:
                 await _until(deployment.removed.wait(), deadline)

@@ -44,6 +44,9 @@ class Deployment:
     keep_alive: float = -1.0  # seconds idle before an automatic unload; -1 = never
     pinned: bool = False  # never evicted
     evictable: bool = False  # registered models make room for others; explicit loads stay
+    # A load waits for this model's memory: new requests for it wait (for its reload) instead of
+    # keeping it busy forever, so that the waiting model's requests get their turn.
+    yielding: bool = False
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when loading ends
     removed: asyncio.Event = field(default_factory=asyncio.Event)  # set when it leaves
 
@@ -62,6 +65,11 @@ class Deployment:
     @property
     def idle(self) -> bool:
         return self.state == DeploymentState.LOADED and self.in_flight == 0
+
+    @property
+    def serving(self) -> bool:
+        """Whether new requests may go to it now."""
+        return self.state == DeploymentState.LOADED and not self.yielding
 
     @property
     def may_make_room(self) -> bool:

@@ -37,6 +37,7 @@ from warmserve.controller.placement import (
     choose_evictions,
     choose_workers,
     no_room_message,
+    room_may_come,
 )
 from warmserve.controller.policies import evictable_now
 from warmserve.controller.pool import WorkerPool
@@ -118,49 +119,56 @@ class Lifecycle:
 
     async def _place(self, deployment: Deployment, need: int, deadline: float) -> list[int]:
         """Workers with `need` bytes free for the deployment, held in the ledger; evicts and
-        waits as the module docstring says."""
+        waits as the module docstring says. While it waits for busy models that could make
+        room, those take no new requests (they yield), so they drain and go."""
         tp = deployment.tensor_parallel_size
-        while True:
-            async with self._placing:
-                rooms = self._rooms()
-                if rooms:
-                    check_fits_at_all(rooms, len(self.pool.handles), tp, need)
-                chosen = choose_workers(rooms, tp, need)
-                if chosen is not None:
-                    for worker_id in chosen:
-                        self.ledger.hold(worker_id, deployment.id, need)
-                    return chosen
-                candidates = evictable_now(self.deployments, self.config.min_residency_s)
-                victims = choose_evictions(rooms, tp, need, candidates)
-                for victim in victims:
-                    await self._evict(victim, deployment.name)
-                if victims:
-                    continue
-            if not self._room_may_come(rooms, tp, need):
-                raise NoCapacity(no_room_message(deployment.name, need, rooms))
-            if not await self._wait_for_room(deadline):
-                raise QueueTimeout(
-                    f"model {deployment.name!r} waited {self.config.queue_timeout_s:.0f} s for "
-                    f"room ({need / GIB:.2f} GiB per worker) held by models still serving "
-                    "requests; retry later"
-                )
+        yielding: list[Deployment] = []
+        try:
+            while True:
+                async with self._placing:
+                    rooms = self._rooms()
+                    if rooms:
+                        check_fits_at_all(rooms, len(self.pool.handles), tp, need)
+                    chosen = choose_workers(rooms, tp, need)
+                    if chosen is not None:
+                        for worker_id in chosen:
+                            self.ledger.hold(worker_id, deployment.id, need)
+                        return chosen
+                    candidates = evictable_now(self.deployments, self.config.min_residency_s)
+                    victims = choose_evictions(rooms, tp, need, candidates)
+                    for victim in victims:
+                        await self._evict(victim, deployment.name)
+                    if victims:
+                        continue
+                    for busy in self._to_drain(rooms, tp, need):
+                        if not busy.yielding:
+                            busy.yielding = True
+                            yielding.append(busy)
+                starting = any(handle.state == "starting" for handle in self.pool.handles)
+                if not starting and not room_may_come(rooms, tp, need):
+                    raise NoCapacity(no_room_message(deployment.name, need, rooms))
+                if not await self._wait_for_room(deadline):
+                    raise QueueTimeout(
+                        f"model {deployment.name!r} waited {self.config.queue_timeout_s:.0f} s "
+                        f"for room ({need / GIB:.2f} GiB per worker) held by models still "
+                        "serving requests; retry later"
+                    )
+        finally:
+            for busy in yielding:
+                busy.yielding = False
 
-    def _room_may_come(self, rooms: list[WorkerRoom], tp: int, need: int) -> bool:
-        """Whether memory held now may be freed without anyone unloading a pinned or explicit
-        model: models that may make room (once idle), unloads under way, workers starting."""
-        if any(handle.state == "starting" for handle in self.pool.handles):
-            return True
-        possible = 0
-        for room in rooms:
-            going = [
-                d for d in room.residents if d.may_make_room or d.state == DeploymentState.UNLOADING
-            ]
-            # A tensor-parallel model needs its workers empty; nothing joins one that holds it.
-            if (tp > 1 or room.exclusive) and len(going) < len(room.residents):
-                continue
-            if room.free_bytes + sum(d.memory_bytes for d in going) >= need:
-                possible += 1
-        return possible >= tp
+    def _to_drain(self, rooms: list[WorkerRoom], tp: int, need: int) -> list[Deployment]:
+        """The busy models whose eviction, once idle, would make room: past their minimum
+        residency, registered and not pinned (as `evictable_now`, but busy ones too)."""
+        now = time.monotonic()
+        busy = [
+            d
+            for d in self.deployments
+            if d.may_make_room
+            and d.state == DeploymentState.LOADED
+            and now - d.loaded_at >= self.config.min_residency_s
+        ]
+        return choose_evictions(rooms, tp, need, busy)
 
     async def _evict(self, victim: Deployment, for_model: str) -> None:
         if not victim.idle or self.deployments.get(victim.name) is not victim:

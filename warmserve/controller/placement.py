@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from warmserve.controller.deployment import Deployment
+from warmserve.controller.deployment import Deployment, DeploymentState
 from warmserve.controller.errors import InvalidRequest
 
 GIB = 2**30
@@ -124,3 +124,19 @@ def no_room_message(name: str, need: int, rooms: list[WorkerRoom]) -> str:
         f"no room for model {name!r} ({need / GIB:.2f} GiB per worker): the memory is held by "
         f"pinned or explicitly loaded models: {', '.join(holders) or 'none'}; unload one of them"
     )
+
+
+def room_may_come(rooms: list[WorkerRoom], tp: int, need: int) -> bool:
+    """Whether memory held now may be freed without anyone unloading a pinned or explicit
+    model: by models that may make room (once idle), or by unloads under way."""
+    possible = 0
+    for room in rooms:
+        going = [
+            d for d in room.residents if d.may_make_room or d.state == DeploymentState.UNLOADING
+        ]
+        # A tensor-parallel model needs its workers empty; nothing joins one that holds it.
+        if (tp > 1 or room.exclusive) and len(going) < len(room.residents):
+            continue
+        if room.free_bytes + sum(d.memory_bytes for d in going) >= need:
+            possible += 1
+    return possible >= tp
