@@ -199,6 +199,13 @@ def test_admin_refusals(server, shared_model):
             "/admin/models", json={"name": "x", "path": "tiny-qwen3", "tensor_parallel_size": 0}
         )
         assert_error(bad_tp, 400, "invalid_request")
+        # Bounds come from one place (ModelSpec), whichever way a load arrives.
+        for length in (1, 2**31, 774832586255910607781888):
+            too_long = http.post(
+                "/admin/models", json={"name": "x", "path": "tiny-qwen3", "max_model_len": length}
+            )
+            message = assert_error(too_long, 400, "invalid_request")["message"]
+            assert "max_model_len must be an integer from 2 to" in message
 
 
 def test_no_capacity_is_503_with_retry_after(server, shared_model):

@@ -17,7 +17,13 @@ import sys
 from warmserve.admin_commands import run_load, run_ps, run_unload
 from warmserve.cli_help import LOG_LEVELS, HelpFormatter, warmserve_version
 from warmserve.client import ServerError
-from warmserve.config import CPU_WORKER_MEMORY_GB, DTYPES, EngineConfig, ServerConfig
+from warmserve.config import (
+    CPU_WORKER_MEMORY_GB,
+    DTYPES,
+    MAX_MODEL_LEN,
+    EngineConfig,
+    ServerConfig,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "WARMSERVE_API_KEY"
@@ -70,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-model-len",
-        type=_positive_int,
+        type=_context_length,
         help="context length of a model whose load names none (default: the checkpoint's)",
     )
     serve.add_argument(
@@ -183,6 +189,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _context_length(text: str) -> int:
+    value = int(text)
+    if not 2 <= value <= MAX_MODEL_LEN:
+        raise argparse.ArgumentTypeError(f"must be from 2 to {MAX_MODEL_LEN}, got {value}")
     return value
 
 

@@ -147,9 +147,13 @@ class ModelSpec:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.max_model_len is not None and (
-            _not_int(self.max_model_len) or self.max_model_len < 2
+            _not_int(self.max_model_len) or not 2 <= self.max_model_len <= MAX_MODEL_LEN
         ):
-            raise ConfigError("max_model_len must be an integer of at least 2")
+            raise ConfigError(f"max_model_len must be an integer from 2 to {MAX_MODEL_LEN}")
+
+
+# No model's context is longer; the bound also keeps the figure within a 32-bit message field.
+MAX_MODEL_LEN = 2**31 - 1
 
 
 def _not_int(value) -> bool:
