@@ -85,7 +85,8 @@ async def test_port_closes_when_the_controller_drops_the_model():
             try:
                 async with httpx.AsyncClient() as client:
                     await client.get(f"http://127.0.0.1:{port}/health")
-            except httpx.ConnectError:
+            # Refused, or accepted just before the listener closed and then reset.
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
                 return
             await asyncio.sleep(0.01)
         pytest.fail("the model's port stayed open after the model went away")
