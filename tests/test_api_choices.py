@@ -4,27 +4,11 @@ over the in-memory controller."""
 from __future__ import annotations
 
 import pytest
-from fake_controller import FakeController
-from fastapi.testclient import TestClient
 from test_api_unit import MODEL, assert_error, sse_payloads
 
-from warmserve.api import create_app
 from warmserve.api.choices import sample_params
 from warmserve.api.openai_schemas import SEED_MAX, SEED_MIN
-from warmserve.config import SamplingParams, ServerConfig
-
-
-@pytest.fixture
-def controller() -> FakeController:
-    return FakeController()
-
-
-@pytest.fixture
-def client(controller):
-    app = create_app(controller, ServerConfig(device="cpu"))
-    with TestClient(app, raise_server_exceptions=False) as test_client:
-        test_client.post("/admin/models", json={"name": MODEL, "path": "m"}).raise_for_status()
-        yield test_client
+from warmserve.config import SamplingParams
 
 
 def test_choices_are_prompt_major_with_derived_seeds_and_summed_usage(client, controller):

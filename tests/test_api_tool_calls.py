@@ -5,12 +5,9 @@ from scripted model output, whole and streamed."""
 from __future__ import annotations
 
 import pytest
-from fake_controller import FakeController
-from fastapi.testclient import TestClient
 from test_api_unit import MODEL, sse_payloads
 
-from warmserve.api import create_app
-from warmserve.config import ServerConfig, StructuredOutput
+from warmserve.config import StructuredOutput
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
@@ -23,19 +20,6 @@ HERMES_REPLY = [
     'call>{"name": "get_time", "arguments": {"zone": "UTC"}}',
     "</tool_call>",
 ]
-
-
-@pytest.fixture
-def controller() -> FakeController:
-    return FakeController()
-
-
-@pytest.fixture
-def client(controller):
-    app = create_app(controller, ServerConfig(device="cpu"))
-    with TestClient(app, raise_server_exceptions=False) as test_client:
-        test_client.post("/admin/models", json={"name": MODEL, "path": "m"}).raise_for_status()
-        yield test_client
 
 
 @pytest.mark.parametrize(

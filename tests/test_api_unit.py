@@ -8,7 +8,7 @@ import logging
 import math
 
 import pytest
-from fake_controller import FakeController
+from fake_controller import MODEL
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,22 +22,7 @@ from warmserve.api.openai_schemas import (
 from warmserve.api.sse import sse_event
 from warmserve.config import ServerConfig
 
-MODEL = "m"
 API_KEY = "secret"
-
-
-@pytest.fixture
-def controller() -> FakeController:
-    fake = FakeController()
-    return fake
-
-
-@pytest.fixture
-def client(controller):
-    app = create_app(controller, ServerConfig(device="cpu"))
-    with TestClient(app, raise_server_exceptions=False) as test_client:
-        test_client.post("/admin/models", json={"name": MODEL, "path": "m"}).raise_for_status()
-        yield test_client
 
 
 def sse_payloads(text: str) -> list:
