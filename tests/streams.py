@@ -90,3 +90,19 @@ async def stream_completion_async(http: httpx.AsyncClient, body: dict, on_event=
                     on_event(outcome)
     outcome.ended_at = time.monotonic()
     return outcome
+
+
+def hang_up_after_first_event(http: httpx.Client, body: dict, model: str) -> int:
+    """Streams `body`, goes away after its first event, and waits (10 s at most) for the model's
+    requests in flight to end; returns how many were left."""
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break
+    deadline = time.monotonic() + 10
+    while True:
+        models = http.get("/admin/models").json()
+        in_flight = next(m for m in models if m["name"] == model)["requests_in_flight"]
+        if in_flight == 0 or time.monotonic() >= deadline:
+            return in_flight
+        time.sleep(0.01)

@@ -6,6 +6,7 @@ import time
 
 import pytest
 from server_process import REGISTERED_MODEL, SHARED_MODEL
+from streams import hang_up_after_first_event
 from tokenizers import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -138,16 +139,6 @@ def test_client_hang_up_ends_the_generation(server, shared_model):
             "ignore_eos": True,
             "stream": True,
         }
-        with http.stream("POST", "/v1/completions", json=body) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    break
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            models = http.get("/admin/models").json()
-            in_flight = next(m for m in models if m["name"] == shared_model)["requests_in_flight"]
-            if in_flight == 0:
-                break
-            time.sleep(0.01)
+        in_flight = hang_up_after_first_event(http, body, shared_model)
     assert in_flight == 0
     assert 1 <= server.metric_samples()[generated] - before < max_tokens

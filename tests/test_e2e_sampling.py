@@ -4,12 +4,12 @@ several choices, echo, min_tokens, logit_bias, and unknown fields refused."""
 from __future__ import annotations
 
 import functools
-import time
 
 import openai
 import pytest
 import torch
 from server_process import SHARED_MODEL
+from streams import hang_up_after_first_event
 from tokenizers import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -256,17 +256,7 @@ def test_client_hang_up_ends_every_choice(server, shared_model):
         "stream": True,
     }
     with server.http() as http:
-        with http.stream("POST", "/v1/completions", json=body) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    break
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            models = http.get("/admin/models").json()
-            in_flight = next(m for m in models if m["name"] == shared_model)["requests_in_flight"]
-            if in_flight == 0:
-                break
-            time.sleep(0.01)
+        in_flight = hang_up_after_first_event(http, body, shared_model)
     assert in_flight == 0
     # Every choice stopped early: none ran to max_tokens.
     assert server.metric_samples()[generated] - before < max_tokens
