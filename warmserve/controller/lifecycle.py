@@ -39,7 +39,7 @@ from warmserve.controller.placement import (
     no_room_message,
     room_may_come,
 )
-from warmserve.controller.policies import evictable_now
+from warmserve.controller.policies import evictable_now, may_go
 from warmserve.controller.pool import WorkerPool
 from warmserve.controller.types import LoadResult
 from warmserve.loader.checkpoint import Checkpoint
@@ -158,17 +158,9 @@ class Lifecycle:
                 busy.yielding = False
 
     def _to_drain(self, rooms: list[WorkerRoom], tp: int, need: int) -> list[Deployment]:
-        """The busy models whose eviction, once idle, would make room: past their minimum
-        residency, registered and not pinned (as `evictable_now`, but busy ones too)."""
-        now = time.monotonic()
-        busy = [
-            d
-            for d in self.deployments
-            if d.may_make_room
-            and d.state == DeploymentState.LOADED
-            and now - d.loaded_at >= self.config.min_residency_s
-        ]
-        return choose_evictions(rooms, tp, need, busy)
+        """The busy models whose eviction, once idle, would make room."""
+        candidates = may_go(self.deployments, self.config.min_residency_s)
+        return choose_evictions(rooms, tp, need, candidates)
 
     async def _evict(self, victim: Deployment, for_model: str) -> None:
         if not victim.idle or self.deployments.get(victim.name) is not victim:
