@@ -237,9 +237,6 @@ class Controller:
 
     # ---- load and unload ------------------------------------------------------------------
 
-    def resolve_path(self, path: str):
-        return self.catalogue.resolve(path)
-
     async def load(
         self,
         name: str,

@@ -113,6 +113,3 @@ class Deployments:
 
     def __iter__(self):
         return iter(list(self._by_name.values()))
-
-    def values(self) -> list[Deployment]:
-        return list(self._by_name.values())
