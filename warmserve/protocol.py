@@ -21,7 +21,6 @@ class ErrorKind(enum.Enum):
     CHECKPOINT = "checkpoint"  # the checkpoint cannot be read or does not fit its architecture
     INSUFFICIENT_MEMORY = "insufficient_memory"
     INVALID = "invalid"  # the command asks for something this model or worker cannot do
-    BUSY = "busy"  # the worker cannot take this model now (a tensor-parallel group holds it)
     INTERNAL = "internal"
 
 
@@ -39,6 +38,8 @@ class WorkerArgs(msgspec.Struct, frozen=True):
     memory_release_delay_s: float  # see ServerConfig
     num_threads: int | None
     parent_pid: int
+    # Where this worker takes the steps of the tensor-parallel models it follows (PeerMessage).
+    peer_address: str
 
 
 class TensorEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -74,11 +75,16 @@ class LoadModel(msgspec.Struct, tag=True, frozen=True):
     dist_init_method: str | None  # tcp://host:port of the group's rendezvous when tp_size > 1
     # What the controller's ledger grants this model on this worker (None: whatever is free).
     memory_budget_bytes: int | None = None
+    # Every rank's peer address, by rank: the lead sends the other ranks their steps there.
+    peer_addresses: list[str] = []
 
 
 class UnloadModel(msgspec.Struct, tag=True, frozen=True):
     command_id: int
     deployment: str
+    # The model failed (a rank died or lost it): each rank drops it at once, without waiting
+    # for the lead to release the group.
+    failed: bool = False
 
 
 class AddRequest(msgspec.Struct, tag=True, frozen=True):
@@ -110,6 +116,46 @@ class Shutdown(msgspec.Struct, tag=True, frozen=True):
 WorkerCommand = (
     LoadModel | UnloadModel | AddRequest | AbortRequest | RegisterSegment | ForgetSegment | Shutdown
 )
+
+
+# ---- lead worker -> the other ranks of a tensor-parallel model -----------------------------
+# One socket from the lead to each other rank carries these in order, so a rank runs a model's
+# steps, joins its group and leaves it in the order the lead issued them.
+
+
+class StepInputs(msgspec.Struct, array_like=True):
+    """What every rank needs to run one forward: plain lists, cheap to encode."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    # Rows of input_ids whose logits score a prompt (see engine/logprobs.py); usually none.
+    prompt_rows: list[int] = []
+
+
+class JoinGroup(msgspec.Struct, tag=True, frozen=True):
+    """The lead is forming the model's group now: join it (with the rank's LoadModel)."""
+
+    deployment: str
+
+
+class RunStep(msgspec.Struct, tag=True, frozen=True):
+    deployment: str
+    inputs: StepInputs
+
+
+class LeaveGroup(msgspec.Struct, tag=True, frozen=True):
+    """The lead unloads the model: drop it and leave its group, after a barrier with the other
+    ranks, so that no rank tears the group down under another's last step. (A model that failed
+    is dropped by each rank on its own, on the server's UnloadModel.)"""
+
+    deployment: str
+
+
+PeerMessage = JoinGroup | RunStep | LeaveGroup
 
 
 # ---- worker -> server ----------------------------------------------------------------------
@@ -217,3 +263,5 @@ command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(WorkerCommand)
 event_encoder = msgspec.msgpack.Encoder()
 event_decoder = msgspec.msgpack.Decoder(WorkerEvent)
+peer_encoder = msgspec.msgpack.Encoder()
+peer_decoder = msgspec.msgpack.Decoder(PeerMessage)
