@@ -102,3 +102,35 @@ def test_a_tensor_parallel_model_serves_beside_single_worker_models(checkpoints)
     expected = {name: transformers_answers(path) for name, path in paths.items()}
     assert together == expected
     assert again == [expected["wide-llama"], expected["opt"]]
+
+
+def test_after_its_first_load_each_rank_loads_its_shard_in_one_copy(checkpoints):
+    """The first load slices the checkpoint's tensors; the ranks then write their parameters
+    into a segment of the host store, one contiguous span each in forward order, and every
+    later load copies a rank's span in one piece and binds the parameters to it."""
+    path = checkpoints["opt"]  # biases, a replicated row-parallel bias, learned positions
+
+    async def scenario(controller):
+        first = await controller.load("wide", str(path), tensor_parallel_size=2)
+        before = await answers(controller, "wide")
+        await controller.unload("wide")
+        [shards] = [segment for segment in controller.store.segments() if segment.ranks]
+        again = await controller.load("wide", str(path), tensor_parallel_size=2)
+        return first.worker_phases, again, shards, before, await answers(controller, "wide")
+
+    first_phases, again, shards, before, after = run_controller(scenario)
+    assert "copy_issue_s" not in first_phases  # tensor by tensor
+    assert again.source == "host-cache" and "copy_issue_s" in again.worker_phases  # one copy
+    assert before == after == transformers_answers(path)
+    rank0, rank1 = shards.ranks
+    assert rank0.offset == 0 and rank0.size <= rank1.offset
+    assert rank1.offset + rank1.size <= shards.size
+    names = [entry.name for entry in rank0.tensors]
+    assert names == [entry.name for entry in rank1.tensors]
+    assert names[0].endswith("embed_tokens.weight")
+    layers = [int(name.split("layers.")[1].split(".")[0]) for name in names if "layers." in name]
+    assert layers == sorted(layers) and len(set(layers)) > 1
+    for rank in (rank0, rank1):
+        ends = [entry.offset + entry.nbytes for entry in rank.tensors]
+        assert all(end <= nxt.offset for end, nxt in zip(ends, rank.tensors[1:], strict=False))
+        assert ends[-1] == rank.size

@@ -50,12 +50,24 @@ class TensorEntry(msgspec.Struct, array_like=True, frozen=True):
     nbytes: int
 
 
+class RankShard(msgspec.Struct, array_like=True, frozen=True):
+    """One tensor-parallel rank's parameters in a segment: one contiguous span, in forward order,
+    so that loading the rank is one copy."""
+
+    offset: int  # where the span starts in the segment
+    size: int
+    tensors: list[TensorEntry]  # named by parameter, offsets from the span's start
+
+
 class WeightSegment(msgspec.Struct, frozen=True):
-    """A model's weights in host shared memory, as the host weight store laid them out."""
+    """A model's weights in host shared memory, as the host weight store laid them out: the
+    checkpoint's tensors (`tensors`), or a tensor-parallel model's shards, one span per rank
+    (`ranks`)."""
 
     shm_name: str
     size: int
     tensors: list[TensorEntry]
+    ranks: list[RankShard] = []
 
 
 # ---- server -> worker ----------------------------------------------------------------------
@@ -105,6 +117,16 @@ class RegisterSegment(msgspec.Struct, tag=True, frozen=True):
     segment: WeightSegment
 
 
+class StoreShard(msgspec.Struct, tag=True, frozen=True):
+    """Write this rank's parameters of a loaded tensor-parallel model into its span of a new
+    segment (`segment.ranks[rank]`, laid out as the rank's load reply said)."""
+
+    command_id: int
+    deployment: str
+    segment: WeightSegment
+    rank: int
+
+
 class ForgetSegment(msgspec.Struct, tag=True, frozen=True):
     shm_name: str
 
@@ -114,7 +136,14 @@ class Shutdown(msgspec.Struct, tag=True, frozen=True):
 
 
 WorkerCommand = (
-    LoadModel | UnloadModel | AddRequest | AbortRequest | RegisterSegment | ForgetSegment | Shutdown
+    LoadModel
+    | UnloadModel
+    | AddRequest
+    | AbortRequest
+    | RegisterSegment
+    | StoreShard
+    | ForgetSegment
+    | Shutdown
 )
 
 
@@ -189,6 +218,9 @@ class CommandDone(msgspec.Struct, tag=True, frozen=True):
     max_model_len: int = 0
     seconds: float = 0.0
     phases: dict[str, float] = {}  # where a load's or unload's time went
+    # A tensor-parallel rank loaded from the checkpoint's tensors: how its parameters would lie
+    # in a span of their own (offsets from its start), for the store to keep them so.
+    shard: list[TensorEntry] = []
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True, frozen=True):

@@ -57,6 +57,14 @@ def current_group() -> TensorParallelGroup:
     return _building[-1]
 
 
+def set_group(model: torch.nn.Module, group: TensorParallelGroup) -> None:
+    """Points a model's layers at `group`: a kept module tree, reused for a later load of the
+    same shard, takes that load's group."""
+    for module in model.modules():
+        if isinstance(getattr(module, "group", None), TensorParallelGroup):
+            module.group = group
+
+
 def tp_world_size() -> int:
     return current_group().size
 

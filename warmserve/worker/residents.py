@@ -31,6 +31,7 @@ from warmserve.protocol import (
     RequestFailed,
     RunStep,
     StepOutputs,
+    StoreShard,
 )
 from warmserve.worker.fair_share import FairShare
 from warmserve.worker.peers import PeerLinks
@@ -173,10 +174,11 @@ class ResidentModels:
         transient = weights is None or not weights.registered
         if weights is None:
             weights = SegmentWeights(command.segment)
+        source = weights.rank_view(command.tp_rank) if command.segment.ranks else weights
         try:
             return Engine.create(
                 config,
-                weights,
+                source,
                 eos_token_ids=eos_token_ids(model_dir, config),
                 tokenizer_dir=model_dir,
                 **options,
@@ -184,6 +186,17 @@ class ResidentModels:
         finally:
             if transient and command.segment.shm_name not in segments:
                 weights.close()
+
+    def store_shard(self, command: StoreShard) -> None:
+        """Writes this rank's parameters of a loaded model into its span of a shard segment."""
+        model = self.resident.get(command.deployment)
+        if model is None:
+            raise LookupError(f"{command.deployment} is not resident")
+        weights = SegmentWeights(command.segment)
+        try:
+            model.engine.store_shard(weights.rank_view(command.rank))
+        finally:
+            weights.close()
 
     def run_step(self, message: RunStep) -> None:
         """A rank other than the lead: runs one step of the lead's."""

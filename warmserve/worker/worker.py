@@ -41,6 +41,7 @@ from warmserve.protocol import (
     RunStep,
     SegmentRegistered,
     Shutdown,
+    StoreShard,
     UnloadModel,
     WorkerArgs,
     WorkerFailed,
@@ -224,6 +225,14 @@ class Worker:
         elif isinstance(command, RegisterSegment):
             if self.memory.on_gpu:
                 threading.Thread(target=self.register, args=(command.segment,), daemon=True).start()
+        elif isinstance(command, StoreShard):
+            try:
+                self.models.store_shard(command)
+            except Exception as exc:
+                traceback.print_exc()
+                self.reply(command.command_id, error=str(exc), error_kind=ErrorKind.INTERNAL)
+            else:
+                self.reply(command.command_id)
         elif isinstance(command, ForgetSegment):
             self.forget(command.shm_name)
 
@@ -303,6 +312,10 @@ class Worker:
             model_bytes=resident.engine.footprint_bytes,
             seconds=time.perf_counter() - started,
             phases=resident.engine.load_phases,
+            # The store keeps a rank's shard once it has one: until then, each load slices.
+            shard=resident.engine.shard_layout()
+            if command.tp_size > 1 and command.segment is not None and not command.segment.ranks
+            else [],
         )
 
     def unload(self, command: UnloadModel | None, deployment: str, together: bool = True) -> None:
