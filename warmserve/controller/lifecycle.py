@@ -41,32 +41,17 @@ from warmserve.controller.placement import (
 )
 from warmserve.controller.policies import evictable_now, may_go
 from warmserve.controller.pool import WorkerPool
+from warmserve.controller.shards import shard_key, store_shards
 from warmserve.controller.types import LoadResult
 from warmserve.loader.checkpoint import Checkpoint
 from warmserve.loader.weight_store import HostWeightStore
-from warmserve.protocol import (
-    CommandDone,
-    LoadModel,
-    RegisterSegment,
-    StoreShard,
-    TensorEntry,
-    UnloadModel,
-)
+from warmserve.protocol import CommandDone, LoadModel, RegisterSegment, UnloadModel
 
 log = logging.getLogger("warmserve.controller")
 GIB = 2**30
 # How often a load waiting for room looks again even if nothing signalled (a model's minimum
 # residency running out signals nothing).
 ROOM_POLL_S = 0.1
-
-
-def shard_key(deployment: Deployment) -> str | None:
-    """The host store's key for a tensor-parallel model's per-rank shards (None for one rank):
-    shards hold the parameters in the dtype they were loaded in, sliced for that many ranks."""
-    tp = deployment.tensor_parallel_size
-    if tp == 1:
-        return None
-    return f"{deployment.path}#tp={tp},dtype={deployment.dtype}"
 
 
 class Lifecycle:
@@ -317,31 +302,10 @@ class Lifecycle:
         if failures:
             raise load_error(failures[0])
         if all(reply.shard for reply in replies):
-            await self._store_shards(deployment, [reply.shard for reply in replies])
-        return source, replies
-
-    async def _store_shards(self, deployment: Deployment, shards: list[list[TensorEntry]]) -> None:
-        """After a tensor-parallel load that sliced the checkpoint's tensors, has each rank write
-        its parameters into its span of a new segment, so that later loads are one copy per
-        rank. Best effort: without room, or if a rank fails, loads keep slicing."""
-        key = shard_key(deployment)
-        segment = await asyncio.to_thread(self.store.begin_shards, key, shards)
-        if segment is None:
-            return
-        written = False
-        try:
-            replies = await self.channel.command(
-                deployment.handles,
-                lambda rank, command_id: StoreShard(command_id, deployment.id, segment, rank),
+            await store_shards(
+                self.store, self.channel, self.pool, deployment, [r.shard for r in replies]
             )
-            written = all(isinstance(r, CommandDone) and not r.error for r in replies)
-            if not written:
-                log.warning("the ranks of %s did not store their shards: %s", key, replies)
-        finally:
-            self.store.finish_shards(key, written)
-            self.store.release(key)
-        if written:
-            self.pool.broadcast(RegisterSegment(segment))
+        return source, replies
 
     # ---- unload and failure ---------------------------------------------------------------
 

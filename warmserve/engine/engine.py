@@ -14,25 +14,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from warmserve.config import DTYPE_ITEMSIZE, EngineConfig, SamplingParams
-from warmserve.engine.arena import (
-    bindable,
-    default_dtype,
-    model_on_arena,
-    shard_layout,
-    store_shard,
-)
+from warmserve.engine.arena import bindable, default_dtype, model_on_arena
 from warmserve.engine.block_manager import BlockManager
 from warmserve.engine.model_runner import ModelRunner
 from warmserve.engine.scheduler import Scheduler, SchedulerLimits
 from warmserve.engine.sequence import Sequence
 from warmserve.engine.skeletons import SKELETONS, Skeleton
-from warmserve.layers.parallel import (
-    SINGLE,
-    TensorParallelGroup,
-    building,
-    tp_rank,
-    tp_world_size,
-)
+from warmserve.layers import parallel
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_json
 from warmserve.loader.gguf_tokenizer import tokenizer_json
 from warmserve.loader.segment_weights import SegmentWeights
@@ -41,7 +29,7 @@ from warmserve.models.config import ModelConfig
 from warmserve.models.memory_plan import kv_block_bytes, plan_memory
 from warmserve.models.registry import model_class
 from warmserve.models.weights import WeightLoadError, parameter_slots
-from warmserve.protocol import StepInputs, TensorEntry, TokenOutput
+from warmserve.protocol import StepInputs, TokenOutput
 
 if TYPE_CHECKING:
     from warmserve.engine.structured_output import StructuredOutputs
@@ -112,7 +100,7 @@ class Engine:
         memory_budget_bytes: int | None = None,
         eos_token_ids: Iterable[int] = (),
         tokenizer_dir: Path | None = None,
-        group: TensorParallelGroup = SINGLE,
+        group: parallel.TensorParallelGroup = parallel.SINGLE,
         send_step: Callable[[StepInputs], None] | None = None,
     ) -> Engine:
         """Builds the model on `device` with `weights` (checkpoint tensors, a host-store segment,
@@ -121,7 +109,7 @@ class Engine:
         needs. A tensor-parallel rank builds its shard for `group`; the lead sends each step to
         the other ranks with `send_step`."""
         try:
-            with building(group):
+            with parallel.building(group):
                 engine = cls._build(
                     raw_config,
                     weights,
@@ -169,8 +157,8 @@ class Engine:
                 architecture.__name__,
                 json.dumps(raw_config, sort_keys=True),
                 str(torch_dtype),
-                tp_rank(),
-                tp_world_size(),
+                parallel.tp_rank(),
+                parallel.tp_world_size(),
             )
             skeleton, weights_ready = model_on_arena(
                 architecture, config, weights, device, torch_dtype, skeleton_key, phases
@@ -383,14 +371,6 @@ class Engine:
             if seq.finish_reason is not None:
                 self._forget(seq.request_id)
         return outputs
-
-    def shard_layout(self) -> list[TensorEntry]:
-        """How this rank's parameters would lie in a span of the host store of their own."""
-        return shard_layout(self.runner.model)
-
-    def store_shard(self, span: SegmentWeights) -> None:
-        """Writes this rank's parameters into its span (laid out as `shard_layout` said)."""
-        store_shard(self.runner.model, span)
 
     def follow_step(self, inputs: StepInputs) -> None:
         """Non-lead tensor-parallel ranks: one step of the lead's."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from warmserve.engine.arena import shard_layout, store_shard
 from warmserve.engine.engine import Engine, InsufficientMemory, RequestRejected, eos_token_ids
 from warmserve.engine.tensor_parallel import DeploymentGroup
 from warmserve.loader.checkpoint import CheckpointError, read_model_config
@@ -32,6 +33,7 @@ from warmserve.protocol import (
     RunStep,
     StepOutputs,
     StoreShard,
+    TensorEntry,
 )
 from warmserve.worker.fair_share import FairShare
 from warmserve.worker.peers import PeerLinks
@@ -194,9 +196,13 @@ class ResidentModels:
             raise LookupError(f"{command.deployment} is not resident")
         weights = SegmentWeights(command.segment)
         try:
-            model.engine.store_shard(weights.rank_view(command.rank))
+            store_shard(model.engine.runner.model, weights.rank_view(command.rank))
         finally:
             weights.close()
+
+    def shard_layout(self, deployment: str) -> list[TensorEntry]:
+        """How a rank's parameters would lie in a span of the host store of their own."""
+        return shard_layout(self.resident[deployment].engine.runner.model)
 
     def run_step(self, message: RunStep) -> None:
         """A rank other than the lead: runs one step of the lead's."""

@@ -313,7 +313,7 @@ class Worker:
             seconds=time.perf_counter() - started,
             phases=resident.engine.load_phases,
             # The store keeps a rank's shard once it has one: until then, each load slices.
-            shard=resident.engine.shard_layout()
+            shard=self.models.shard_layout(command.deployment)
             if command.tp_size > 1 and command.segment is not None and not command.segment.ranks
             else [],
         )
