@@ -195,12 +195,16 @@ class Engine:
             max_model_len=max_model_len,
             budget_bytes=memory_budget_bytes,
         )
-        if memory.num_blocks < 1:
+        # Every rank's cache must hold the block ids that the lead's scheduler hands out, and
+        # the ranks agree before any of them may refuse, or the others would wait for it.
+        group = parallel.current_group()
+        num_blocks = group.smallest(memory.num_blocks)
+        limit = group.smallest(memory.max_model_len)
+        if num_blocks < 1:
             raise InsufficientMemory(
                 f"no memory left for the KV cache: weights take {weights_bytes / 2**20:.0f} MiB "
                 f"of a {(memory_budget_bytes or 0) / 2**20:.0f} MiB budget"
             )
-        num_blocks, limit = memory.num_blocks, memory.max_model_len
         runner = ModelRunner(
             model,
             device,

@@ -39,7 +39,7 @@ class DeploymentGroup:
             process_group = dist.ProcessGroupNCCL(store, rank, size, options)
         else:
             process_group = dist.ProcessGroupGloo(store, rank, size, COLLECTIVE_TIMEOUT)
-        group = TensorParallelGroup(rank, size, process_group)
+        group = TensorParallelGroup(rank, size, process_group, device)
         # Creates the NCCL communicator now (it is made lazily, by the first collective).
         group.all_reduce(torch.zeros(1, device=device))
         return cls(group, store)

@@ -11,16 +11,19 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 
 
 class TensorParallelGroup:
     """This rank's place in one deployment's group, and the group's collectives (no-ops alone).
-    `process_group` is a torch ProcessGroup built on the deployment's own store."""
+    `process_group` is a torch ProcessGroup built on the deployment's own store; `device` is
+    where its collectives' tensors live."""
 
-    def __init__(self, rank: int = 0, size: int = 1, process_group=None):
+    def __init__(self, rank: int = 0, size: int = 1, process_group=None, device="cpu"):
         self.rank = rank
         self.size = size
         self.process_group = process_group
+        self.device = torch.device(device)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -33,6 +36,17 @@ class TensorParallelGroup:
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
         self.process_group.allgather([parts], [tensor.contiguous()]).wait()
         return torch.cat(parts, dim=-1)
+
+    def smallest(self, value: int) -> int:
+        """The smallest of every rank's `value`: what the ranks size alike (the KV cache) when
+        each had its own figure (the memory free on its worker)."""
+        if self.size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.long, device=self.device)
+        options = dist.AllreduceOptions()
+        options.reduceOp = dist.ReduceOp.MIN
+        self.process_group.allreduce([tensor], options).wait()
+        return int(tensor.item())
 
     def barrier(self) -> None:
         if self.size > 1:
