@@ -16,8 +16,9 @@ from warmserve.layers.parallel import TensorParallelGroup
 
 # The other ranks join while they may still be finishing a step of another model.
 RENDEZVOUS_TIMEOUT = timedelta(minutes=5)
-# A collective waits for the slowest rank, which may be stepping another model first.
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# A collective waits for the slowest rank, which may first finish a step of another model or a
+# load from disk (synchronous, a minute for a large checkpoint on a slow disk).
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 class DeploymentGroup:

@@ -1,8 +1,12 @@
 """The sockets between the ranks of tensor-parallel models: each worker takes the messages of
 the leads it follows on one socket (its peer address), and a lead keeps one socket to each worker
-it sends to. ZeroMQ keeps each sender's messages in order, and msgspec encodes them (no pickling);
-the worker's loop polls the inbox with its commands, so a rank between two steps of one model
-serves its other models.
+it sends to. ZeroMQ keeps each sender's messages in order, and msgspec encodes them (no pickling).
+
+Why sockets rather than a tensor broadcast over the model's group: a broadcast is a collective,
+so a rank would have to sit in it waiting for the next step and could serve nothing else; the
+worker's loop polls this inbox with its commands instead, so a rank between two steps of one
+model serves its other models. And one ordered channel from the lead carries the group's
+formation and release as well as its steps, which a collective over the group itself cannot.
 """
 
 from __future__ import annotations

@@ -130,11 +130,14 @@ class ResidentModels:
         group = None
         followers = tuple(command.peer_addresses[1:]) if command.tp_rank == 0 else ()
         try:
+            started = time.perf_counter()
             if command.tp_size > 1:
                 group = DeploymentGroup.form(
                     command.dist_init_method, command.tp_rank, command.tp_size, self.device
                 )
+            formed = time.perf_counter() - started
             engine = self._build_engine(command, budget_bytes, segments, group, followers)
+            engine.load_phases["group_s"] = formed
         except Exception as exc:
             if group is not None:
                 group.close(barrier=False)
