@@ -55,7 +55,7 @@ def worker_devices(device: str, workers: int | None) -> list[str]:
 
 def worker_args_factory(
     config: ServerConfig, devices: list[str]
-) -> Callable[[int, str, str, str], WorkerArgs]:
+) -> Callable[[int, str, str, str, str], WorkerArgs]:
     """Builds each worker's start-up arguments from the server's configuration."""
     on_cpu = devices[0] == "cpu"
     threads = default_num_threads(len(devices)) if on_cpu else None
@@ -63,7 +63,7 @@ def worker_args_factory(
     if memory_gb is None and on_cpu:
         memory_gb = CPU_WORKER_MEMORY_GB
 
-    def worker_args(worker_id, device, command_address, event_address) -> WorkerArgs:
+    def worker_args(worker_id, device, command_address, event_address, peer_address) -> WorkerArgs:
         return WorkerArgs(
             worker_id=worker_id,
             device=device,
@@ -74,6 +74,7 @@ def worker_args_factory(
             memory_release_delay_s=config.memory_release_delay_s,
             num_threads=threads,
             parent_pid=os.getpid(),
+            peer_address=peer_address,
         )
 
     return worker_args

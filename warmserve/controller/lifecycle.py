@@ -41,6 +41,7 @@ from warmserve.controller.placement import (
 )
 from warmserve.controller.policies import evictable_now, may_go
 from warmserve.controller.pool import WorkerPool
+from warmserve.controller.shards import shard_key, store_shards
 from warmserve.controller.types import LoadResult
 from warmserve.loader.checkpoint import Checkpoint
 from warmserve.loader.weight_store import HostWeightStore
@@ -209,7 +210,7 @@ class Lifecycle:
             if deployment.state == DeploymentState.FAILED:  # a rank lost it meanwhile
                 raise ModelUnavailable(f"model {name!r} failed while loading: {deployment.error}")
         except BaseException as exc:
-            await self._release_workers(deployment)
+            await self._release_workers(deployment, failed=True)
             self._remove(deployment)
             deployment.state, deployment.error = DeploymentState.FAILED, str(exc)
             deployment.settled.set()
@@ -249,8 +250,11 @@ class Lifecycle:
             raise ModelExists(f"model {name!r} is already {existing.state.value}")
 
     async def _load_on_workers(self, deployment: Deployment, checkpoint: Checkpoint):
-        key = deployment.path
-        segment = self.store.acquire(key)
+        key = shard_key(deployment)
+        segment = self.store.acquire(key) if key is not None else None
+        if segment is None:
+            key = deployment.path
+            segment = self.store.acquire(key)
         source = "host-cache"
         filling = None
         if segment is None:
@@ -279,6 +283,9 @@ class Lifecycle:
                 tp_size=tp,
                 dist_init_method=init_method,
                 memory_budget_bytes=self.ledger.held(deployment.handles[rank].id, deployment.id),
+                peer_addresses=[handle.peer_address for handle in deployment.handles]
+                if tp > 1
+                else [],
             )
 
         try:
@@ -294,6 +301,10 @@ class Lifecycle:
         failures = [reply for reply in replies if not isinstance(reply, CommandDone) or reply.error]
         if failures:
             raise load_error(failures[0])
+        if all(reply.shard for reply in replies):
+            await store_shards(
+                self.store, self.channel, self.pool, deployment, [r.shard for r in replies]
+            )
         return source, replies
 
     # ---- unload and failure ---------------------------------------------------------------
@@ -327,8 +338,9 @@ class Lifecycle:
         while deployment.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
-    async def _release_workers(self, deployment: Deployment) -> None:
-        """Has each of the deployment's workers drop it, once, and frees its ledger holdings."""
+    async def _release_workers(self, deployment: Deployment, failed: bool = False) -> None:
+        """Has each of the deployment's workers drop it, once, and frees its ledger holdings.
+        `failed`: a load that failed, whose ranks may not all have joined its group."""
         if deployment.workers_released:
             return
         deployment.workers_released = True
@@ -336,7 +348,8 @@ class Lifecycle:
         if owned:
             with contextlib.suppress(ControllerError):
                 replies = await self.channel.command(
-                    owned, lambda rank, command_id: UnloadModel(command_id, deployment.id)
+                    owned,
+                    lambda rank, command_id: UnloadModel(command_id, deployment.id, failed),
                 )
                 lead = replies[0]
                 if isinstance(lead, CommandDone):
@@ -353,11 +366,12 @@ class Lifecycle:
         log.error("model %s failed: %s", deployment.name, reason)
         if deployment.client is not None:
             deployment.client.fail_all(f"model {deployment.name!r} failed: {reason}")
+        # The surviving ranks drop their shard, each on its own (commands to one worker run in
+        # order); also during an unload, whose ranks would wait for a lead that may be gone.
+        for handle in self.owned_handles(deployment):
+            self.pool.send_to(handle, UnloadModel(self.channel.next_id(), deployment.id, True))
         if not deployment.workers_released:
             deployment.workers_released = True
-            for handle in self.owned_handles(deployment):
-                # The surviving ranks drop their shard; commands to one worker run in order.
-                self.pool.send_to(handle, UnloadModel(self.channel.next_id(), deployment.id))
             for handle in deployment.handles:
                 self.ledger.release(handle.id, deployment.id)
         deployment.settled.set()

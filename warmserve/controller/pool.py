@@ -45,6 +45,7 @@ class WorkerHandle:
     device: str
     process: multiprocessing.Process | None = None
     socket: zmq.Socket | None = None
+    peer_address: str = ""  # see WorkerArgs.peer_address
     pid: int | None = None
     state: str = "starting"  # starting | ready | dead
     memory_total_bytes: int = 0
@@ -67,6 +68,10 @@ class LocalLauncher:
 
     def command_address(self, worker_id: int, generation: int) -> str:
         return f"ipc://{self.socket_dir}/worker-{worker_id}-{generation}"
+
+    def peer_address(self, worker_id: int, generation: int) -> str:
+        """Where the worker takes the steps of the tensor-parallel models it follows."""
+        return f"ipc://{self.socket_dir}/peer-{worker_id}-{generation}"
 
     def launch(self, args: WorkerArgs) -> multiprocessing.Process:
         process = self.context.Process(
@@ -95,7 +100,7 @@ class WorkerPool:
     def __init__(
         self,
         devices: list[str],
-        worker_args: Callable[[int, str, str, str], WorkerArgs],
+        worker_args: Callable[[int, str, str, str, str], WorkerArgs],
         on_event: Callable[[object], None],
         on_death: Callable[[int, bool], None],
         instance: str,
@@ -149,7 +154,10 @@ class WorkerPool:
         handle.socket = self.context.socket(zmq.PUSH)
         handle.socket.setsockopt(zmq.LINGER, 0)
         handle.socket.bind(address)
-        args = self.worker_args(worker_id, handle.device, address, self.launcher.event_address())
+        handle.peer_address = self.launcher.peer_address(worker_id, self.generations[worker_id])
+        args = self.worker_args(
+            worker_id, handle.device, address, self.launcher.event_address(), handle.peer_address
+        )
         handle.process = self.launcher.launch(args)
         handle.pid = handle.process.pid
         self.handles[worker_id] = handle
