@@ -27,7 +27,9 @@ def make_engine(path, max_model_len: int = 256, **engine_config) -> Engine:
     )
     # A new cache holds whatever its memory held before; NaN makes any read of a slot that was
     # never written show up in the outputs.
-    engine.runner.kv_cache.fill_(float("nan"))
+    for k_cache, v_cache in engine.kv_region.layer_caches:
+        k_cache.fill_(float("nan"))
+        v_cache.fill_(float("nan"))
     return engine
 
 

@@ -147,11 +147,11 @@ def test_the_newest_sequence_is_preempted_when_blocks_run_out_and_recomputed_lat
     assert list(scheduler.waiting) == [newer]
     scheduler.finish_step(batch, [EOS])  # older finishes and frees its blocks
 
-    # Recomputed with the generated tokens it keeps. Its prompt block is still in the prefix
-    # cache; its block of generated tokens went to older for the ninth token.
+    # Recomputed with the generated tokens it keeps, all of them: older took the lowest free
+    # block for its ninth token, which was newer's prompt block (no longer in the cache).
     assert scheduler.schedule() == [newer]
     assert newer.output_token_ids == [FILLER] * 5
-    assert (newer.num_computed_tokens, newer.num_new_tokens) == (4, 5)
+    assert (newer.num_computed_tokens, newer.num_new_tokens) == (0, 9)
 
 
 def test_a_lone_sequence_that_outgrows_the_cache_is_preempted_not_failed():
