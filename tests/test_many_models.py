@@ -17,8 +17,8 @@ from warmserve.controller.errors import Overloaded, QueueTimeout
 from warmserve.controller.tokenizer import ModelTokenizer
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-# qwen3 (45 MB) and opt (45 MB) fit together in this worker; llama (28 MB) then does not.
-TWO_MODELS_GB = 0.086
+# Two of the tiny models (about 12 MB each) fit together in this worker; a third does not.
+TWO_MODELS_GB = 0.028
 
 
 def registry(tmp_path, checkpoints, names) -> str:

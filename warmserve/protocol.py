@@ -202,6 +202,21 @@ class MemoryReleased(msgspec.Struct, tag=True, frozen=True):
     memory_free_bytes: int
 
 
+class ModelKV(msgspec.Struct, array_like=True, frozen=True):
+    mapped_bytes: int  # pages of the worker's KV pool mapped into the model's cache
+    used_bytes: int  # blocks that sequences hold (cached prefixes not counted)
+
+
+class KVUsage(msgspec.Struct, tag=True, frozen=True):
+    """The worker's KV pool now, sent when it changed (at most a few times a second): each
+    resident model's cache, what the pool may still map, and what is free for another model."""
+
+    worker_id: int
+    pool_free_bytes: int
+    memory_free_bytes: int
+    models: dict[str, ModelKV]  # deployment id -> its cache
+
+
 WorkerEvent = (
     WorkerReady
     | WorkerFailed
@@ -211,6 +226,7 @@ WorkerEvent = (
     | ModelLost
     | SegmentRegistered
     | MemoryReleased
+    | KVUsage
 )
 
 command_encoder = msgspec.msgpack.Encoder()

@@ -71,6 +71,7 @@ class Engine:
         self.activation_bytes = 0  # kept free for a step's activations (part of the footprint)
         self.kv_pool: KVPool | None = None
         self.kv_owner: object = None  # the pool's claim for the weights and activations
+        self.owns_kv_pool = False  # a pool of its own (built alone, not in a worker)
         self.max_model_len = scheduler.limits.max_model_len
         self.generators: dict[str, torch.Generator] = {}
         self.sequences: dict[str, Sequence] = {}
@@ -199,6 +200,7 @@ class Engine:
                 f"no memory left for the KV cache: weights take {weights_bytes / 2**20:.0f} MiB "
                 f"of a {(memory_budget_bytes or 0) / 2**20:.0f} MiB budget"
             )
+        owns_kv_pool = kv_pool is None
         if kv_pool is None:
             kv_pool = KVPool.for_device(device, memory_budget_bytes)
         kv_owner = kv_owner if kv_owner is not None else object()
@@ -239,6 +241,7 @@ class Engine:
         engine = cls(config, runner, scheduler, weights_bytes)
         engine.activation_bytes = memory.activation_bytes
         engine.kv_pool, engine.kv_owner = kv_pool, kv_owner
+        engine.owns_kv_pool = owns_kv_pool
         engine.skeleton_key, engine.skeleton = skeleton_key, skeleton
         engine.weights_ready = weights_ready
         engine.load_phases = {
@@ -407,6 +410,8 @@ class Engine:
         self.runner.close()
         if self.kv_pool is not None:
             self.kv_pool.drop_claim(self.kv_owner)
+            if self.owns_kv_pool:  # nobody else maps its pages: the driver gets them
+                self.kv_pool.release_all_idle()
         if self.skeleton is not None:
             SKELETONS.keep(self.skeleton_key, self.skeleton)
             self.skeleton = None

@@ -119,12 +119,32 @@ class DeviceReservingPages(cuda_vmm.DevicePages):
         return DeviceReservation(self, nbytes)
 
 
+class AllocatedReservation(HostReservation):
+    """A GPU without virtual memory management: the whole range is allocated up front, and
+    the pool's pages are accounting only."""
+
+    def __init__(self, nbytes: int, device: torch.device):
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def unmap(self, offset: int, num_pages: int) -> None:
+        """The memory stays allocated until the model goes."""
+
+
+class AllocatingPages(HostPages):
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    def reserve(self, nbytes: int) -> AllocatedReservation:  # type: ignore[override]
+        return AllocatedReservation(nbytes, self.device)
+
+
 def pages_for(device: torch.device) -> Pages:
-    if device.type == "cuda" and cuda_vmm.available(device):
+    if device.type != "cuda":
+        return HostPages()
+    if cuda_vmm.available(device):
         return DeviceReservingPages(device)
-    if device.type == "cuda":
-        raise InsufficientMemory(f"{device} has no virtual memory management for the KV pool")
-    return HostPages()
+    return AllocatingPages(device)
 
 
 class KVPool:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from warmserve.engine.engine import Engine, InsufficientMemory, RequestRejected, eos_token_ids
+from warmserve.engine.kv_pool import KVPool
 from warmserve.loader.checkpoint import CheckpointError, read_model_config
 from warmserve.loader.segment_weights import SegmentWeights
 from warmserve.models.weights import WeightLoadError
@@ -54,8 +55,8 @@ class ResidentModels:
         self.resident: dict[str, Resident] = {}
         self.fair_share = FairShare()
 
-    def footprint_bytes(self) -> int:
-        return sum(model.engine.footprint_bytes for model in self.resident.values())
+    def engines(self) -> dict[str, Engine]:
+        return {key: model.engine for key, model in self.resident.items()}
 
     def busy(self) -> list[str]:
         return [
@@ -108,9 +109,15 @@ class ResidentModels:
     # ---- load and drop --------------------------------------------------------------------
 
     def load(
-        self, command: LoadModel, budget_bytes: int, segments: dict[str, SegmentWeights]
+        self,
+        command: LoadModel,
+        budget_bytes: int,
+        segments: dict[str, SegmentWeights],
+        kv_pool: KVPool,
     ) -> Resident:
-        """Builds the model; refusals and failures leave nothing behind and raise LoadRefused."""
+        """Builds the model, its KV cache a region of `kv_pool`, its cache at most what
+        `budget_bytes` leaves after its weights; refusals and failures leave nothing behind
+        and raise LoadRefused."""
         if command.deployment in self.resident:
             raise LoadRefused(f"{command.deployment} is already resident", ErrorKind.INVALID)
         in_group = [m.deployment for m in self.resident.values() if m.tp_size > 1]
@@ -131,7 +138,7 @@ class ResidentModels:
                     timeout=GROUP_TIMEOUT,
                     device_id=self.device if self.device.type == "cuda" else None,
                 )
-            engine = self._build_engine(command, budget_bytes, segments)
+            engine = self._build_engine(command, budget_bytes, segments, kv_pool)
         except Exception as exc:
             self._leave_group()
             gc.collect()  # a failed build may leave tensors in the traceback's frames
@@ -142,7 +149,11 @@ class ResidentModels:
         return model
 
     def _build_engine(
-        self, command: LoadModel, budget_bytes: int, segments: dict[str, SegmentWeights]
+        self,
+        command: LoadModel,
+        budget_bytes: int,
+        segments: dict[str, SegmentWeights],
+        kv_pool: KVPool,
     ) -> Engine:
         options = dict(
             device=self.device,
@@ -150,6 +161,8 @@ class ResidentModels:
             max_model_len=command.max_model_len,
             engine_config=command.engine,
             memory_budget_bytes=budget_bytes,
+            kv_pool=kv_pool,
+            kv_owner=command.deployment,
         )
         if command.segment is None:
             return Engine.from_checkpoint(command.model_dir, **options)
