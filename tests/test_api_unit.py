@@ -343,7 +343,15 @@ def test_models_and_admin_listings(client):
     assert client.get("/admin/models").json()[0]["name"] == MODEL
     workers = client.get("/admin/workers").json()
     assert {"id", "pid", "device", "state", "models", "memory_free_bytes"} <= set(workers[0])
-    assert workers[0]["models"] == [{"name": MODEL, "memory_bytes": 1 << 30, "state": "loaded"}]
+    assert workers[0]["models"] == [
+        {
+            "name": MODEL,
+            "memory_bytes": 1 << 30,
+            "state": "loaded",
+            "kv_mapped_bytes": 0,
+            "kv_used_bytes": 0,
+        }
+    ]
 
 
 def test_metrics_count_requests_tokens_swaps_and_pool(client, controller):
