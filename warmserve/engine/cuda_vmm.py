@@ -71,6 +71,7 @@ def available(device: torch.device) -> bool:
     """Whether the device supports virtual memory management (and the driver is reachable)."""
     if device.type != "cuda":
         return False
+    torch.cuda.init()  # the driver is initialised with the runtime
     try:
         attribute = ctypes.c_int()
         # CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED = 102
@@ -88,7 +89,9 @@ class DevicePages:
     """Physical pages of one device and the calls that map them into reserved ranges."""
 
     def __init__(self, device: torch.device):
-        torch.cuda.init()  # the driver calls need the context torch makes current
+        # The driver calls act on the current context: the primary one, which the runtime
+        # creates and makes current with its first allocation on the device.
+        torch.zeros(1, device=device)
         self.device = device
         self.prop = _AllocationProp()
         self.prop.type = CU_MEM_ALLOCATION_TYPE_PINNED
@@ -107,7 +110,10 @@ class DevicePages:
         """A new physical page, or None when the device has no memory for one."""
         handle = ctypes.c_ulonglong()
         code = _driver().cuMemCreate(
-            ctypes.byref(handle), ctypes.c_size_t(self.page_bytes), ctypes.byref(self.prop), 0
+            ctypes.byref(handle),
+            ctypes.c_size_t(self.page_bytes),
+            ctypes.byref(self.prop),
+            ctypes.c_ulonglong(0),
         )
         if code == CUDA_ERROR_OUT_OF_MEMORY:
             return None

@@ -227,9 +227,7 @@ class Engine:
             kv_pool.drop_claim(kv_owner)
             raise
         limit = memory.max_model_len
-        runner = ModelRunner(
-            model, device, block_size, region, engine_config.max_num_seqs, limit
-        )
+        runner = ModelRunner(model, device, block_size, region, engine_config.max_num_seqs, limit)
         limits = SchedulerLimits(
             max_num_seqs=engine_config.max_num_seqs,
             max_num_batched_tokens=engine_config.max_num_batched_tokens,

@@ -107,7 +107,9 @@ class KVRegion:
         return rows * self.num_ranges * self.pool.page_bytes
 
     def _rows_for(self, blocks: int) -> int:
-        return min(self.scratch_row, _ceil_div(blocks * self.range_block_bytes, self.pool.page_bytes))
+        return min(
+            self.scratch_row, _ceil_div(blocks * self.range_block_bytes, self.pool.page_bytes)
+        )
 
     # ---- growing and shrinking ------------------------------------------------------------
 
