@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -149,10 +150,17 @@ def pages_for(device: torch.device) -> Pages:
 
 class KVPool:
     def __init__(
-        self, pages: Pages, usable_bytes: int | None = None, min_grow_bytes: int = MIN_GROW_BYTES
+        self,
+        pages: Pages,
+        usable_bytes: int | None = None,
+        min_grow_bytes: int = MIN_GROW_BYTES,
+        device_room: Callable[[], int] | None = None,
     ):
-        """`usable_bytes` None: no limit but the device's own (an engine built alone)."""
+        """`usable_bytes` None: no limit but the device's own (an engine built alone).
+        `device_room()` is what the device may still give (the driver's free memory less what
+        warmserve leaves to others): new pages never eat into the rest."""
         self.pages = pages
+        self.device_room = device_room
         self.page_bytes = pages.page_bytes
         self.usable_bytes = usable_bytes
         self.min_grow_bytes = min_grow_bytes
@@ -162,8 +170,13 @@ class KVPool:
         self.regions: list[KVRegion] = []
 
     @classmethod
-    def for_device(cls, device: torch.device, usable_bytes: int | None = None) -> KVPool:
-        return cls(pages_for(device), usable_bytes)
+    def for_device(
+        cls,
+        device: torch.device,
+        usable_bytes: int | None = None,
+        device_room: Callable[[], int] | None = None,
+    ) -> KVPool:
+        return cls(pages_for(device), usable_bytes, device_room=device_room)
 
     # ---- what the pool may hold -----------------------------------------------------------
 
@@ -230,6 +243,9 @@ class KVPool:
             self._reclaim(self.mapped_pages + count - limit, requester)
             if self.mapped_pages + count > limit:
                 return None
+        new_bytes = (count - len(self.idle)) * self.page_bytes
+        if new_bytes > 0 and self.device_room is not None and self.device_room() < new_bytes:
+            return None
         handles = [self.idle.pop() for _ in range(min(count, len(self.idle)))]
         while len(handles) < count:
             handle = self.pages.create()

@@ -63,6 +63,12 @@ class DeviceMemory:
         measured = int(free + cached + reclaimable_bytes - (1.0 - self.utilization) * total)
         return max(0, min(ledger, measured))
 
+    def room(self) -> int:
+        """What the driver may still give this worker: its free memory less the share of the
+        GPU warmserve leaves to others."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(free - (1.0 - self.utilization) * total)
+
     def release(self, keep_nothing: bool) -> None:
         """Hands the caching allocator's unused memory to the driver (cuBLAS workspaces too when
         no model is resident)."""

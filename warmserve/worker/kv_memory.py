@@ -29,7 +29,8 @@ class KVMemory:
 
     def start(self) -> None:
         """After the warm-up: the pool takes what no model uses."""
-        self.pool = KVPool.for_device(self.memory.device, self.memory.usable())
+        room = self.memory.room if self.memory.on_gpu else None
+        self.pool = KVPool.for_device(self.memory.device, self.memory.usable(), room)
 
     # ---- loads ----------------------------------------------------------------------------
 

@@ -148,9 +148,12 @@ class Worker:
         return max(0, min(IDLE_POLL_MS, int((self.release_due - time.monotonic()) * 1000) + 1))
 
     def release_memory(self) -> None:
-        """Hands the caching allocator's unused device memory to the driver (all of it when no
-        model is resident), and tells the controller what the worker holds now."""
+        """Hands the caching allocator's unused device memory to the driver (all of it, and the
+        KV pool's idle pages, when no model is resident), and tells the controller what the
+        worker holds now."""
         self.release_due = None
+        if not self.models.resident:  # no cache left to grow: the pool's pages go too
+            self.kv.pool.release_all_idle()
         self.memory.release(keep_nothing=not self.models.resident)
         self.send(
             MemoryReleased(
