@@ -234,7 +234,10 @@ class Engine:
             max_model_len=limit,
         )
         block_manager = BlockManager(region.num_blocks, block_size, grow=region.grow)
-        region.block_manager = block_manager
+        if runner.is_lead:
+            region.block_manager = block_manager
+        # else: the lead's block manager decides which blocks hold data; without one of its own
+        # the region never gives up a page (it grows when the lead's steps say so).
         scheduler = Scheduler(limits, block_manager, eos_token_ids)
         engine = cls(config, runner, scheduler, weights_bytes)
         engine.activation_bytes = memory.activation_bytes
