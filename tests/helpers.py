@@ -68,8 +68,9 @@ def random_prompts(lengths, vocab_size: int = 512, seed: int = 0) -> list[list[i
 
 def assert_all_blocks_free(engine: Engine) -> None:
     manager = engine.scheduler.block_manager
-    assert manager.num_free_blocks == manager.num_blocks
-    assert all(block.ref_count == 0 for block in manager.blocks)
+    assert manager.num_used_blocks == 0
+    assert manager.num_free_blocks == manager.num_blocks - manager.num_scratch_blocks
+    assert all(block.ref_count == 0 for block in manager.blocks[manager.num_scratch_blocks :])
 
 
 @dataclass(frozen=True)

@@ -176,9 +176,10 @@ class EngineConfig:
     # KV pool as the model needs blocks, up to what the other models leave free.
     kv_cache_bytes: int | None = None
     # The KV cache a model always keeps (and placement counts in its footprint): this many
-    # tokens, or its whole context if shorter. 8,192 tokens of an 8B model is 1 GiB, so eight
-    # such models fit on one 141 GB GPU beside their weights.
-    min_kv_tokens: int = 8192
+    # tokens, or its whole context if shorter; a request this long always runs. 4,096 tokens of
+    # an 8B model is 512 MiB, so eight such models fit on one H200 beside their weights (at
+    # --gpu-memory-utilization 0.92).
+    min_kv_tokens: int = 4096
 
 
 CPU_WORKER_MEMORY_GB = 4.0

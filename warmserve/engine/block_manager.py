@@ -21,6 +21,9 @@ from collections.abc import Callable
 from warmserve.engine.sequence import Sequence
 
 NO_HASH = -1
+# With `scratch_block`, block 0 is never handed out: padded rows of a CUDA-graph batch write into
+# it, and it lies in the first page row, which the cache always keeps.
+SCRATCH_BLOCK = 0
 
 
 class Block:
@@ -44,6 +47,7 @@ class BlockManager:
         block_size: int,
         enable_prefix_caching: bool = True,
         grow: Callable[[int], int] | None = None,
+        scratch_block: bool = False,
     ):
         """`grow(blocks_missing)` asks for at least that many more blocks and returns the new
         block count (the old one when none could be had)."""
@@ -60,6 +64,10 @@ class BlockManager:
         self.freed_heap: list[int] = []
         self.freed: set[int] = set()
         self.hash_to_block: dict[int, int] = {}
+        self.num_scratch_blocks = 0
+        if scratch_block:  # held for good, by no sequence
+            self._take_free_block()
+            self.num_scratch_blocks = 1
 
     @property
     def num_free_blocks(self) -> int:
@@ -67,7 +75,8 @@ class BlockManager:
 
     @property
     def num_used_blocks(self) -> int:
-        return len(self.blocks) - len(self.freed)
+        """Blocks that sequences hold."""
+        return len(self.blocks) - len(self.freed) - self.num_scratch_blocks
 
     def ensure_free(self, count: int) -> bool:
         """Whether `count` blocks are free, growing the cache first if they are not."""

@@ -211,6 +211,7 @@ class Engine:
                 f"{(weights_bytes + memory.activation_bytes) / 2**20:.0f} MiB of weights and "
                 "activations"
             )
+        region = None
         try:
             region = KVRegion(
                 kv_pool,
@@ -219,21 +220,28 @@ class Engine:
                 num_kv_heads=attention.num_kv_heads,
                 head_dim=attention.head_dim,
                 dtype=torch_dtype,
-                max_blocks=memory.max_blocks,
-                min_blocks=max(1, memory.min_blocks),
+                # One block more than the plan's: the scratch block.
+                max_blocks=memory.max_blocks + 1,
+                min_blocks=memory.min_blocks + 1,
                 device=device,
             )
+            limit = memory.max_model_len
+            runner = ModelRunner(
+                model, device, block_size, region, engine_config.max_num_seqs, limit
+            )
         except BaseException:
+            if region is not None:
+                region.release()
             kv_pool.drop_claim(kv_owner)
             raise
-        limit = memory.max_model_len
-        runner = ModelRunner(model, device, block_size, region, engine_config.max_num_seqs, limit)
         limits = SchedulerLimits(
             max_num_seqs=engine_config.max_num_seqs,
             max_num_batched_tokens=engine_config.max_num_batched_tokens,
             max_model_len=limit,
         )
-        block_manager = BlockManager(region.num_blocks, block_size, grow=region.grow)
+        block_manager = BlockManager(
+            region.num_blocks, block_size, grow=region.grow, scratch_block=True
+        )
         if runner.is_lead:
             region.block_manager = block_manager
         # else: the lead's block manager decides which blocks hold data; without one of its own

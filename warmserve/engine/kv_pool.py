@@ -102,7 +102,15 @@ class DeviceReservation:
         self.pages = pages
         self.nbytes = nbytes
         self.address = pages.reserve(nbytes)
-        self.tensor = cuda_vmm.tensor_at(self.address, nbytes, pages.device)
+        self._tensor: torch.Tensor | None = None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """Made on first use, once the range's first page is mapped: torch asks the driver
+        which device the address is on, which an unmapped address cannot say."""
+        if self._tensor is None:
+            self._tensor = cuda_vmm.tensor_at(self.address, self.nbytes, self.pages.device)
+        return self._tensor
 
     def map(self, offset: int, handles: list[int]) -> None:
         self.pages.map(self.address + offset, handles)
@@ -111,7 +119,7 @@ class DeviceReservation:
         self.pages.unmap(self.address + offset, num_pages)
 
     def free(self) -> None:
-        self.tensor = None
+        self._tensor = None
         self.pages.free_reservation(self.address, self.nbytes)
 
 

@@ -2,12 +2,11 @@
 the largest cache the model could ever have, with pool pages mapped where blocks are in use.
 
 The layout is the cache's usual one, layer-major: each layer's K and V are a
-[max_blocks + 1, block_size, kv_heads, head_dim] tensor, each at its own page-aligned offset of
-the reservation, so kernels see the same tensors as with one allocation. Page row r is page r of
-every layer's K and V range: growing maps the next rows (blocks at the end of every range),
-shrinking unmaps the last ones. The extra block (index max_blocks) is a scratch block that
-padded rows of a CUDA-graph batch write into; its rows are mapped for the whole residency, so
-the address a graph captured stays valid however the cache grows and shrinks.
+[max_blocks, block_size, kv_heads, head_dim] tensor, each at its own page-aligned offset of the
+reservation, so kernels see the same tensors as with one allocation, at one address for the
+model's whole residency (CUDA graphs stay valid). Page row r is page r of every layer's K and V
+range: growing maps the next rows (blocks at the end of every range), shrinking unmaps the last
+ones; the first row is always mapped (it holds the scratch block, see engine.py).
 """
 
 from __future__ import annotations
@@ -43,53 +42,46 @@ class KVRegion:
         self.pool = pool
         self.device = device
         self.max_blocks = max_blocks
-        self.min_blocks = min(min_blocks, max_blocks)
-        self.scratch_block = max_blocks
+        self.min_blocks = max(1, min(min_blocks, max_blocks))
         self.num_ranges = 2 * num_layers
         page = pool.page_bytes
         block_shape = (block_size, num_kv_heads, head_dim)
         self.range_block_bytes = block_size * num_kv_heads * head_dim * dtype.itemsize
         self.block_bytes = self.range_block_bytes * self.num_ranges
-        rows = _ceil_div((max_blocks + 1) * self.range_block_bytes, page)
-        self.range_bytes = rows * page
-        # Rows from here on hold (part of) the scratch block and stay mapped.
-        self.scratch_row = max_blocks * self.range_block_bytes // page
-        self.num_rows = rows
+        self.num_rows = _ceil_div(max_blocks * self.range_block_bytes, page)
+        self.range_bytes = self.num_rows * page
         self.block_manager: BlockManager | None = None
         self.reservation = pool.pages.reserve(self.num_ranges * self.range_bytes)
         self.row_pages: dict[int, list[int]] = {}  # row -> its page in every range
-        self.data_rows = 0  # rows [0, data_rows) hold blocks
-        flat = self.reservation.tensor.view(dtype)
-        elements_per_range = self.range_bytes // dtype.itemsize
-        strides = (block_size * num_kv_heads * head_dim, num_kv_heads * head_dim, head_dim, 1)
+        self.data_rows = 0  # rows [0, data_rows) are mapped
         self.layer_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for layer in range(num_layers):
-            k, v = (
-                flat.as_strided(
-                    (max_blocks + 1, *block_shape), strides, (2 * layer + kv) * elements_per_range
-                )
-                for kv in (0, 1)
-            )
-            self.layer_caches.append((k, v))
         pool.regions.append(self)
-        if not self._map_rows(range(self.scratch_row, rows)) or (
-            self.grow_to(self.min_blocks) < self.min_blocks
-        ):
+        if self.grow_to(self.min_blocks) < self.min_blocks:
             free = pool.free_bytes or 0
             self.release()
             raise InsufficientMemory(
                 f"the KV pool has {free / 2**20:.0f} MiB free; the model needs at least "
                 f"{self.min_blocks * self.block_bytes / 2**20:.0f} MiB of KV cache"
             )
+        # The views come after the first pages are mapped (see DeviceReservation.tensor).
+        flat = self.reservation.tensor.view(dtype)
+        elements_per_range = self.range_bytes // dtype.itemsize
+        strides = (block_size * num_kv_heads * head_dim, num_kv_heads * head_dim, head_dim, 1)
+        for layer in range(num_layers):
+            k, v = (
+                flat.as_strided(
+                    (max_blocks, *block_shape), strides, (2 * layer + kv) * elements_per_range
+                )
+                for kv in (0, 1)
+            )
+            self.layer_caches.append((k, v))
 
     # ---- figures --------------------------------------------------------------------------
 
     @property
     def num_blocks(self) -> int:
         """The blocks whose every byte is mapped."""
-        if self.data_rows >= self.scratch_row:
-            return self.max_blocks
-        return self.data_rows * self.pool.page_bytes // self.range_block_bytes
+        return min(self.max_blocks, self.data_rows * self.pool.page_bytes // self.range_block_bytes)
 
     @property
     def mapped_bytes(self) -> int:
@@ -102,13 +94,12 @@ class KVRegion:
 
     @property
     def min_bytes(self) -> int:
-        """What the region always keeps mapped: its minimum blocks and the scratch block."""
-        rows = self._rows_for(self.min_blocks) + self.num_rows - self.scratch_row
-        return rows * self.num_ranges * self.pool.page_bytes
+        """What the region always keeps mapped."""
+        return self._rows_for(self.min_blocks) * self.num_ranges * self.pool.page_bytes
 
     def _rows_for(self, blocks: int) -> int:
-        return min(
-            self.scratch_row, _ceil_div(blocks * self.range_block_bytes, self.pool.page_bytes)
+        return _ceil_div(
+            min(blocks, self.max_blocks) * self.range_block_bytes, self.pool.page_bytes
         )
 
     # ---- growing and shrinking ------------------------------------------------------------
@@ -161,7 +152,7 @@ class KVRegion:
     def shrink_rows(self, keep: int) -> int:
         if keep >= self.data_rows:
             return 0
-        blocks = min(self.max_blocks, keep * self.pool.page_bytes // self.range_block_bytes)
+        blocks = keep * self.pool.page_bytes // self.range_block_bytes
         if self.block_manager is not None:
             self.block_manager.shrink(blocks)
         self._synchronize()
@@ -192,8 +183,6 @@ class KVRegion:
         if self.data_rows:
             self._unmap_rows(range(0, self.data_rows))
             self.data_rows = 0
-        if self.row_pages:
-            self._unmap_rows(range(self.scratch_row, self.num_rows))
         self.reservation.free()
         if self in self.pool.regions:
             self.pool.regions.remove(self)

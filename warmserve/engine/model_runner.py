@@ -16,6 +16,7 @@ from torch import nn
 
 from warmserve.config import SamplingParams
 from warmserve.engine import logprobs
+from warmserve.engine.block_manager import SCRATCH_BLOCK
 from warmserve.engine.cuda_graphs import DecodeGraphs
 from warmserve.engine.kv_pool import InsufficientMemory
 from warmserve.engine.sequence import Sequence
@@ -86,7 +87,7 @@ class ModelRunner:
                 max_num_seqs,
                 -(-max_model_len // block_size),
                 block_size,
-                kv_region.scratch_block,
+                SCRATCH_BLOCK,
             )
 
     def close(self) -> None:
