@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import sys
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -152,7 +153,10 @@ def pages_for(device: torch.device) -> Pages:
     if device.type != "cuda":
         return HostPages()
     if cuda_vmm.available(device):
-        return DeviceReservingPages(device)
+        try:
+            return DeviceReservingPages(device)
+        except cuda_vmm.CudaDriverError as error:  # a driver that refuses the allocation type
+            warnings.warn(f"KV pool without virtual memory management: {error}", stacklevel=2)
     return AllocatingPages(device)
 
 
