@@ -205,6 +205,9 @@ class MemoryReleased(msgspec.Struct, tag=True, frozen=True):
 class ModelKV(msgspec.Struct, array_like=True, frozen=True):
     mapped_bytes: int  # pages of the worker's KV pool mapped into the model's cache
     used_bytes: int  # blocks that sequences hold (cached prefixes not counted)
+    # Mapped beyond the model's footprint and not reclaimable (blocks in use hold it): the
+    # worker's free memory is that much lower until the sequences end, or the model goes.
+    held_beyond_footprint_bytes: int
 
 
 class KVUsage(msgspec.Struct, tag=True, frozen=True):

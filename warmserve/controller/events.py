@@ -71,6 +71,10 @@ class EventRouter:
             handle.kv_by_deployment = {
                 key: (kv.mapped_bytes, kv.used_bytes) for key, kv in event.models.items()
             }
+            for key, kv in event.models.items():
+                deployment = self.deployments.by_id(key)
+                if deployment is not None:
+                    deployment.kv_held_bytes = kv.held_beyond_footprint_bytes
             self.ledger.measured(event.worker_id, event.memory_free_bytes)
             self.lifecycle.room_changed()  # blocks the caches gave up may be what a load waits for
         elif isinstance(event, SegmentRegistered):

@@ -69,7 +69,7 @@ def choose_evictions(
             if not all(id(d) in allowed for d in room.residents):
                 continue
             victims = sorted(room.residents, key=_last_used)
-            if room.free_bytes + sum(d.memory_bytes for d in victims) < need:
+            if room.free_bytes + sum(d.eviction_frees_bytes for d in victims) < need:
                 continue
         else:
             if room.exclusive and not all(id(d) in allowed for d in room.residents):
@@ -101,7 +101,7 @@ def _least_recently_used_until(
         if id(deployment) not in allowed:
             continue
         victims.append(deployment)
-        free += deployment.memory_bytes
+        free += deployment.eviction_frees_bytes
     if free < need or (room.exclusive and len(victims) < len(room.residents)):
         return None
     return victims
@@ -137,6 +137,6 @@ def room_may_come(rooms: list[WorkerRoom], tp: int, need: int) -> bool:
         # A tensor-parallel model needs its workers empty; nothing joins one that holds it.
         if (tp > 1 or room.exclusive) and len(going) < len(room.residents):
             continue
-        if room.free_bytes + sum(d.memory_bytes for d in going) >= need:
+        if room.free_bytes + sum(d.eviction_frees_bytes for d in going) >= need:
             possible += 1
     return possible >= tp

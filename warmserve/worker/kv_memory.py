@@ -80,7 +80,11 @@ class KVMemory:
             return None
         self.next_report = now + REPORT_INTERVAL_S
         models = {
-            key: ModelKV(engine.kv_region.mapped_bytes, engine.kv_region.used_bytes)
+            key: ModelKV(
+                engine.kv_region.mapped_bytes,
+                engine.kv_region.used_bytes,
+                _kv_held_beyond_minimum(engine),
+            )
             for key, engine in engines.items()
         }
         pool_free = self.pool.free_bytes or 0
