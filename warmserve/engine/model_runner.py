@@ -197,13 +197,15 @@ class ModelRunner:
         (None when there are none)."""
         seqs, tokens = len(inputs.query_lens), len(inputs.input_ids)
         max_blocks = max(len(table) for table in inputs.block_tables)
-        last_rows = [end - 1 for end in itertools.accumulate(inputs.query_lens)]
+        query_ends = list(itertools.accumulate(inputs.query_lens))
         flat = [
             *inputs.input_ids,
             *inputs.positions,
             *inputs.slot_mapping,
             *inputs.context_lens,
-            *last_rows,
+            *(end - 1 for end in query_ends),  # each sequence's last row
+            0,
+            *query_ends,  # with the 0 before them: where each sequence's queries start
         ]
         for table in inputs.block_tables:
             flat += table
@@ -214,17 +216,19 @@ class ModelRunner:
             # stream reaches it, and after a load that is behind the whole weight copy.
             staged = staged.pin_memory()
         on_device = staged.to(self.device, non_blocking=True)
-        input_ids, positions, slots, context_lens, last = on_device[: 3 * tokens + 2 * seqs].split(
-            [tokens, tokens, tokens, seqs, seqs]
+        vectors = 3 * tokens + 3 * seqs + 1
+        input_ids, positions, slots, context_lens, last, query_start = on_device[:vectors].split(
+            [tokens, tokens, tokens, seqs, seqs, seqs + 1]
         )
         meta = AttentionMetadata(
             slot_mapping=slots,
             query_lens=inputs.query_lens,
             context_lens=context_lens,
             context_lens_host=inputs.context_lens,
-            block_tables=on_device[3 * tokens + 2 * seqs :].view(seqs, max_blocks),
+            block_tables=on_device[vectors:].view(seqs, max_blocks),
             max_context_len=max(inputs.context_lens),
             decode_only=all(n == 1 for n in inputs.query_lens),
+            query_start=query_start,
         )
         hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden.index_select(0, last)).float()
