@@ -9,9 +9,9 @@ import torch
 
 from warmserve.layers.attention import (
     AttentionMetadata,
-    paged_decode_reference,
     attend_one_sequence,
     gather_kv,
+    paged_decode_reference,
     paged_prefill,
     paged_prefill_reference,
     write_kv,

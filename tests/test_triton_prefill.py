@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_attention import HEAD_DIM, MIXED_SEQS, build_paged_case
 
 pytest.importorskip("triton")
