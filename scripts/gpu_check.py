@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -314,6 +315,8 @@ def check_greedy_against_transformers(report: dict, root: Path) -> None:
         engine = Engine.from_checkpoint(
             path, device="cuda", dtype="float32", engine_config=EngineConfig(max_num_seqs=8)
         )
+        while engine.can_capture_graph():  # as a worker's idle gaps would before traffic
+            engine.capture_next_graph()
         greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
         outputs = _greedy_outputs(engine, prompts, greedy)
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
@@ -331,11 +334,52 @@ def check_greedy_against_transformers(report: dict, root: Path) -> None:
         report[f"greedy float32 {family} (prompts equal to transformers)"] = (
             f"{equal}/{len(prompts)}"
         )
-        report[f"graphs captured {family}"] = sorted(engine.runner.decode_graphs.graphs)
+        report[f"graphs captured {family}"] = engine.graph_buckets.captured
         engine.close()
         report[f"host-store load (stacked views of one arena) equal {family}"] = (
             _greedy_from_host_store(path, prompts, greedy) == outputs
         )
+
+
+def check_graphs_in_idle_gaps(report: dict, root: Path) -> None:
+    """A model loaded by a worker has no decode graph; it decodes eagerly until the worker's idle
+    gaps capture its buckets, one per gap, smallest first; then its greedy output (decode batches
+    of 1 to 5, padded up to their buckets) is the same as eagerly. Also what capture costs."""
+    from warmserve.protocol import LoadModel
+    from warmserve.worker.residents import ResidentModels
+
+    path = build_checkpoint(root / "graphs", "qwen3", "tiny")
+    models = ResidentModels(0, torch.device("cuda"), lambda event: None)
+    command = LoadModel(
+        1, "m", "m", str(path), None, "float32", None, EngineConfig(max_num_seqs=8), 0, 1, None
+    )
+    engine = models.load(command, torch.cuda.mem_get_info()[0] // 2, {}).engine
+    report["idle gaps: graphs captured by the load"] = list(engine.graph_buckets.captured)
+    prompts = [[5, 9, 200, 31], list(range(40, 140)), [7], list(range(300, 317)), [3, 4]]
+
+    def greedy_run() -> list[list[int]]:
+        for index, prompt in enumerate(prompts):  # 6 to 14 tokens: batches shrink as they end
+            params = SamplingParams(max_tokens=6 + 2 * index, temperature=0.0, ignore_eos=True)
+            engine.add_request(str(index), prompt, params)
+        outputs = {str(i): [] for i in range(len(prompts))}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                outputs[output.request_id].append(output.token_id)
+        return list(outputs.values())
+
+    eager = greedy_run()
+    report["idle gaps: graphs captured after eager traffic"] = list(engine.graph_buckets.captured)
+    capture_ms = []
+    while True:
+        started = time.perf_counter()
+        if not models.capture_graph_in_idle_gap():
+            break
+        torch.cuda.synchronize()
+        capture_ms.append(round((time.perf_counter() - started) * 1e3, 1))
+    report["idle gaps: buckets captured, in order"] = list(engine.graph_buckets.captured)
+    report["idle gaps: ms per capture (qwen3 tiny)"] = capture_ms
+    report["idle gaps: greedy with graphs equals eager"] = greedy_run() == eager
+    models.drop_all()
 
 
 def _greedy_outputs(engine: Engine, prompts, greedy) -> dict[str, list[int]]:
@@ -383,6 +427,7 @@ def main() -> None:
     check_fused_kernels(report)
     with tempfile.TemporaryDirectory() as root:
         check_greedy_against_transformers(report, Path(root))
+        check_graphs_in_idle_gaps(report, Path(root))
     for key, value in report.items():
         print(f"{key:60s} {value}")
     if args.out:

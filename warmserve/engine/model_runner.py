@@ -17,6 +17,7 @@ from torch import nn
 from warmserve.config import SamplingParams
 from warmserve.engine import logprobs
 from warmserve.engine.cuda_graphs import DecodeGraphs
+from warmserve.engine.graph_buckets import GraphBuckets
 from warmserve.engine.sequence import Sequence
 from warmserve.layers.attention import AttentionMetadata
 from warmserve.layers.logits_processors import process_logits
@@ -88,10 +89,13 @@ class ModelRunner:
         self.tp_size = tp_world_size()
         self.is_lead = tp_rank() == 0
         self.decode_graphs = None
+        # Which decode batch sizes have a graph; the worker captures them in its idle gaps.
+        self.graph_buckets: GraphBuckets | None = None
         if device.type == "cuda" and self.tp_size == 1:
             self.decode_graphs = DecodeGraphs(
                 model, device, max_num_seqs, -(-max_model_len // block_size), block_size, num_blocks
             )
+            self.graph_buckets = self.decode_graphs.buckets
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -99,6 +103,7 @@ class ModelRunner:
 
     def close(self) -> None:
         self.decode_graphs = None
+        self.graph_buckets = None
         self.model = None
         self.kv_cache = None
 
@@ -141,9 +146,12 @@ class ModelRunner:
             dist.broadcast_object_list([inputs], src=0)
         decode = all(n == 1 for n in inputs.query_lens)
         prompt_hidden = None
+        bucket = None
         if decode and self.decode_graphs is not None:
-            logits = self.decode_graphs.run(inputs)
-        else:
+            bucket = self.decode_graphs.buckets.replayable(len(seqs))
+        if bucket is not None:
+            logits = self.decode_graphs.run(inputs, bucket)
+        else:  # a prefill or mixed step, or a decode batch whose graph is not captured yet
             logits, prompt_hidden = self._forward(inputs)
         if not sampling:  # every sequence ran a prompt chunk
             return SampledTokens([], [], [])
