@@ -43,6 +43,7 @@ def test_a_failed_capture_leaves_larger_batches_eager():
 
 @pytest.fixture
 def worker():
+    args = WorkerArgs(0, "cpu", "", "", 2**30, 0.9, 0.0, None, os.getppid())
     context = zmq.Context()
     commands, inbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     commands.bind("inproc://commands")
@@ -50,7 +51,6 @@ def worker():
     events, outbox = context.socket(zmq.PUSH), context.socket(zmq.PULL)
     outbox.bind("inproc://events")
     events.connect("inproc://events")
-    args = WorkerArgs(0, "cpu", "", "", 2**30, 0.9, 0.0, None, os.getppid())
     yield Worker(args, commands, events), inbox
     for socket in (commands, inbox, events, outbox):
         socket.close(linger=0)
