@@ -43,7 +43,7 @@ def test_a_failed_capture_leaves_larger_batches_eager():
 
 @pytest.fixture
 def worker():
-    args = WorkerArgs(0, "cpu", "", "", 2**30, 0.9, 0.0, None, os.getppid())
+    args = WorkerArgs(0, "cpu", "", "", 2**30, 0.9, 0.0, None, os.getppid(), peer_address="")
     context = zmq.Context()
     commands, inbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     commands.bind("inproc://commands")
