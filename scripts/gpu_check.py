@@ -345,6 +345,7 @@ def check_graphs_in_idle_gaps(report: dict, root: Path) -> None:
     """A model loaded by a worker has no decode graph; it decodes eagerly until the worker's idle
     gaps capture its buckets, one per gap, smallest first; then its greedy output (decode batches
     of 1 to 5, padded up to their buckets) is the same as eagerly. Also what capture costs."""
+    from warmserve.engine.kv_pool import KVPool
     from warmserve.protocol import LoadModel
     from warmserve.worker.residents import ResidentModels
 
@@ -353,7 +354,9 @@ def check_graphs_in_idle_gaps(report: dict, root: Path) -> None:
     command = LoadModel(
         1, "m", "m", str(path), None, "float32", None, EngineConfig(max_num_seqs=8), 0, 1, None
     )
-    engine = models.load(command, torch.cuda.mem_get_info()[0] // 2, {}).engine
+    budget = torch.cuda.mem_get_info()[0] // 2
+    pool = KVPool.for_device(torch.device("cuda"), budget)
+    engine = models.load(command, budget, {}, pool).engine
     report["idle gaps: graphs captured by the load"] = list(engine.graph_buckets.captured)
     prompts = [[5, 9, 200, 31], list(range(40, 140)), [7], list(range(300, 317)), [3, 4]]
 
@@ -431,6 +434,7 @@ def main() -> None:
     for key, value in report.items():
         print(f"{key:60s} {value}")
     if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "gpu_check.json").write_text(json.dumps(report, indent=1))
 
 

@@ -48,13 +48,16 @@ def run_bench(benchmark: str, tmp_path, *extra: str) -> tuple[dict, str]:
 
 def test_bench_serve_quick_reports_every_run_without_failures(tmp_path):
     profile = tmp_path / "server.prof"
-    results, markdown = run_bench("serve", tmp_path, "--profile-server", str(profile))
+    results, markdown = run_bench(
+        "serve", tmp_path, "--profile-server", str(profile), "--json-schema"
+    )
     runs = {
         f"{mix} {kind}"
         for mix in ("fixed", "sharegpt")
         for kind in ("concurrency 1", "concurrency 4", "rate 8")
     }
-    assert set(results["http"]) == runs
+    constrained = {"fixed concurrency 1 json_schema", "fixed concurrency 4 json_schema"}
+    assert set(results["http"]) == runs | constrained
     for figures in results["http"].values():
         assert figures["failed"] == 0, figures["first_errors"]
         assert figures["completed"] >= 4
@@ -66,6 +69,12 @@ def test_bench_serve_quick_reports_every_run_without_failures(tmp_path):
     # Fixed lengths: every request sent exactly its 32 prompt ids and got its 16 tokens.
     assert fixed["total_input_tokens"] == 32 * fixed["completed"]
     assert fixed["total_output_tokens"] == 16 * fixed["completed"]
+    # The schema cannot be completed within 16 tokens: every constrained request runs its full
+    # length too, so the mask's cost is measured over as many tokens.
+    for name in constrained:
+        assert (
+            results["http"][name]["total_output_tokens"] == 16 * results["http"][name]["completed"]
+        )
     assert set(results["python_api"]) == {"fixed concurrency 1", "fixed concurrency 4"}
     assert all(figures["failed"] == 0 for figures in results["python_api"].values())
     assert set(results["engine_decode"]) == {"1", "4"}  # JSON keys are strings
