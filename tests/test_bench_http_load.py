@@ -146,7 +146,10 @@ def test_every_id_of_the_bench_tokenizer_decodes_to_text():
     tokenizer = word_level_tokenizer(128256)
     assert tokenizer.get_vocab_size() == 128256
     assert [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS] == [0, 1, 2]
-    for token_id in (3, 1000, 128255):
+    # The printable ASCII characters follow the special tokens, one id each, then the words.
+    characters = 127 - 32
+    assert tokenizer.decode([3 + ord("{") - 32]) == "{"
+    for token_id in (3 + characters, 1000, 128255):
         assert tokenizer.decode([token_id]) == f"w{token_id}"
 
 
