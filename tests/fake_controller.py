@@ -65,7 +65,19 @@ class FakeTokenizer:
 class FakeController:
     def __init__(self, workers: int = 2):
         self._workers = [
-            WorkerInfo(i, 1000 + i, "cpu", "ready", [], 4 << 30, 0, 0, WORKER_USABLE_BYTES, 1 << 30)
+            WorkerInfo(
+                i,
+                1000 + i,
+                "cpu",
+                "local",
+                "ready",
+                [],
+                4 << 30,
+                0,
+                0,
+                WORKER_USABLE_BYTES,
+                1 << 30,
+            )
             for i in range(workers)
         ]
         self.queue_stats = QueueStats()

@@ -1,8 +1,8 @@
 """Every message that crosses a process boundary between the server and its workers.
 
 msgspec structs in one tagged union per direction, so a socket carries one type and a decoder
-knows every message. Addresses are strings (`ipc://…` today, `tcp://…` for workers on other
-hosts): nothing here assumes the workers share the server's host.
+knows every message. Addresses are strings (`ipc://…` for local workers, `tcp://…` with CURVE
+keys for workers on other hosts): nothing here assumes the workers share the server's host.
 """
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ class ErrorKind(enum.Enum):
     INTERNAL = "internal"
 
 
+class CurveKeys(msgspec.Struct, frozen=True):
+    """ZeroMQ CURVE keys (Z85) of a worker's connections over tcp://: the server's public key,
+    which the worker checks, and the key pair the server lets in; nothing without it is heard."""
+
+    server_public: bytes
+    client_public: bytes
+    client_secret: bytes
+
+
 class WorkerArgs(msgspec.Struct, frozen=True):
     """What a worker process is started with: its identity, its device and two addresses."""
 
@@ -38,7 +47,8 @@ class WorkerArgs(msgspec.Struct, frozen=True):
     gpu_memory_utilization: float
     memory_release_delay_s: float  # see ServerConfig
     num_threads: int | None
-    parent_pid: int
+    parent_pid: int  # the process that started the worker: it exits when that one is gone
+    curve: CurveKeys | None = None  # set for tcp:// addresses
 
 
 class TensorEntry(msgspec.Struct, array_like=True, frozen=True):

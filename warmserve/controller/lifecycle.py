@@ -30,6 +30,7 @@ from warmserve.controller.errors import (
     NoCapacity,
     QueueTimeout,
 )
+from warmserve.controller.host_stores import Lease, LocalStores
 from warmserve.controller.memory import MemoryLedger
 from warmserve.controller.placement import (
     WorkerRoom,
@@ -43,7 +44,6 @@ from warmserve.controller.policies import evictable_now, may_go
 from warmserve.controller.pool import WorkerPool
 from warmserve.controller.types import LoadResult
 from warmserve.loader.checkpoint import Checkpoint
-from warmserve.loader.weight_store import HostWeightStore
 from warmserve.protocol import CommandDone, LoadModel, RegisterSegment, UnloadModel
 
 log = logging.getLogger("warmserve.controller")
@@ -61,7 +61,7 @@ class Lifecycle:
         channel: CommandChannel,
         ledger: MemoryLedger,
         catalogue: CheckpointCatalogue,
-        store: HostWeightStore,
+        stores: LocalStores,
         deployments: Deployments,
         notify: Callable[[str, str], None],
         counters: dict[str, int],
@@ -71,7 +71,7 @@ class Lifecycle:
         self.channel = channel
         self.ledger = ledger
         self.catalogue = catalogue
-        self.store = store
+        self.stores = stores  # LocalStores, or the cluster's RayStores
         self.deployments = deployments
         self.notify = notify
         self.counters = counters
@@ -113,6 +113,7 @@ class Lifecycle:
                     self.ledger.usable(handle.id),
                     self.ledger.free(handle.id),
                     residents,
+                    handle.node,
                 )
             )
         return rooms
@@ -129,7 +130,8 @@ class Lifecycle:
                     rooms = self._rooms()
                     if rooms:
                         check_fits_at_all(rooms, len(self.pool.handles), tp, need)
-                    chosen = choose_workers(rooms, tp, need)
+                    holding = self.stores.nodes_holding(deployment.path)
+                    chosen = choose_workers(rooms, tp, need, holding)
                     if chosen is not None:
                         for worker_id in chosen:
                             self.ledger.hold(worker_id, deployment.id, need)
@@ -249,52 +251,49 @@ class Lifecycle:
             raise ModelExists(f"model {name!r} is already {existing.state.value}")
 
     async def _load_on_workers(self, deployment: Deployment, checkpoint: Checkpoint):
+        """Each worker copies from its own node's host store: one lease per node (a
+        tensor-parallel group spans nodes only when no node has enough workers)."""
         key = deployment.path
-        segment = self.store.acquire(key)
-        source = "host-cache"
-        filling = None
-        if segment is None:
-            source = "disk"
-            started = await asyncio.to_thread(self.store.begin_checkpoint, key, checkpoint)
-            if started is not None:
-                segment, fill = started
-                # The workers start copying while the disk is still being read.
-                filling = asyncio.ensure_future(asyncio.to_thread(fill))
-                # Seen by the awaiting below, or by the workers (ready word) if a load fails first.
-                filling.add_done_callback(lambda task: task.cancelled() or task.exception())
-        tp = deployment.tensor_parallel_size
-        init_method = self.pool.launcher.rendezvous_address(deployment.lead.id) if tp > 1 else None
-
-        def build(rank: int, command_id: int) -> LoadModel:
-            return LoadModel(
-                command_id=command_id,
-                deployment=deployment.id,
-                name=deployment.name,
-                model_dir=deployment.path,
-                segment=segment,
-                dtype=deployment.dtype,
-                max_model_len=deployment.requested_max_model_len,
-                engine=self.config.engine,
-                tp_rank=rank,
-                tp_size=tp,
-                dist_init_method=init_method,
-                memory_budget_bytes=self.ledger.held(deployment.handles[rank].id, deployment.id),
-            )
-
+        leases: dict[str, Lease] = {}
         try:
+            for node in dict.fromkeys(handle.node for handle in deployment.handles):
+                leases[node] = await self.stores.lease(node, key, checkpoint)
+            lead_source = leases[deployment.lead.node].source
+            tp = deployment.tensor_parallel_size
+            init_method = await self.pool.rendezvous_address(deployment.lead) if tp > 1 else None
+
+            def build(rank: int, command_id: int) -> LoadModel:
+                handle = deployment.handles[rank]
+                return LoadModel(
+                    command_id=command_id,
+                    deployment=deployment.id,
+                    name=deployment.name,
+                    model_dir=deployment.path,
+                    segment=leases[handle.node].segment,
+                    dtype=deployment.dtype,
+                    max_model_len=deployment.requested_max_model_len,
+                    engine=self.config.engine,
+                    tp_rank=rank,
+                    tp_size=tp,
+                    dist_init_method=init_method,
+                    memory_budget_bytes=self.ledger.held(handle.id, deployment.id),
+                )
+
             replies = await self.channel.command(deployment.handles, build)
-            if filling is not None:
-                await filling
-                self.pool.broadcast(RegisterSegment(segment))
+            for node, lease in leases.items():
+                if lease.filled is not None:
+                    await lease.filled
+                    # The node's workers register the new segment for DMA in the background.
+                    self.pool.broadcast(RegisterSegment(lease.segment), node=node)
         except OSError as exc:
             raise CheckpointInvalid(f"{deployment.path}: {exc}") from None
         finally:
-            if segment is not None:
-                self.store.release(key)
+            for lease in leases.values():
+                lease.release()
         failures = [reply for reply in replies if not isinstance(reply, CommandDone) or reply.error]
         if failures:
             raise load_error(failures[0])
-        return source, replies
+        return lead_source, replies
 
     # ---- unload and failure ---------------------------------------------------------------
 

@@ -1,8 +1,13 @@
 """The resource allocator: which workers take a model that needs `tp` workers and a number of
-bytes on each, and which idle models to evict when none has room. Pure Python."""
+bytes on each, and which idle models to evict when none has room. Pure Python.
+
+Workers live on nodes (hosts). A model goes preferably to a node whose host weight store already
+holds it (its load is then a copy from memory, not a disk read), and a tensor-parallel group
+stays within one node unless the model needs more workers than any node has."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -20,6 +25,7 @@ class WorkerRoom:
     usable_bytes: int
     free_bytes: int
     residents: tuple[Deployment, ...]  # loading, loaded or unloading there
+    node: str = "local"
 
     @property
     def exclusive(self) -> bool:
@@ -42,18 +48,41 @@ def check_fits_at_all(rooms: list[WorkerRoom], worker_count: int, tp: int, need:
         )
 
 
-def choose_workers(rooms: list[WorkerRoom], tp: int, need: int) -> list[int] | None:
-    """Workers with room now: for one worker, the one with the most free memory (spreading
-    models, and their traffic, over the pool); a tensor-parallel model takes empty workers."""
+def choose_workers(
+    rooms: list[WorkerRoom], tp: int, need: int, preferred: Iterable[str] = ()
+) -> list[int] | None:
+    """Workers with room now, on a `preferred` node (whose store holds the model) if one has
+    room: for one worker, the one with the most free memory (spreading models, and their
+    traffic, over the pool); a tensor-parallel model takes empty workers of one node."""
+    preferred = set(preferred)
     if tp > 1:
         empty = [room for room in rooms if not room.residents and room.free_bytes >= need]
-        if len(empty) < tp:
+        groups = [group for group in _by_node(empty).values() if len(group) >= tp]
+        if groups:
+            best = max(groups, key=lambda group: (group[0].node in preferred, len(group)))
+            return [room.id for room in sorted(best, key=lambda r: -r.free_bytes)[:tp]]
+        if fits_one_node(rooms, tp) or len(empty) < tp:
             return None
-        return [room.id for room in sorted(empty, key=lambda r: -r.free_bytes)[:tp]]
+        # More workers than any node has: whole nodes first, the fewest nodes.
+        sizes = {node: len(group) for node, group in _by_node(empty).items()}
+        ordered = sorted(empty, key=lambda r: (-sizes[r.node], r.node, -r.free_bytes))
+        return [room.id for room in ordered[:tp]]
     fitting = [room for room in rooms if not room.exclusive and room.free_bytes >= need]
     if not fitting:
         return None
-    return [max(fitting, key=lambda room: room.free_bytes).id]
+    return [max(fitting, key=lambda room: (room.node in preferred, room.free_bytes)).id]
+
+
+def fits_one_node(rooms: list[WorkerRoom], tp: int) -> bool:
+    """Whether some node has `tp` workers: then a tensor-parallel group stays on one node."""
+    return any(len(group) >= tp for group in _by_node(rooms).values())
+
+
+def _by_node(rooms: Iterable[WorkerRoom]) -> dict[str, list[WorkerRoom]]:
+    groups: dict[str, list[WorkerRoom]] = defaultdict(list)
+    for room in rooms:
+        groups[room.node].append(room)
+    return groups
 
 
 def choose_evictions(
@@ -63,7 +92,7 @@ def choose_evictions(
     workers) where that evicts the least recently used set; empty when no eviction makes room.
     A model on several workers frees its bytes on each of them."""
     allowed = {id(d) for d in evictable}
-    plans: list[tuple[float, int, list[Deployment]]] = []
+    plans: list[tuple[float, str, list[Deployment]]] = []
     for room in rooms:
         if tp > 1:
             if not all(id(d) in allowed for d in room.residents):
@@ -78,16 +107,38 @@ def choose_evictions(
             if victims is None:
                 continue
         newest = max((_last_used(d) for d in victims), default=0.0)
-        plans.append((newest, room.id, victims))
+        plans.append((newest, room.node, victims))
     plans.sort(key=lambda plan: plan[0])
     if tp > 1:
-        if len(plans) < tp:
-            return []
-        chosen: list[Deployment] = []
-        for _, _, victims in plans[:tp]:
-            chosen += [d for d in victims if d not in chosen]
-        return chosen
+        return _group_evictions(plans, tp, fits_one_node(rooms, tp))
     return plans[0][2] if plans else []
+
+
+def _group_evictions(
+    plans: list[tuple[float, str, list[Deployment]]], tp: int, one_node: bool
+) -> list[Deployment]:
+    """The `tp` workers to empty for a tensor-parallel model (on one node when it fits one):
+    those whose victims were used least recently."""
+    if one_node:
+        per_node = [group[:tp] for group in _plans_by_node(plans).values() if len(group) >= tp]
+        if not per_node:
+            return []
+        chosen_plans = min(per_node, key=lambda group: max(plan[0] for plan in group))
+    elif len(plans) < tp:
+        return []
+    else:
+        chosen_plans = plans[:tp]
+    chosen: list[Deployment] = []
+    for _, _, victims in chosen_plans:
+        chosen += [d for d in victims if d not in chosen]
+    return chosen
+
+
+def _plans_by_node(plans):
+    groups = defaultdict(list)
+    for plan in plans:
+        groups[plan[1]].append(plan)
+    return groups
 
 
 def _least_recently_used_until(
@@ -129,7 +180,7 @@ def no_room_message(name: str, need: int, rooms: list[WorkerRoom]) -> str:
 def room_may_come(rooms: list[WorkerRoom], tp: int, need: int) -> bool:
     """Whether memory held now may be freed without anyone unloading a pinned or explicit
     model: by models that may make room (once idle), or by unloads under way."""
-    possible = 0
+    possible: dict[str, int] = defaultdict(int)
     for room in rooms:
         going = [
             d for d in room.residents if d.may_make_room or d.state == DeploymentState.UNLOADING
@@ -138,5 +189,7 @@ def room_may_come(rooms: list[WorkerRoom], tp: int, need: int) -> bool:
         if (tp > 1 or room.exclusive) and len(going) < len(room.residents):
             continue
         if room.free_bytes + sum(d.memory_bytes for d in going) >= need:
-            possible += 1
-    return possible >= tp
+            possible[room.node] += 1
+    if tp > 1 and fits_one_node(rooms, tp):
+        return any(count >= tp for count in possible.values())
+    return sum(possible.values()) >= tp

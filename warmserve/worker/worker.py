@@ -58,9 +58,14 @@ def worker_main(args: WorkerArgs) -> None:
         torch.set_num_threads(args.num_threads)
     context = zmq.Context()
     commands = context.socket(zmq.PULL)
-    commands.connect(args.command_address)
     events = context.socket(zmq.PUSH)
     events.setsockopt(zmq.LINGER, 2000)
+    if args.curve is not None:
+        for sock in (commands, events):
+            sock.curve_serverkey = args.curve.server_public
+            sock.curve_publickey = args.curve.client_public
+            sock.curve_secretkey = args.curve.client_secret
+    commands.connect(args.command_address)
     events.connect(args.event_address)
     try:
         Worker(args, commands, events).run()
