@@ -129,7 +129,7 @@ class WorkerPool:
 
     def replaceable(self, worker_id: int) -> bool:
         """Whether a dead worker's host is still there to start a replacement on."""
-        return self.launcher.node_alive(self.handles[worker_id].node)
+        return self.launcher.replaceable(self.handles[worker_id].process)
 
     async def rendezvous_address(self, lead: WorkerHandle) -> str:
         return await self.launcher.rendezvous_address(lead.process)

@@ -62,8 +62,9 @@ class Launcher(Protocol):
         """Where a tensor-parallel group meets: a free port on its lead worker's host."""
         ...
 
-    def node_alive(self, node: str) -> bool:
-        """Whether a worker that died on `node` may be started there again."""
+    def replaceable(self, worker: LaunchedWorker) -> bool:
+        """Whether a worker that exited may be started again where it ran (not when its host
+        is gone)."""
         ...
 
     def close(self) -> None: ...

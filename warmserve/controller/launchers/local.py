@@ -81,7 +81,7 @@ class LocalLauncher:
             probe.bind(("127.0.0.1", 0))
             return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
-    def node_alive(self, node: str) -> bool:
+    def replaceable(self, worker: LocalWorker) -> bool:
         return True
 
     def _watch_processes(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import ray
@@ -24,6 +25,9 @@ class RayCluster:
         self._lock = threading.Lock()
 
     def connect(self) -> None:
+        """Joins the cluster. On the main thread: Ray's core worker installs its own SIGTERM
+        handler, which aborts the process; the server's handlers (a clean stop) are put back."""
+        handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
         try:
             ray.init(
                 address=self.address,
@@ -33,6 +37,11 @@ class RayCluster:
             )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise StartupError(f"cannot join the Ray cluster at {self.address!r}: {exc}") from None
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                for number, handler in handlers.items():
+                    if handler is not None:
+                        signal.signal(number, handler)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.ip = ray.util.get_node_ip_address()
         log.info(

@@ -46,6 +46,9 @@ class RayWorker:
         self.node = node
         self.pid: int | None = None  # known once the worker reports ready
         self.status: str | None = None  # why it ended, once it has
+        # The actor itself ended, not just the worker process: its node died (or someone killed
+        # it); the node may not be seen as dead yet.
+        self.actor_died = False
         self.ended = threading.Event()
 
     def alive(self) -> bool:
@@ -80,7 +83,7 @@ class RayLauncher:
     async def start(self, on_node_joined) -> list[WorkerSlot]:
         self._loop = asyncio.get_running_loop()
         self._on_node_joined = on_node_joined
-        await asyncio.to_thread(self.cluster.connect)
+        self.cluster.connect()
         self.actor_class = ray.remote(WorkerActor)
         nodes = self.cluster.nodes()
         self._known_nodes = {node.id for node in nodes}
@@ -113,9 +116,13 @@ class RayLauncher:
     async def rendezvous_address(self, lead: RayWorker) -> str:
         return await lead.actor.free_port.remote()
 
-    def node_alive(self, node: str) -> bool:
+    def replaceable(self, worker: RayWorker) -> bool:
+        """A worker process that exited is started again in a new actor on its node; one whose
+        actor died is not (its node is most likely gone; a node that comes back joins anew)."""
+        if worker.actor_died:
+            return False
         self.cluster.nodes()
-        return self.cluster.alive(node)
+        return self.cluster.alive(worker.node)
 
     def _watch(self) -> None:
         next_look = time.monotonic() + NODE_POLL_S
@@ -135,6 +142,7 @@ class RayLauncher:
                     worker.status = f"exit code {ray.get(ref)}"
                 except ray.exceptions.RayError as exc:
                     worker.status = f"its Ray actor ended ({type(exc).__name__})"
+                    worker.actor_died = True
                 ray.kill(worker.actor, no_restart=True)  # gives its GPU back to the cluster
                 worker.ended.set()
                 on_exit()
