@@ -37,7 +37,7 @@ from warmserve.controller.launchers.local import LocalLauncher
 from warmserve.controller.lifecycle import Lifecycle
 from warmserve.controller.memory import MemoryLedger
 from warmserve.controller.policies import KEEP_ALIVE_CHECK_S, expired
-from warmserve.controller.pool import WorkerPool
+from warmserve.controller.pool import StartupError, WorkerPool
 from warmserve.controller.registry import load_registry
 from warmserve.controller.shared_memory import new_instance_name, remove_stale_instances
 from warmserve.controller.tokenizer import ModelTokenizer
@@ -97,8 +97,13 @@ class Controller:
         capacity = int(self.config.host_cache_gb * GIB)
         if self.config.ray_address is None:
             return LocalStores(capacity, self.instance, self._segment_dropped)
-        from warmserve.controller.launchers.ray_cluster import RayCluster
-        from warmserve.controller.launchers.ray_stores import RayStores
+        try:
+            from warmserve.controller.launchers.ray_cluster import RayCluster
+            from warmserve.controller.launchers.ray_stores import RayStores
+        except ImportError as exc:
+            raise StartupError(
+                f"--ray-address needs Ray ({exc}): pip install 'warmserve[ray]'"
+            ) from None
 
         self.cluster = RayCluster(self.config.ray_address)
         return RayStores(self.cluster, capacity, self._segment_dropped)
