@@ -21,7 +21,7 @@ from warmserve.controller.admission import Admission
 from warmserve.controller.catalogue import CheckpointCatalogue
 from warmserve.controller.channel import CommandChannel
 from warmserve.controller.deployment import Deployment, Deployments, DeploymentState
-from warmserve.controller.devices import local_slots, worker_args_factory
+from warmserve.controller.devices import worker_args_factory
 from warmserve.controller.engine_client import RequestAborted
 from warmserve.controller.errors import (
     CheckpointInvalid,
@@ -32,12 +32,11 @@ from warmserve.controller.errors import (
     ModelUnavailable,
 )
 from warmserve.controller.events import EventRouter
-from warmserve.controller.host_stores import LocalStores
-from warmserve.controller.launchers.local import LocalLauncher
+from warmserve.controller.launchers.choice import host_stores, make_launcher
 from warmserve.controller.lifecycle import Lifecycle
 from warmserve.controller.memory import MemoryLedger
 from warmserve.controller.policies import KEEP_ALIVE_CHECK_S, expired
-from warmserve.controller.pool import StartupError, WorkerPool
+from warmserve.controller.pool import WorkerPool
 from warmserve.controller.registry import load_registry
 from warmserve.controller.shared_memory import new_instance_name, remove_stale_instances
 from warmserve.controller.tokenizer import ModelTokenizer
@@ -52,7 +51,6 @@ from warmserve.loader.checkpoint import CheckpointError
 from warmserve.protocol import ForgetSegment
 
 log = logging.getLogger("warmserve.controller")
-GIB = 2**30
 
 
 class Controller:
@@ -60,8 +58,8 @@ class Controller:
         self.config = config or ServerConfig()
         remove_stale_instances()
         self.instance = new_instance_name()
-        self.cluster = None  # the Ray cluster the workers run on (--ray-address)
-        self.stores = self._stores()
+        # The Ray cluster the workers run on (--ray-address), else None.
+        self.stores, self.cluster = host_stores(self.config, self.instance, self._segment_dropped)
         self.pool: WorkerPool | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.deployments = Deployments()
@@ -91,36 +89,9 @@ class Controller:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    def _stores(self):
-        """One host store in this process; with a Ray address, a store agent on each node of the
-        cluster (Ray is imported only then)."""
-        capacity = int(self.config.host_cache_gb * GIB)
-        if self.config.ray_address is None:
-            return LocalStores(capacity, self.instance, self._segment_dropped)
-        try:
-            from warmserve.controller.launchers.ray_cluster import RayCluster
-            from warmserve.controller.launchers.ray_stores import RayStores
-        except ImportError as exc:
-            raise StartupError(
-                f"--ray-address needs Ray ({exc}): pip install 'warmserve[ray]'"
-            ) from None
-
-        self.cluster = RayCluster(self.config.ray_address)
-        return RayStores(self.cluster, capacity, self._segment_dropped)
-
-    def _launcher(self):
-        """Local worker processes, or worker actors on the cluster's nodes."""
-        if self.cluster is None:
-            return LocalLauncher(
-                self.instance, local_slots(self.config.device, self.config.workers)
-            )
-        from warmserve.controller.launchers.ray_launcher import RayLauncher
-
-        return RayLauncher(self.cluster, self.config.device, self.config.workers)
-
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.launcher = self._launcher()
+        self.launcher = make_launcher(self.config, self.instance, self.cluster)
         self.pool = WorkerPool(
             self.launcher, worker_args_factory(self.config), self._on_event, self._on_death
         )

@@ -92,10 +92,12 @@ class RayStores:
         self.held.pop(node, None)
 
     def nodes_holding(self, key: str) -> set[str]:
+        for node in [node for node in self.held if not self.cluster.alive(node)]:
+            self._node_gone(node)  # its store went with it
         return {
             node
             for node, held in self.held.items()
-            if key in held and (node, key) not in self.filling and self.cluster.alive(node)
+            if key in held and (node, key) not in self.filling
         }
 
     def segments(self, node: str) -> list[WeightSegment]:
