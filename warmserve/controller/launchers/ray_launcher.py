@@ -105,7 +105,6 @@ class RayLauncher:
             num_cpus=0,
             num_gpus=1 if slot.device.startswith("cuda") else 0,
             max_concurrency=ACTOR_THREADS,
-            name=f"warmserve-worker-{args.worker_id}-{time.monotonic_ns()}",
         ).remote()
         worker = RayWorker(actor, slot.node)
         run = actor.run.remote(msgspec.structs.replace(args, curve=self.curve.keys))
