@@ -75,7 +75,7 @@ def model_state(http: httpx.Client, name: str) -> dict:
     return next(m for m in http.get("/admin/models").json() if m["name"] == name)
 
 
-def test_workers_spread_over_the_nodes_and_a_lost_node_takes_only_its_models(
+def test_workers_spread_over_the_nodes_a_lost_node_takes_only_its_models_a_new_one_joins(
     cluster, model_root, tmp_path, capsys
 ):
     ray_cluster, second = cluster
@@ -140,6 +140,22 @@ def test_workers_spread_over_the_nodes_and_a_lost_node_takes_only_its_models(
                 for w in http.get("/admin/workers").json()
             ),
             "a worker on the node that joined",
+        )
+
+        # No node has two workers: a tensor-parallel pair spans two nodes, each rank copying
+        # from its own node's store (the registered models make room).
+        opt_tokenizer = Tokenizer.from_file(str(model_root / "tiny-opt" / "tokenizer.json"))
+        opt_prompt = opt_tokenizer.encode(PROMPT).ids
+        loaded = http.post(
+            "/admin/models", json={"name": "wide", "path": "tiny-opt", "tensor_parallel_size": 2}
+        )
+        assert loaded.status_code == 200, loaded.text
+        workers = http.get("/admin/workers").json()
+        assert len({workers[w]["node"] for w in loaded.json()["workers"]}) == 2
+        answer = complete(http, "wide", opt_prompt, 8)
+        reference = hf_greedy(model_root / "tiny-opt", opt_prompt, 8)
+        assert answer["choices"][0]["text"] == opt_tokenizer.decode(
+            reference, skip_special_tokens=True
         )
 
 

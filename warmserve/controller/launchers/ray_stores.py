@@ -11,7 +11,7 @@ from collections.abc import Callable
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from warmserve.controller.errors import ModelUnavailable
+from warmserve.controller.errors import LoadFailed, ModelUnavailable
 from warmserve.controller.host_stores import Lease
 from warmserve.controller.launchers.ray_actors import StoreAgent
 from warmserve.controller.launchers.ray_cluster import RayCluster
@@ -62,6 +62,8 @@ class RayStores:
         except ray.exceptions.RayActorError:
             self._node_gone(node)
             raise ModelUnavailable(f"the host store of node {node} is gone") from None
+        except ray.exceptions.RayTaskError as exc:  # the checkpoint is not readable there
+            raise LoadFailed(f"node {node} cannot read {key}: {exc.cause}") from None
         held = self.held[node]
         for shm_name in dropped:
             for stored_key, stored in list(held.items()):
