@@ -83,7 +83,7 @@ class RayLauncher:
     async def start(self, on_node_joined) -> list[WorkerSlot]:
         self._loop = asyncio.get_running_loop()
         self._on_node_joined = on_node_joined
-        self.cluster.connect()
+        self.cluster.connect()  # on this (main) thread: see RayCluster.connect
         self.actor_class = ray.remote(WorkerActor)
         nodes = self.cluster.nodes()
         self._known_nodes = {node.id for node in nodes}
@@ -100,6 +100,8 @@ class RayLauncher:
         return self.curve.bind(sock)
 
     def launch(self, args: WorkerArgs, slot: WorkerSlot, on_exit: Callable[[], None]) -> RayWorker:
+        # Pinned to its node. It reserves its GPU, but no Ray CPU: the plan spreads CPU workers
+        # over the nodes itself and sizes their threads to the node's cores.
         actor = self.actor_class.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(slot.node, soft=False),
             num_cpus=0,
