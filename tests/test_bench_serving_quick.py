@@ -88,7 +88,20 @@ def test_bench_trace_quick_counts_refusals_and_loads(tmp_path):
     assert sequential["failed"] == 0, sequential["first_errors"]
     assert sequential["latency_over_ideal"] > 0
     assert set(sequential["ttft_ms"]) == DISTRIBUTION
+    # Every model swapped in once more after an unload, set against its weights' copy floor.
+    assert set(results["swaps"]) == {"m0-tiny", "m1-tiny-opt"}
+    for swap in results["swaps"].values():
+        assert swap["swap_s"] > 0 and swap["floor_s"] > 0 and swap["weights_bytes"] > 0
+        assert swap["load_source"] in ("host-cache", "disk")
+    # One model's room on the worker: the other model's load waits for the stream to end, so
+    # no inter-token gap of the stream overlaps it.
+    beside = results["load_beside_stream"]
+    assert (beside["streamer"], beside["loader"]) == ("m0-tiny", "m1-tiny-opt")
+    assert beside["idle_itl_p99_ms"] > 0
+    assert not beside["loaded_alongside"]
+    assert beside["gaps_during_load"] == 0 and beside["met"]
     assert "## `warmserve bench trace`" in markdown
+    assert "A load beside a stream" in markdown
 
 
 def test_update_section_replaces_its_own_section_only(tmp_path):

@@ -14,7 +14,7 @@ from warmserve.controller.placement import (
     choose_workers,
     room_may_come,
 )
-from warmserve.controller.pool import StartupError
+from warmserve.controller.pool import StartupError, WorkerHandle
 
 GIB = 2**30
 
@@ -30,25 +30,53 @@ def test_a_model_goes_to_a_node_whose_store_holds_it_even_with_less_free_memory(
     assert choose_workers(rooms, 1, 5 * GIB, preferred={"b"}) == [0]  # b has no room for it
 
 
-def test_a_tensor_parallel_group_stays_on_one_node():
-    # Two empty workers in all, but on two nodes of two workers each: the group waits.
-    busy = deployment("busy", GIB, 1.0)
-    rooms = [room(0, "a", 9), room(1, "a", 9, busy), room(2, "b", 9), room(3, "b", 9, busy)]
-    assert choose_workers(rooms, 2, GIB) is None
-    assert not room_may_come(rooms, 2, 9.5 * GIB)
-    rooms[3] = room(3, "b", 9)
-    assert sorted(choose_workers(rooms, 2, GIB)) == [2, 3]
-    # Among nodes with room, the one whose store holds the model.
-    rooms[1] = room(1, "a", 9)
-    assert sorted(choose_workers(rooms, 2, GIB, preferred={"a"})) == [0, 1]
+def test_a_tensor_parallel_group_takes_a_block_of_one_node():
+    # Workers 0 and 3 have room, but on two nodes: each node's block has a full worker.
+    rooms = [room(0, "a", 9), room(1, "a", 2), room(2, "b", 2), room(3, "b", 9)]
+    assert choose_workers(rooms, 2, 5 * GIB) is None
+    assert not room_may_come(rooms, 2, 5 * GIB)
+    # A block shares its workers with single-worker models; among blocks with room, the one on
+    # the node whose store holds the model.
+    small = deployment("small", GIB, 1.0)
+    rooms[1] = room(1, "a", 8, small)
+    assert choose_workers(rooms, 2, GIB) == [0, 1]
+    assert choose_workers(rooms, 2, GIB, preferred={"b"}) == [2, 3]
+
+
+def test_blocks_are_cut_per_node_and_stay_put_while_a_worker_restarts():
+    # Node b's workers are 1 and 2: a block, though 0..1 would be the pool's first pair.
+    rooms = [room(0, "a", 9), room(1, "b", 9), room(2, "b", 9)]
+    assert choose_workers(rooms, 2, GIB) == [1, 2]
+    # Worker 2 restarts (not ready): its block waits; 1 never pairs with 3 meanwhile, which
+    # would put two groups of one size with different leads on worker 3.
+    rooms = [room(0, "a", 9), room(1, "b", 9), room(2, "b", 9), room(3, "b", 9), room(4, "b", 9)]
+    rooms[2] = WorkerRoom(2, 0, 0, (), "b", ready=False)
+    assert choose_workers(rooms, 2, GIB) == [3, 4]
 
 
 def test_a_group_larger_than_any_node_spans_nodes_whole_nodes_first():
     rooms = [room(0, "a", 9), room(1, "a", 9), room(2, "b", 9), room(3, "c", 9), room(4, "c", 9)]
     # No node has three workers: the group takes node a whole, then one of c's.
-    assert sorted(choose_workers(rooms, 3, GIB)) == [0, 1, 3]
-    rooms.append(room(5, "c", 9))  # now node c has three: the group stays there
-    assert sorted(choose_workers(rooms, 3, GIB)) == [3, 4, 5]
+    assert choose_workers(rooms, 3, GIB) == [0, 1, 3]
+    # That group holds its workers alone among groups: another group of three finds no room,
+    # a pair (which fits a node) no block, until it goes.
+    wide = spanning_group("wide", {0: "a", 1: "a", 3: "c"})
+    rooms = [room(r.id, r.node, 8, wide) if r.id in (0, 1, 3) else r for r in rooms]
+    assert choose_workers(rooms, 3, GIB) is None
+    assert choose_workers(rooms, 2, GIB) is None
+    assert choose_evictions(rooms, 2, GIB, [wide]) == [wide]
+    # Once node c has three workers, groups of three stay there.
+    rooms = [room(0, "a", 9), room(1, "a", 9), room(2, "b", 9)]
+    rooms += [room(3, "c", 9), room(4, "c", 9), room(5, "c", 9)]
+    assert choose_workers(rooms, 3, GIB) == [3, 4, 5]
+
+
+def spanning_group(name: str, workers: dict[int, str]):
+    group = deployment(name, GIB, 1.0, tp=len(workers))
+    group.handles = [
+        WorkerHandle(worker, WorkerSlot("cpu", node), "cpu") for worker, node in workers.items()
+    ]
+    return group
 
 
 def test_evictions_for_a_group_empty_workers_of_one_node():

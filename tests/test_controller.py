@@ -1,5 +1,6 @@
 """The worker pool and controller with real worker processes (CPU, two workers): the seeds'
-three scenarios, placement by memory, tensor parallelism and the host weight store."""
+three scenarios, placement by memory and the host weight store (tensor parallelism:
+test_tensor_parallel.py)."""
 
 from __future__ import annotations
 
@@ -140,29 +141,6 @@ def test_several_models_share_one_worker_and_each_matches_transformers(checkpoin
     for (name, prompt), output in zip(jobs, outputs, strict=True):
         prompt_ids = ModelTokenizer(checkpoints[name]).encode(prompt)
         assert output == hf_greedy(checkpoints[name], prompt_ids, GREEDY.max_tokens), name
-
-
-def test_tensor_parallel_two_workers_equals_one(checkpoints):
-    path = str(checkpoints["llama"])
-
-    async def scenario(controller):
-        before = pids(controller)
-        await controller.load("solo", path)
-        solo = [await generate_ids(controller, "solo", p) for p in PROMPTS]
-        await controller.unload("solo")
-        loaded = await controller.load("sharded", path, tensor_parallel_size=2)
-        assert loaded.workers == [0, 1]
-        sharded = await asyncio.gather(*(generate_ids(controller, "sharded", p) for p in PROMPTS))
-        await controller.unload("sharded")
-        # The same workers take single-worker models again after the group is gone.
-        await controller.load("solo", path)
-        again = await generate_ids(controller, "solo", PROMPTS[0])
-        assert pids(controller) == before
-        return solo, sharded, again
-
-    solo, sharded, again = run_controller(scenario)
-    assert sharded == solo
-    assert again == solo[0]
 
 
 def test_bad_checkpoint_and_forbidden_path_leave_workers_idle(checkpoints):

@@ -1,6 +1,6 @@
 """The tcp:// sockets of a cluster pool: only a peer with the workers' CURVE key pair is heard
-(events) or dealt commands; anyone else on the network fails the handshake. Real ZeroMQ sockets,
-no workers."""
+(events, tensor-parallel steps) or dealt commands; anyone else on the network fails the
+handshake. Real ZeroMQ sockets, no workers."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from warmserve.controller.launchers.curve import CurveServer
+from warmserve.curve import as_client
+from warmserve.protocol import CurveKeys, JoinGroup, LeaveGroup, peer_encoder
+from warmserve.worker.peers import PeerLinks
 
 HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -90,3 +93,43 @@ def test_only_the_workers_key_is_heard_and_dealt_commands():
             context.term()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_workers_peer_inbox_takes_steps_from_the_workers_alone():
+    """The inbox where a tensor-parallel rank takes its lead's steps, bound on a tcp:// port of
+    its node: another worker's links get through, nothing else on the network does."""
+    # Two workers: a context each, as two processes have (one ZAP handler per context).
+    context, lead_context = zmq.Context(), zmq.Context()
+    server_public, _ = zmq.curve_keypair()
+    keys = CurveKeys(server_public, *zmq.curve_keypair())
+    follower = PeerLinks(context, "tcp://127.0.0.1:*", keys)
+    lead = PeerLinks(lead_context, "tcp://127.0.0.1:*", keys)
+    monitor = follower.inbox.get_monitor_socket(HANDSHAKE_EVENTS)
+    intruders = []
+    try:
+        assert follower.address.startswith("tcp://127.0.0.1:")
+        for kind, refusal in (
+            ("plain", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL),
+            ("forged", zmq.EVENT_HANDSHAKE_FAILED_AUTH),
+        ):
+            intruder = context.socket(zmq.PUSH)
+            intruder.linger = 0
+            if kind == "forged":
+                as_client(intruder, keys.client_public, *zmq.curve_keypair())
+            intruder.connect(follower.address)
+            intruder.send(peer_encoder.encode(LeaveGroup("injected")))
+            intruders.append(intruder)
+            assert monitor.poll(10_000)
+            assert parse_monitor_message(monitor.recv_multipart())["event"] == refusal
+        lead.send([follower.address], JoinGroup("wide"))
+        assert follower.inbox.poll(10_000)
+        assert follower.receive() == JoinGroup("wide")
+        assert not follower.inbox.poll(200)  # nothing the intruders sent
+    finally:
+        follower.inbox.disable_monitor()
+        for sock in (*intruders, monitor):
+            sock.close(linger=0)
+        lead.close()
+        follower.close()
+        lead_context.term()
+        context.term()

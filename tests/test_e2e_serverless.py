@@ -126,6 +126,17 @@ def test_simultaneous_first_requests_share_one_load(server, http):
     assert all(output["usage"]["completion_tokens"] == MAX_TOKENS for output in outputs)
 
 
+def test_no_room_held_by_explicit_loads_is_503_with_retry_after(server, http):
+    for name, path in (("x-llama", "tiny-llama"), ("x-qwen3", "tiny-qwen3")):
+        loaded = http.post("/admin/models", json={"name": name, "path": path})
+        assert loaded.status_code == 200, loaded.text
+    refused = http.post("/admin/models", json={"name": "x-opt", "path": "tiny-opt"})
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "no_capacity" and "x-llama" in error["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+
+
 def test_runtime_registration_and_unregistration(server, http):
     entry = {"name": "late", "path": "tiny-opt", "keep_alive": "2m"}
     registered = http.post("/admin/registry", json=entry)

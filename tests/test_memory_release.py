@@ -22,6 +22,7 @@ def make_worker(delay: float = 0.25) -> Worker:
         memory_release_delay_s=delay,
         num_threads=None,
         parent_pid=0,
+        peer_address="",
     )
     return Worker(args, commands=None, events=None)
 
@@ -39,7 +40,7 @@ def test_cpu_unload_releases_nothing_later():
     worker = make_worker()
     replies = []
     worker.reply = lambda command_id, **fields: replies.append(fields)
-    worker.unload(UnloadModel(1, "absent"))
+    worker.take_unload(UnloadModel(1, "absent"))
     assert worker.release_due is None  # a CPU worker's memory goes with the model
     assert set(replies[0]["phases"]) == {"close_s", "leave_group_s"}
 

@@ -59,18 +59,26 @@ def test_one_worker_models_go_where_most_memory_is_free():
     assert choose_workers(rooms, 1, 8 * GIB) is None
 
 
-def test_tensor_parallel_models_take_empty_workers_and_nothing_joins_them():
-    wide = deployment("wide", 2 * GIB, 1.0, tp=2)
+def test_tensor_parallel_models_share_workers_in_aligned_blocks():
+    wide = deployment("wide", 2 * GIB, 1.0, tp=2)  # on workers 0 and 1
     small = deployment("small", GIB, 1.0)
     rooms = [
         WorkerRoom(0, 10 * GIB, 8 * GIB, (wide,)),
-        WorkerRoom(1, 10 * GIB, 9 * GIB, (small,)),
-        WorkerRoom(2, 10 * GIB, 5 * GIB, ()),
+        WorkerRoom(1, 10 * GIB, 7 * GIB, (wide, small)),
+        WorkerRoom(2, 10 * GIB, 3 * GIB, ()),
+        WorkerRoom(3, 10 * GIB, 9 * GIB, ()),
     ]
-    assert choose_workers(rooms, 1, GIB) == [1]  # not worker 0, which the group holds alone
-    assert choose_workers(rooms, 2, GIB) is None  # only one empty worker
-    rooms.append(WorkerRoom(3, 10 * GIB, 10 * GIB, ()))
-    assert sorted(choose_workers(rooms, 2, GIB)) == [2, 3]
+    assert choose_workers(rooms[:2], 1, GIB) == [0]  # beside the group
+    # A second group of two joins the block with room ({2, 3} has 3 GiB on its fuller worker),
+    # with the same lead as the first.
+    assert choose_workers(rooms, 2, 4 * GIB) == [0, 1]
+    assert choose_workers(rooms, 2, GIB) == [0, 1]
+    assert choose_workers(rooms, 2, 8 * GIB) is None
+    # A group of another size never overlaps one: four workers are free only once wide goes.
+    assert choose_workers(rooms, 4, GIB) is None
+    assert choose_evictions(rooms, 4, GIB, [wide, small]) == [wide]
+    assert choose_evictions(rooms, 4, GIB, [small]) == []
+    assert choose_evictions(rooms, 2, 8 * GIB, [wide, small]) == [wide]
 
 
 def test_a_model_no_worker_could_ever_hold_is_refused_with_figures():

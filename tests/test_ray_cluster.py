@@ -143,20 +143,24 @@ def test_workers_spread_over_the_nodes_a_lost_node_takes_only_its_models_a_new_o
         )
 
         # No node has two workers: a tensor-parallel pair spans two nodes, each rank copying
-        # from its own node's store (the registered models make room).
+        # from its own node's store (the registered models make room), the lead sending its
+        # steps to the other rank's CURVE-secured tcp:// inbox. Its reload copies each rank's
+        # shard from the store of the rank's node.
         opt_tokenizer = Tokenizer.from_file(str(model_root / "tiny-opt" / "tokenizer.json"))
         opt_prompt = opt_tokenizer.encode(PROMPT).ids
-        loaded = http.post(
-            "/admin/models", json={"name": "wide", "path": "tiny-opt", "tensor_parallel_size": 2}
+        reference = opt_tokenizer.decode(
+            hf_greedy(model_root / "tiny-opt", opt_prompt, 8), skip_special_tokens=True
         )
-        assert loaded.status_code == 200, loaded.text
-        workers = http.get("/admin/workers").json()
-        assert len({workers[w]["node"] for w in loaded.json()["workers"]}) == 2
-        answer = complete(http, "wide", opt_prompt, 8)
-        reference = hf_greedy(model_root / "tiny-opt", opt_prompt, 8)
-        assert answer["choices"][0]["text"] == opt_tokenizer.decode(
-            reference, skip_special_tokens=True
-        )
+        wide = {"name": "wide", "path": "tiny-opt", "tensor_parallel_size": 2}
+        for source in ("disk", "host-cache"):
+            loaded = http.post("/admin/models", json=wide)
+            assert loaded.status_code == 200, loaded.text
+            assert loaded.json()["source"] == source
+            workers = http.get("/admin/workers").json()
+            assert len({workers[w]["node"] for w in loaded.json()["workers"]}) == 2
+            assert complete(http, "wide", opt_prompt, 8)["choices"][0]["text"] == reference
+            assert http.delete("/admin/models/wide").status_code == 200
+        assert "did not store their shards" not in server.log_path.read_text()
 
 
 def test_without_a_ray_address_ray_is_not_imported(model_root):

@@ -139,12 +139,15 @@ def test_an_aborted_request_leaves_nothing_behind(engine, steps):
 
 
 def test_the_gpu_mask_path_masks_what_the_cpu_kernel_masks():
-    """The torch ops the GPU path uses, run on the CPU, against xgrammar's CPU kernel."""
+    """The torch ops the GPU path uses, run on the CPU, against xgrammar's CPU kernel, on logits
+    made as the model's forward makes them (inference tensors, which refuse in-place updates
+    outside inference mode)."""
     generator = torch.Generator().manual_seed(0)
     vocab = 100  # not a multiple of 32: the last word is partly padding
     bitmask = torch.randint(-(2**31), 2**31 - 1, (4, 4), dtype=torch.int32, generator=generator)
-    logits = torch.randn(4, vocab, generator=generator)
-    by_kernel, by_torch = logits.clone(), logits.clone()
+    with torch.inference_mode():
+        logits = torch.randn(4, vocab, generator=generator)
+        by_kernel, by_torch = logits.clone(), logits.clone()
     apply_token_bitmask(by_kernel, bitmask, [0, 2, 3])
     apply_token_bitmask_with_torch(by_torch, bitmask, [0, 2, 3])
     assert torch.equal(by_kernel, by_torch)

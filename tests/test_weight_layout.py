@@ -1,5 +1,6 @@
 """The host store's segment layout (forward order, stacked projections side by side) and the
-binding of a model's stacked parameters as single views of one copy of it."""
+binding of a model's stacked parameters as single views of one copy of it; a tensor-parallel
+rank's shard stored as one span and bound back from a copy of that span alone."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from warmserve.config import EngineConfig, SamplingParams
+from warmserve.engine.arena import shard_layout, store_shard
 from warmserve.engine.engine import Engine
+from warmserve.layers.parallel import TensorParallelGroup, building
 from warmserve.loader.checkpoint import Checkpoint
 from warmserve.loader.segment_weights import SegmentWeights
 from warmserve.loader.weight_store import HostWeightStore, forward_order
 from warmserve.models.config import ModelConfig
 from warmserve.models.registry import model_class
-from warmserve.models.weights import WeightLoadError, bind_parameters
+from warmserve.models.weights import WeightLoadError, bind_parameters, bind_whole_parameters
 
 
 def test_forward_order_puts_layers_in_numeric_order_and_the_head_last():
@@ -86,6 +89,49 @@ def _meta_model(path):
     config = json.loads((path / "config.json").read_text())
     with torch.device("meta"):
         return model_class(config)(ModelConfig.from_dict(config))
+
+
+def _rank_model(path, rank: int, size: int, device: str = "cpu"):
+    """Rank `rank` of `size`'s shard of the model (built only: no group to run it in)."""
+    config = json.loads((path / "config.json").read_text())
+    with building(TensorParallelGroup(rank, size)), torch.device(device):
+        return model_class(config)(ModelConfig.from_dict(config))
+
+
+def test_each_rank_shard_is_one_span_that_binds_back_by_parameter(checkpoint_factory, store):
+    path = checkpoint_factory("qwen3")
+    tensors = load_file(path / "model.safetensors")
+    ranks = []
+    for rank in range(2):
+        model = _rank_model(path, rank, 2)
+        model.load_weights(tensors.items())
+        ranks.append(model)
+    segment = store.begin_shards("shards", [shard_layout(model) for model in ranks])
+    writer = SegmentWeights(segment)
+    for rank, model in enumerate(ranks):
+        store_shard(model, writer.rank_view(rank))
+    writer.close()
+    store.finish_shards("shards", written=True)
+    assert [shard.offset for shard in segment.ranks] == [0, segment.ranks[1].offset]
+    assert segment.ranks[0].size <= segment.ranks[1].offset and segment.ranks[1].offset % 4096 == 0
+
+    reader = SegmentWeights(segment)
+    try:
+        span = reader.rank_view(1)
+        arena = torch.empty(span.size, dtype=torch.uint8)
+        span.copy_into(arena)  # rank 1's bytes alone
+        bound = _rank_model(path, 1, 2, device="meta")
+        bind_whole_parameters(bound, span.views_into(arena))
+        expected = dict(ranks[1].named_parameters())
+        for name, param in bound.named_parameters():
+            assert torch.equal(param, expected[name]), name
+            assert param.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr()
+        views = span.views_into(arena)
+        del views["model.norm.weight"]
+        with pytest.raises(WeightLoadError, match=r"model\.norm\.weight"):
+            bind_whole_parameters(_rank_model(path, 1, 2, device="meta"), views)
+    finally:
+        reader.close()
 
 
 def test_stacked_parameters_are_single_views_of_the_arena(checkpoint_factory, store):

@@ -21,13 +21,13 @@ class ErrorKind(enum.Enum):
     CHECKPOINT = "checkpoint"  # the checkpoint cannot be read or does not fit its architecture
     INSUFFICIENT_MEMORY = "insufficient_memory"
     INVALID = "invalid"  # the command asks for something this model or worker cannot do
-    BUSY = "busy"  # the worker cannot take this model now (a tensor-parallel group holds it)
     INTERNAL = "internal"
 
 
 class CurveKeys(msgspec.Struct, frozen=True):
     """ZeroMQ CURVE keys (Z85) of a worker's connections over tcp://: the server's public key,
-    which the worker checks, and the key pair the server lets in; nothing without it is heard."""
+    which the worker checks, and the workers' key pair, which the server and the workers' peer
+    inboxes let in; nothing without it is heard (warmserve/curve.py)."""
 
     server_public: bytes
     client_public: bytes
@@ -35,7 +35,7 @@ class CurveKeys(msgspec.Struct, frozen=True):
 
 
 class WorkerArgs(msgspec.Struct, frozen=True):
-    """What a worker process is started with: its identity, its device and two addresses."""
+    """What a worker process is started with: its identity, its device and its addresses."""
 
     worker_id: int
     device: str  # "cpu" or "cuda:N"
@@ -48,6 +48,9 @@ class WorkerArgs(msgspec.Struct, frozen=True):
     memory_release_delay_s: float  # see ServerConfig
     num_threads: int | None
     parent_pid: int  # the process that started the worker: it exits when that one is gone
+    # Where this worker binds the inbox that takes the steps of the tensor-parallel models it
+    # follows (PeerMessage), as its launcher made it; where it is bound comes in WorkerReady.
+    peer_address: str
     curve: CurveKeys | None = None  # set for tcp:// addresses
 
 
@@ -59,12 +62,24 @@ class TensorEntry(msgspec.Struct, array_like=True, frozen=True):
     nbytes: int
 
 
+class RankShard(msgspec.Struct, array_like=True, frozen=True):
+    """One tensor-parallel rank's parameters in a segment: one contiguous span, in forward order,
+    so that loading the rank is one copy."""
+
+    offset: int  # where the span starts in the segment
+    size: int
+    tensors: list[TensorEntry]  # named by parameter, offsets from the span's start
+
+
 class WeightSegment(msgspec.Struct, frozen=True):
-    """A model's weights in host shared memory, as the host weight store laid them out."""
+    """A model's weights in host shared memory, as the host weight store laid them out: the
+    checkpoint's tensors (`tensors`), or a tensor-parallel model's shards, one span per rank
+    (`ranks`)."""
 
     shm_name: str
     size: int
     tensors: list[TensorEntry]
+    ranks: list[RankShard] = []
 
 
 # ---- server -> worker ----------------------------------------------------------------------
@@ -84,11 +99,16 @@ class LoadModel(msgspec.Struct, tag=True, frozen=True):
     dist_init_method: str | None  # tcp://host:port of the group's rendezvous when tp_size > 1
     # What the controller's ledger grants this model on this worker (None: whatever is free).
     memory_budget_bytes: int | None = None
+    # Every rank's peer address, by rank: the lead sends the other ranks their steps there.
+    peer_addresses: list[str] = []
 
 
 class UnloadModel(msgspec.Struct, tag=True, frozen=True):
     command_id: int
     deployment: str
+    # The model failed (a rank died or lost it): each rank drops it at once, without waiting
+    # for the lead to release the group.
+    failed: bool = False
 
 
 class AddRequest(msgspec.Struct, tag=True, frozen=True):
@@ -109,6 +129,16 @@ class RegisterSegment(msgspec.Struct, tag=True, frozen=True):
     segment: WeightSegment
 
 
+class StoreShard(msgspec.Struct, tag=True, frozen=True):
+    """Write this rank's parameters of a loaded tensor-parallel model into its span of a new
+    segment (`segment.ranks[rank]`, laid out as the rank's load reply said)."""
+
+    command_id: int
+    deployment: str
+    segment: WeightSegment
+    rank: int
+
+
 class ForgetSegment(msgspec.Struct, tag=True, frozen=True):
     shm_name: str
 
@@ -118,8 +148,55 @@ class Shutdown(msgspec.Struct, tag=True, frozen=True):
 
 
 WorkerCommand = (
-    LoadModel | UnloadModel | AddRequest | AbortRequest | RegisterSegment | ForgetSegment | Shutdown
+    LoadModel
+    | UnloadModel
+    | AddRequest
+    | AbortRequest
+    | RegisterSegment
+    | StoreShard
+    | ForgetSegment
+    | Shutdown
 )
+
+
+# ---- lead worker -> the other ranks of a tensor-parallel model -----------------------------
+# One socket from the lead to each other rank carries these in order, so a rank runs a model's
+# steps, joins its group and leaves it in the order the lead issued them.
+
+
+class StepInputs(msgspec.Struct, array_like=True):
+    """What every rank needs to run one forward: plain lists, cheap to encode."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    # Rows of input_ids whose logits score a prompt (see engine/logprobs.py); usually none.
+    prompt_rows: list[int] = []
+
+
+class JoinGroup(msgspec.Struct, tag=True, frozen=True):
+    """The lead is forming the model's group now: join it (with the rank's LoadModel)."""
+
+    deployment: str
+
+
+class RunStep(msgspec.Struct, tag=True, frozen=True):
+    deployment: str
+    inputs: StepInputs
+
+
+class LeaveGroup(msgspec.Struct, tag=True, frozen=True):
+    """The lead unloads the model: drop it and leave its group, after a barrier with the other
+    ranks, so that no rank tears the group down under another's last step. (A model that failed
+    is dropped by each rank on its own, on the server's UnloadModel.)"""
+
+    deployment: str
+
+
+PeerMessage = JoinGroup | RunStep | LeaveGroup
 
 
 # ---- worker -> server ----------------------------------------------------------------------
@@ -133,6 +210,7 @@ class WorkerReady(msgspec.Struct, tag=True, frozen=True):
     memory_used_bytes: int
     memory_usable_bytes: int  # what models may take on this worker, all of them together
     warmup_seconds: float
+    peer_address: str = ""  # where its peer inbox is bound (see WorkerArgs.peer_address)
 
 
 class WorkerFailed(msgspec.Struct, tag=True, frozen=True):
@@ -153,6 +231,9 @@ class CommandDone(msgspec.Struct, tag=True, frozen=True):
     max_model_len: int = 0
     seconds: float = 0.0
     phases: dict[str, float] = {}  # where a load's or unload's time went
+    # A tensor-parallel rank loaded from the checkpoint's tensors: how its parameters would lie
+    # in a span of their own (offsets from its start), for the store to keep them so.
+    shard: list[TensorEntry] = []
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True, frozen=True):
@@ -227,3 +308,5 @@ command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(WorkerCommand)
 event_encoder = msgspec.msgpack.Encoder()
 event_decoder = msgspec.msgpack.Decoder(WorkerEvent)
+peer_encoder = msgspec.msgpack.Encoder()
+peer_decoder = msgspec.msgpack.Decoder(PeerMessage)

@@ -10,7 +10,8 @@ latency, requests refused by HTTP status, loads on demand, evictions and unloads
 The all-resident ideal is measured first on the same server: each model in turn is loaded and
 timed alone (nothing else running). A phase's ratio is the sum of its completed requests'
 latencies over the sum of their models' warm latencies: 1.0 means no request paid for a load,
-an eviction or a queue.
+an eviction or a queue. Two phases follow (see bench/trace_swaps.py): each model's swap against
+its copy floor, and a load beside a streaming model.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from warmserve.bench import http_load, options, report
+from warmserve.bench import http_load, options, report, trace_swaps
 from warmserve.bench.server_process import BenchServer
 from warmserve.bench.workloads import random_prompt
 
@@ -115,8 +116,14 @@ def run(args: argparse.Namespace) -> int:
         "lengths": [args.input_len, args.output_len],
     }
     trace = build_trace(names, popularity, args)
+    from warmserve.bench.swap import host_to_device_bandwidth  # torch: only once it runs
+
+    results["h2d_gbps"] = host_to_device_bandwidth(device, 2**28 if args.quick else 2**30)
+    weights = {name: trace_swaps.weights_bytes(root / "trace" / name) for name in names}
     with BenchServer(device, root.resolve(), serve_args, out / "trace-serve.log") as server:
-        results.update(asyncio.run(measure(server.url, names, trace, args)))
+        results.update(
+            asyncio.run(measure(server.url, names, trace, weights, results["h2d_gbps"], args))
+        )
     results["device"] = options.device_name(device)  # after the runs: see device_name
     results["targets"] = [
         {"target": name, "measured": measured, "met": met}
@@ -152,7 +159,7 @@ def build_trace(names: list[str], popularity: list[float], args) -> list[http_lo
     ]
 
 
-async def measure(url: str, names: list[str], trace, args) -> dict:
+async def measure(url: str, names: list[str], trace, weights: dict, h2d_gbps: float, args) -> dict:
     async with http_load.http_client(url) as client:
         send = http_load.http_sender(client)
         ideal = {name: await alone(send, name, args) for name in names}
@@ -179,8 +186,18 @@ async def measure(url: str, names: list[str], trace, args) -> dict:
             phases[phase]["admin_models_after"] = models
             phases[phase]["resident_after"] = [m["name"] for m in models if m["state"] == "loaded"]
             print(f"{description}: {phase_line(phases[phase])}", flush=True)
+        swaps = await trace_swaps.measure_swaps(client, send, names, weights, h2d_gbps, args)
+        # Beside the most popular model, the heaviest other one loads: the longest copy.
+        loader = max(names[1:], key=lambda name: weights[name])
+        beside = await trace_swaps.measure_load_beside_stream(client, send, names[0], loader, args)
         totals = await counters(client)
-    return {"ideal": ideal, "phases": phases, "counters_at_end": totals}
+    return {
+        "ideal": ideal,
+        "phases": phases,
+        "swaps": swaps,
+        "load_beside_stream": beside,
+        "counters_at_end": totals,
+    }
 
 
 async def alone(send: http_load.Sender, name: str, args) -> dict:
@@ -258,6 +275,24 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
     ratio = phases["sequential"]["latency_over_ideal"]
     if ratio is not None:
         rows.append(("sequential: ≤ 1.1 × all-resident ideal", f"{ratio:.2f}x", ratio <= 1.1))
+    swaps = results["swaps"]
+    worst = max(swaps.values(), key=lambda swap: swap["swap_s"] / swap["floor_s"])
+    rows.append(
+        (
+            "each swap ≤ 1.15 × its copy floor + 15 ms",
+            f"worst {worst['swap_s'] * 1e3:.1f} ms vs floor {worst['floor_s'] * 1e3:.1f} ms",
+            all(swap["met"] for swap in swaps.values()),
+        )
+    )
+    beside = results["load_beside_stream"]
+    rows.append(
+        (
+            "ITL p99 while another model loads ≤ idle p99 + 50 ms",
+            f"{report.number(beside['during_load_itl_p99_ms'])} ms vs idle "
+            f"{report.number(beside['idle_itl_p99_ms'])} ms",
+            beside["met"],
+        )
+    )
     if list(results["models"].values()) == ["llama-3.1-8b"] * 8:
         p99 = phases["clients"]["ttft_ms"]["p99"]
         met = p99 is not None and p99 <= 1000
@@ -311,6 +346,35 @@ def render_markdown(results: dict) -> str:
     ]
     lines += ["Each model alone (the ideal):", ""]
     lines += [report.table(["model", "first request ms", "TTFT ms", "latency ms"], rows), ""]
+    rows = [
+        [
+            name,
+            f"{swap['weights_bytes'] / 2**30:.2f}",
+            swap["load_source"] or "–",
+            report.number(swap["floor_s"] * 1e3, 1),
+            f"{report.number(swap['swap_s'] * 1e3, 1)} ({swap['swap_s'] / swap['floor_s']:.2f}x)",
+        ]
+        for name, swap in results["swaps"].items()
+    ]
+    lines += [
+        f"Swaps: each model unloaded, then asked for a completion; the swap is that request's "
+        f"TTFT. Copy floor: the weights over {results['h2d_gbps']:.1f} GB/s (pinned host to "
+        "device, measured before the server started).",
+        "",
+        report.table(["model", "GiB", "loaded from", "copy floor ms", "swap ms (x floor)"], rows),
+        "",
+    ]
+    beside = results["load_beside_stream"]
+    lines += [
+        f"A load beside a stream: {beside['streamer']} streams {beside['stream_tokens']} tokens "
+        f"while {beside['loader']} loads ({report.number(beside['load_s'] * 1e3)} ms from "
+        f"{beside['load_source']}"
+        + ("" if beside["loaded_alongside"] else ", after the stream: no room for both")
+        + f"); {beside['gaps_during_load']} inter-token gaps overlap the load: p99 {report.number(beside['during_load_itl_p99_ms'])} ms, max "
+        f"{report.number(beside['during_load_itl_max_ms'])} ms; alone its ITL p99 is "
+        f"{report.number(beside['idle_itl_p99_ms'])} ms.",
+        "",
+    ]
     lines += [
         "Targets (issue 15) this run can check:",
         "",

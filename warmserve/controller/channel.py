@@ -91,6 +91,4 @@ def load_error(reply) -> ControllerError:
         return NoCapacity(reply.error)
     if reply.error_kind == ErrorKind.INVALID:
         return InvalidRequest(reply.error)
-    if reply.error_kind == ErrorKind.BUSY:
-        return NoCapacity(reply.error)
     return LoadFailed(reply.error or "the worker could not build the model")

@@ -62,11 +62,13 @@ def worker_devices(device: str, workers: int | None) -> list[str]:
     return ["cpu"] * (workers or CPU_WORKERS)
 
 
-def worker_args_factory(config: ServerConfig) -> Callable[[int, WorkerSlot, str, str], WorkerArgs]:
+def worker_args_factory(
+    config: ServerConfig,
+) -> Callable[[int, WorkerSlot, str, str, str], WorkerArgs]:
     """Builds each worker's start-up arguments from the server's configuration."""
     memory_gb = config.worker_memory_gb
 
-    def worker_args(worker_id, slot, command_address, event_address) -> WorkerArgs:
+    def worker_args(worker_id, slot, command_address, event_address, peer_address) -> WorkerArgs:
         cap_gb = memory_gb
         if cap_gb is None and slot.device == "cpu":
             cap_gb = CPU_WORKER_MEMORY_GB
@@ -80,6 +82,7 @@ def worker_args_factory(config: ServerConfig) -> Callable[[int, WorkerSlot, str,
             memory_release_delay_s=config.memory_release_delay_s,
             num_threads=slot.num_threads,
             parent_pid=os.getpid(),
+            peer_address=peer_address,
         )
 
     return worker_args

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from warmserve.controller.launchers.local import LOCAL_NODE
 from warmserve.loader.checkpoint import Checkpoint
 from warmserve.loader.weight_store import HostWeightStore
-from warmserve.protocol import WeightSegment
+from warmserve.protocol import TensorEntry, WeightSegment
 
 
 @dataclass
@@ -36,9 +36,9 @@ class LocalStores:
 
     async def lease(self, node: str, key: str, checkpoint: Checkpoint) -> Lease:
         """`key`'s segment (the checkpoint's resolved path), read from `checkpoint` if needed."""
-        segment = self.store.acquire(key)
-        if segment is not None:
-            return Lease(segment, "host-cache", None, lambda: self.store.release(key))
+        stored = await self.acquire(node, key)
+        if stored is not None:
+            return stored
         started = await asyncio.to_thread(self.store.begin_checkpoint, key, checkpoint)
         if started is None:
             return Lease(None, "disk", None, lambda: None)
@@ -48,6 +48,25 @@ class LocalStores:
         # Seen by whoever awaits it, or by the workers (ready word) if the load fails first.
         filling.add_done_callback(lambda task: task.cancelled() or task.exception())
         return Lease(segment, "disk", filling, lambda: self.store.release(key))
+
+    async def acquire(self, node: str, key: str) -> Lease | None:
+        """`key`'s segment if the store holds it (None: it does not)."""
+        segment = self.store.acquire(key)
+        if segment is None:
+            return None
+        return Lease(segment, "host-cache", None, lambda: self.store.release(key))
+
+    async def begin_shards(
+        self, node: str, key: str, layout: list[list[TensorEntry]]
+    ) -> WeightSegment | None:
+        """A new segment (acquired) with a span per rank, for the ranks to write (see
+        HostWeightStore.begin_shards); None: no room."""
+        return self.store.begin_shards(key, layout)
+
+    async def finish_shards(self, node: str, key: str, written: bool) -> None:
+        """The ranks have written their spans (or failed to: the segment goes); releases it."""
+        self.store.finish_shards(key, written)
+        self.store.release(key)
 
     def nodes_holding(self, key: str) -> set[str]:
         return {LOCAL_NODE} if key in self.store else set()

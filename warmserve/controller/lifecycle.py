@@ -42,6 +42,7 @@ from warmserve.controller.placement import (
 )
 from warmserve.controller.policies import evictable_now, may_go
 from warmserve.controller.pool import WorkerPool
+from warmserve.controller.shards import lease_segments, store_shards
 from warmserve.controller.types import LoadResult
 from warmserve.loader.checkpoint import Checkpoint
 from warmserve.protocol import CommandDone, LoadModel, RegisterSegment, UnloadModel
@@ -98,10 +99,9 @@ class Lifecycle:
         return True
 
     def _rooms(self) -> list[WorkerRoom]:
+        """Every worker of the pool, ready or not: placement's blocks are fixed by them all."""
         rooms = []
         for handle in self.pool.handles:
-            if handle.state != "ready":
-                continue
             residents = tuple(
                 d
                 for d in self.deployments.on_worker(handle.id)
@@ -114,6 +114,7 @@ class Lifecycle:
                     self.ledger.free(handle.id),
                     residents,
                     handle.node,
+                    ready=handle.state == "ready",
                 )
             )
         return rooms
@@ -128,7 +129,7 @@ class Lifecycle:
             while True:
                 async with self._placing:
                     rooms = self._rooms()
-                    if rooms:
+                    if any(room.ready for room in rooms):
                         check_fits_at_all(rooms, len(self.pool.handles), tp, need)
                     holding = self.stores.nodes_holding(deployment.path)
                     chosen = choose_workers(rooms, tp, need, holding)
@@ -211,7 +212,7 @@ class Lifecycle:
             if deployment.state == DeploymentState.FAILED:  # a rank lost it meanwhile
                 raise ModelUnavailable(f"model {name!r} failed while loading: {deployment.error}")
         except BaseException as exc:
-            await self._release_workers(deployment)
+            await self._release_workers(deployment, failed=True)
             self._remove(deployment)
             deployment.state, deployment.error = DeploymentState.FAILED, str(exc)
             deployment.settled.set()
@@ -251,16 +252,16 @@ class Lifecycle:
             raise ModelExists(f"model {name!r} is already {existing.state.value}")
 
     async def _load_on_workers(self, deployment: Deployment, checkpoint: Checkpoint):
-        """Each worker copies from its own node's host store: one lease per node (a
-        tensor-parallel group spans nodes only when no node has enough workers)."""
-        key = deployment.path
+        """Each worker copies from its own node's host store (a tensor-parallel group spans
+        nodes only when no node has enough workers): the node's shards of its ranks, or the
+        checkpoint's tensors (`shards.py`)."""
         leases: dict[str, Lease] = {}
         try:
-            for node in dict.fromkeys(handle.node for handle in deployment.handles):
-                leases[node] = await self.stores.lease(node, key, checkpoint)
+            leases = await lease_segments(self.stores, deployment, checkpoint)
             lead_source = leases[deployment.lead.node].source
             tp = deployment.tensor_parallel_size
             init_method = await self.pool.rendezvous_address(deployment.lead) if tp > 1 else None
+            peers = [handle.peer_address for handle in deployment.handles] if tp > 1 else []
 
             def build(rank: int, command_id: int) -> LoadModel:
                 handle = deployment.handles[rank]
@@ -277,6 +278,7 @@ class Lifecycle:
                     tp_size=tp,
                     dist_init_method=init_method,
                     memory_budget_bytes=self.ledger.held(handle.id, deployment.id),
+                    peer_addresses=peers,
                 )
 
             replies = await self.channel.command(deployment.handles, build)
@@ -293,6 +295,9 @@ class Lifecycle:
         failures = [reply for reply in replies if not isinstance(reply, CommandDone) or reply.error]
         if failures:
             raise load_error(failures[0])
+        if any(reply.shard for reply in replies):
+            shards = [reply.shard for reply in replies]
+            await store_shards(self.stores, self.channel, self.pool, deployment, shards)
         return lead_source, replies
 
     # ---- unload and failure ---------------------------------------------------------------
@@ -326,8 +331,9 @@ class Lifecycle:
         while deployment.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
-    async def _release_workers(self, deployment: Deployment) -> None:
-        """Has each of the deployment's workers drop it, once, and frees its ledger holdings."""
+    async def _release_workers(self, deployment: Deployment, failed: bool = False) -> None:
+        """Has each of the deployment's workers drop it, once, and frees its ledger holdings.
+        `failed`: a load that failed, whose ranks may not all have joined its group."""
         if deployment.workers_released:
             return
         deployment.workers_released = True
@@ -335,7 +341,8 @@ class Lifecycle:
         if owned:
             with contextlib.suppress(ControllerError):
                 replies = await self.channel.command(
-                    owned, lambda rank, command_id: UnloadModel(command_id, deployment.id)
+                    owned,
+                    lambda rank, command_id: UnloadModel(command_id, deployment.id, failed),
                 )
                 lead = replies[0]
                 if isinstance(lead, CommandDone):
@@ -352,11 +359,12 @@ class Lifecycle:
         log.error("model %s failed: %s", deployment.name, reason)
         if deployment.client is not None:
             deployment.client.fail_all(f"model {deployment.name!r} failed: {reason}")
+        # The surviving ranks drop their shard, each on its own (commands to one worker run in
+        # order); also during an unload, whose ranks would wait for a lead that may be gone.
+        for handle in self.owned_handles(deployment):
+            self.pool.send_to(handle, UnloadModel(self.channel.next_id(), deployment.id, True))
         if not deployment.workers_released:
             deployment.workers_released = True
-            for handle in self.owned_handles(deployment):
-                # The surviving ranks drop their shard; commands to one worker run in order.
-                self.pool.send_to(handle, UnloadModel(self.channel.next_id(), deployment.id))
             for handle in deployment.handles:
                 self.ledger.release(handle.id, deployment.id)
         deployment.settled.set()

@@ -2,8 +2,22 @@
 bytes on each, and which idle models to evict when none has room. Pure Python.
 
 Workers live on nodes (hosts). A model goes preferably to a node whose host weight store already
-holds it (its load is then a copy from memory, not a disk read), and a tensor-parallel group
-stays within one node unless the model needs more workers than any node has."""
+holds it (its load is then a copy from memory, not a disk read).
+
+Workers are shared: single-worker models go wherever memory is free, beside tensor-parallel
+models too. A tensor-parallel model of size k takes a block of k workers of one node: each node's
+workers in id order, cut into runs of k (every worker of the pool counts, ready or not, so the
+blocks never shift while a worker restarts). A worker holds the groups of one size only, so two
+groups on one worker always span the same workers and have the same lead (the block's first
+worker). That is what keeps the workers free of deadlock: a lead waits in a collective only for
+the other workers of its block, and those take steps, group formations and releases from that one
+lead alone, in the order it sent them (worker/peers.py), and never wait in a collective of their
+own meanwhile.
+
+A model that needs more workers than any node has spans nodes: whole nodes first, the fewest
+nodes. Such a group holds its workers alone among groups (single-worker models may stay beside
+it), which keeps it free of deadlock without blocks.
+"""
 
 from __future__ import annotations
 
@@ -19,18 +33,27 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class WorkerRoom:
-    """One live worker as placement sees it."""
+    """One worker of the pool as placement sees it; one that is not ready takes nothing."""
 
     id: int
     usable_bytes: int
     free_bytes: int
     residents: tuple[Deployment, ...]  # loading, loaded or unloading there
     node: str = "local"
+    ready: bool = True
 
-    @property
-    def exclusive(self) -> bool:
-        """Held by a tensor-parallel model, which takes its workers alone."""
-        return any(d.tensor_parallel_size > 1 for d in self.residents)
+    def conflicts(self, tp: int, spanning: bool = False) -> list[Deployment]:
+        """The tensor-parallel residents that a group of size `tp` may not join here (none for a
+        single-worker model): groups of another size and groups that span nodes; a group that
+        spans nodes (`spanning`) joins no group."""
+        if tp == 1:
+            return []
+        return [
+            d
+            for d in self.residents
+            if d.tensor_parallel_size > 1
+            and (spanning or d.tensor_parallel_size != tp or _spans_nodes(d))
+        ]
 
 
 def check_fits_at_all(rooms: list[WorkerRoom], worker_count: int, tp: int, need: int) -> None:
@@ -39,7 +62,7 @@ def check_fits_at_all(rooms: list[WorkerRoom], worker_count: int, tp: int, need:
         raise InvalidRequest(
             f"tensor_parallel_size {tp} needs {tp} workers; this server has {worker_count}"
         )
-    largest = max((room.usable_bytes for room in rooms), default=0)
+    largest = max((room.usable_bytes for room in rooms if room.ready), default=0)
     if need > largest:
         raise InvalidRequest(
             f"the model needs {need / GIB:.2f} GiB per worker; the largest worker has "
@@ -48,41 +71,65 @@ def check_fits_at_all(rooms: list[WorkerRoom], worker_count: int, tp: int, need:
         )
 
 
+def node_blocks(rooms: list[WorkerRoom], tp: int) -> list[list[WorkerRoom]]:
+    """The blocks of `tp` workers that a tensor-parallel model may take within a node, in worker
+    order (a block's first worker is the model's lead); a node's last, shorter run takes no
+    group of this size. `rooms`: every worker of the pool, so that the blocks stay put."""
+    found = []
+    for group in _by_node(rooms).values():
+        ordered = sorted(group, key=lambda room: room.id)
+        found += [ordered[start : start + tp] for start in range(0, len(ordered) - tp + 1, tp)]
+    return sorted(found, key=lambda block: block[0].id)
+
+
+def spans_nodes(rooms: list[WorkerRoom], tp: int) -> bool:
+    """Whether a group of size `tp` must span nodes: no node has that many ready workers."""
+    ready = [room for room in rooms if room.ready]
+    return tp > 1 and not any(len(group) >= tp for group in _by_node(ready).values())
+
+
 def choose_workers(
     rooms: list[WorkerRoom], tp: int, need: int, preferred: Iterable[str] = ()
 ) -> list[int] | None:
     """Workers with room now, on a `preferred` node (whose store holds the model) if one has
     room: for one worker, the one with the most free memory (spreading models, and their
-    traffic, over the pool); a tensor-parallel model takes empty workers of one node."""
+    traffic, over the pool); for a tensor-parallel model, the block whose fullest worker has the
+    most free memory, among the blocks no conflicting group holds."""
     preferred = set(preferred)
-    if tp > 1:
-        empty = [room for room in rooms if not room.residents and room.free_bytes >= need]
-        groups = [group for group in _by_node(empty).values() if len(group) >= tp]
-        if groups:
-            best = max(groups, key=lambda group: (group[0].node in preferred, len(group)))
-            return [room.id for room in sorted(best, key=lambda r: -r.free_bytes)[:tp]]
-        if fits_one_node(rooms, tp) or len(empty) < tp:
+    ready = [room for room in rooms if room.ready]
+    if tp == 1:
+        fitting = [room for room in ready if room.free_bytes >= need]
+        if not fitting:
             return None
-        # More workers than any node has: whole nodes first, the fewest nodes.
-        sizes = {node: len(group) for node, group in _by_node(empty).items()}
-        ordered = sorted(empty, key=lambda r: (-sizes[r.node], r.node, -r.free_bytes))
+        return [max(fitting, key=lambda room: (room.node in preferred, room.free_bytes)).id]
+    if spans_nodes(rooms, tp):
+        fitting = [r for r in ready if r.free_bytes >= need and not r.conflicts(tp, True)]
+        if len(fitting) < tp:
+            return None
+        sizes = {node: len(group) for node, group in _by_node(fitting).items()}
+        ordered = sorted(fitting, key=lambda r: (-sizes[r.node], r.node, -r.free_bytes))
         return [room.id for room in ordered[:tp]]
-    fitting = [room for room in rooms if not room.exclusive and room.free_bytes >= need]
+    fitting = [
+        block
+        for block in node_blocks(rooms, tp)
+        if all(room.ready and room.free_bytes >= need and not room.conflicts(tp) for room in block)
+    ]
     if not fitting:
         return None
-    return [max(fitting, key=lambda room: (room.node in preferred, room.free_bytes)).id]
+    best = max(
+        fitting,
+        key=lambda block: (block[0].node in preferred, min(room.free_bytes for room in block)),
+    )
+    return [room.id for room in best]
 
 
-def fits_one_node(rooms: list[WorkerRoom], tp: int) -> bool:
-    """Whether some node has `tp` workers: then a tensor-parallel group stays on one node."""
-    return any(len(group) >= tp for group in _by_node(rooms).values())
-
-
-def _by_node(rooms: Iterable[WorkerRoom]) -> dict[str, list[WorkerRoom]]:
-    groups: dict[str, list[WorkerRoom]] = defaultdict(list)
-    for room in rooms:
-        groups[room.node].append(room)
-    return groups
+def _units(rooms: list[WorkerRoom], tp: int) -> tuple[list[list[WorkerRoom]], int]:
+    """What eviction plans and waits are counted over: ready workers alone (single-worker
+    models, and groups that span nodes, which need `tp` of them) or whole ready blocks; and how
+    many units a model needs."""
+    if tp > 1 and not spans_nodes(rooms, tp):
+        return [b for b in node_blocks(rooms, tp) if all(room.ready for room in b)], 1
+    return [[room] for room in rooms if room.ready], tp
 
 
 def choose_evictions(
@@ -90,76 +137,63 @@ def choose_evictions(
 ) -> list[Deployment]:
     """The least recently used evictable models whose eviction makes room, on the worker (or
     workers) where that evicts the least recently used set; empty when no eviction makes room.
-    A model on several workers frees its bytes on each of them."""
+    A model on several workers frees its bytes on each of them; a tensor-parallel model's
+    workers also lose the groups that conflict with it."""
     allowed = {id(d) for d in evictable}
-    plans: list[tuple[float, str, list[Deployment]]] = []
-    for room in rooms:
-        if tp > 1:
-            if not all(id(d) in allowed for d in room.residents):
-                continue
-            victims = sorted(room.residents, key=_last_used)
-            if room.free_bytes + sum(d.memory_bytes for d in victims) < need:
-                continue
+    spanning = spans_nodes(rooms, tp)
+    units, needed = _units(rooms, tp)
+    plans: list[tuple[float, list[Deployment]]] = []
+    for unit in units:
+        victims: list[Deployment] = []
+        for room in unit:
+            found = _least_recently_used_until(room, tp, need, allowed, spanning)
+            if found is None:
+                break
+            victims += [d for d in found if d not in victims]
         else:
-            if room.exclusive and not all(id(d) in allowed for d in room.residents):
-                continue
-            victims = _least_recently_used_until(room, need, allowed)
-            if victims is None:
-                continue
-        newest = max((_last_used(d) for d in victims), default=0.0)
-        plans.append((newest, room.node, victims))
-    plans.sort(key=lambda plan: plan[0])
-    if tp > 1:
-        return _group_evictions(plans, tp, fits_one_node(rooms, tp))
-    return plans[0][2] if plans else []
-
-
-def _group_evictions(
-    plans: list[tuple[float, str, list[Deployment]]], tp: int, one_node: bool
-) -> list[Deployment]:
-    """The `tp` workers to empty for a tensor-parallel model (on one node when it fits one):
-    those whose victims were used least recently."""
-    if one_node:
-        per_node = [group[:tp] for group in _plans_by_node(plans).values() if len(group) >= tp]
-        if not per_node:
-            return []
-        chosen_plans = min(per_node, key=lambda group: max(plan[0] for plan in group))
-    elif len(plans) < tp:
+            newest = max((_last_used(d) for d in victims), default=0.0)
+            plans.append((newest, victims))
+    if len(plans) < needed:
         return []
-    else:
-        chosen_plans = plans[:tp]
+    plans.sort(key=lambda plan: plan[0])
     chosen: list[Deployment] = []
-    for _, _, victims in chosen_plans:
+    for _, victims in plans[:needed]:
         chosen += [d for d in victims if d not in chosen]
     return chosen
 
 
-def _plans_by_node(plans):
-    groups = defaultdict(list)
-    for plan in plans:
-        groups[plan[1]].append(plan)
-    return groups
-
-
 def _least_recently_used_until(
-    room: WorkerRoom, need: int, allowed: set[int]
+    room: WorkerRoom, tp: int, need: int, allowed: set[int], spanning: bool
 ) -> list[Deployment] | None:
-    free = room.free_bytes
-    victims: list[Deployment] = []
+    """The room's groups that conflict with a group of size `tp`, then its least recently used
+    models until `need` bytes are free; None when what may go is not enough."""
+    victims = room.conflicts(tp, spanning)
+    if not all(id(d) in allowed for d in victims):
+        return None
+    free = room.free_bytes + sum(d.memory_bytes for d in victims)
     for deployment in sorted(room.residents, key=_last_used):
-        if free >= need and not room.exclusive:
+        if free >= need:
             break
-        if id(deployment) not in allowed:
+        if id(deployment) not in allowed or deployment in victims:
             continue
         victims.append(deployment)
         free += deployment.memory_bytes
-    if free < need or (room.exclusive and len(victims) < len(room.residents)):
-        return None
-    return victims
+    return victims if free >= need else None
 
 
 def _last_used(deployment: Deployment) -> float:
     return deployment.last_used or 0.0
+
+
+def _spans_nodes(deployment: Deployment) -> bool:
+    return len({handle.node for handle in deployment.handles}) > 1
+
+
+def _by_node(rooms: Iterable[WorkerRoom]) -> dict[str, list[WorkerRoom]]:
+    groups: dict[str, list[WorkerRoom]] = defaultdict(list)
+    for room in rooms:
+        groups[room.node].append(room)
+    return groups
 
 
 def no_room_message(name: str, need: int, rooms: list[WorkerRoom]) -> str:
@@ -180,16 +214,15 @@ def no_room_message(name: str, need: int, rooms: list[WorkerRoom]) -> str:
 def room_may_come(rooms: list[WorkerRoom], tp: int, need: int) -> bool:
     """Whether memory held now may be freed without anyone unloading a pinned or explicit
     model: by models that may make room (once idle), or by unloads under way."""
-    possible: dict[str, int] = defaultdict(int)
-    for room in rooms:
+    spanning = spans_nodes(rooms, tp)
+
+    def may_come(room: WorkerRoom) -> bool:
         going = [
             d for d in room.residents if d.may_make_room or d.state == DeploymentState.UNLOADING
         ]
-        # A tensor-parallel model needs its workers empty; nothing joins one that holds it.
-        if (tp > 1 or room.exclusive) and len(going) < len(room.residents):
-            continue
-        if room.free_bytes + sum(d.memory_bytes for d in going) >= need:
-            possible[room.node] += 1
-    if tp > 1 and fits_one_node(rooms, tp):
-        return any(count >= tp for count in possible.values())
-    return sum(possible.values()) >= tp
+        if any(d not in going for d in room.conflicts(tp, spanning)):
+            return False
+        return room.free_bytes + sum(d.memory_bytes for d in going) >= need
+
+    units, needed = _units(rooms, tp)
+    return sum(all(may_come(room) for room in unit) for unit in units) >= needed

@@ -37,6 +37,8 @@ class WorkerHandle:
     device: str
     process: LaunchedWorker | None = None
     socket: zmq.Socket | None = None
+    # Where it takes the steps of the tensor-parallel models it follows: as bound, once ready.
+    peer_address: str = ""
     pid: int | None = None
     state: str = "starting"  # starting | ready | dead
     memory_total_bytes: int = 0
@@ -57,7 +59,7 @@ class WorkerPool:
     def __init__(
         self,
         launcher: Launcher,
-        worker_args: Callable[[int, WorkerSlot, str, str], WorkerArgs],
+        worker_args: Callable[[int, WorkerSlot, str, str, str], WorkerArgs],
         on_event: Callable[[object], None],
         on_death: Callable[[int, bool], None],
     ):
@@ -118,10 +120,10 @@ class WorkerPool:
         )
         handle.socket = self.context.socket(zmq.PUSH)
         handle.socket.setsockopt(zmq.LINGER, 0)
-        address = self.launcher.bind(
-            handle.socket, f"worker-{worker_id}-{self.generations[worker_id]}"
-        )
-        args = self.worker_args(worker_id, handle.slot, address, self.event_address)
+        name = f"{worker_id}-{self.generations[worker_id]}"
+        address = self.launcher.bind(handle.socket, f"worker-{name}")
+        peer_address = self.launcher.peer_address(handle.slot, f"peer-{name}")
+        args = self.worker_args(worker_id, handle.slot, address, self.event_address, peer_address)
         self.handles[worker_id] = handle
         handle.process = self.launcher.launch(args, handle.slot, lambda: self._exited(handle))
         handle.pid = handle.process.pid
@@ -165,6 +167,7 @@ class WorkerPool:
                 handle.memory_total_bytes = event.memory_total_bytes
                 handle.memory_used_bytes = event.memory_used_bytes
                 handle.memory_idle_bytes = event.memory_used_bytes
+                handle.peer_address = event.peer_address
                 handle.state = "ready"
                 if not handle.ready.done():
                     handle.ready.set_result(event)

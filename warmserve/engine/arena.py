@@ -1,5 +1,7 @@
 """A model's weights put on the device from a host-store segment without per-tensor work: one
-device allocation (the arena), one bulk copy, parameters bound as views of it.
+device allocation (the arena), one bulk copy, parameters bound as views of it. A tensor-parallel
+rank does the same with its span of a shard segment, which it wrote itself after its first load
+(`shard_layout`, `store_shard`).
 
 On a GPU the copy runs on the worker's copy stream, so that a load never queues the kernels of
 the models already serving on that device behind its copy; the model's first kernel waits for
@@ -12,18 +14,45 @@ import contextlib
 import time
 
 import torch
+from torch import nn
 
 from warmserve.engine.skeletons import SKELETONS, Skeleton
-from warmserve.layers.parallel import tp_world_size
+from warmserve.layers.parallel import current_group, set_group, tp_world_size
 from warmserve.loader.segment_weights import SegmentWeights
+from warmserve.loader.weight_store import TENSOR_ALIGNMENT
+from warmserve.models.weights import parameter_slots
+from warmserve.protocol import TensorEntry
 
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def bindable(weights: SegmentWeights, dtype: torch.dtype) -> bool:
-    """Whether the model's parameters can be views of one copy of the segment: a single rank
-    (no slicing) and the checkpoint's dtype (no conversion)."""
-    return tp_world_size() == 1 and weights.dtypes == {str(dtype).removeprefix("torch.")}
+    """Whether the model's parameters can be views of one copy of the segment: a single rank, or
+    a rank's own shard (no slicing), and the stored dtype (no conversion)."""
+    whole = weights.rank is not None or tp_world_size() == 1
+    return whole and weights.dtypes == {str(dtype).removeprefix("torch.")}
+
+
+def shard_layout(model: nn.Module) -> list[TensorEntry]:
+    """Where this rank's parameters would lie in a span of their own: in the order the model
+    registers them (its forward order), each aligned as the store aligns tensors."""
+    entries, cursor = [], 0
+    for name, (module, attribute) in parameter_slots(model).items():
+        param = module._parameters[attribute]
+        cursor = -(-cursor // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
+        dtype = str(param.dtype).removeprefix("torch.")
+        entries.append(TensorEntry(name, dtype, list(param.shape), cursor, param.nbytes))
+        cursor += param.nbytes
+    return entries
+
+
+def store_shard(model: nn.Module, span: SegmentWeights) -> None:
+    """Writes the rank's parameters into its span, as `shard_layout` laid it out."""
+    slots = parameter_slots(model)
+    with torch.inference_mode():
+        for entry in span.entries:
+            module, attribute = slots[entry.name]
+            span.write(entry, module._parameters[attribute].detach())
 
 
 def model_on_arena(
@@ -37,8 +66,10 @@ def model_on_arena(
     if fresh:
         with torch.device("meta"), default_dtype(dtype):
             skeleton = Skeleton.of(architecture(config))
+    else:  # a rank's kept tree still points at the group of the load it was built for
+        set_group(skeleton.model, current_group())
     built = time.perf_counter()
-    arena = torch.empty(weights.segment.size, dtype=torch.uint8, device=device)
+    arena = torch.empty(weights.size, dtype=torch.uint8, device=device)
     copied = None
     if arena.is_cuda:
         if device not in _copy_streams:

@@ -7,7 +7,7 @@ import gc
 import json
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from warmserve.engine.model_runner import ModelRunner
 from warmserve.engine.scheduler import Scheduler, SchedulerLimits
 from warmserve.engine.sequence import Sequence
 from warmserve.engine.skeletons import SKELETONS, Skeleton
+from warmserve.layers import parallel
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_json
 from warmserve.loader.gguf_tokenizer import tokenizer_json
 from warmserve.loader.segment_weights import SegmentWeights
@@ -28,7 +29,7 @@ from warmserve.models.config import ModelConfig
 from warmserve.models.memory_plan import kv_block_bytes, plan_memory
 from warmserve.models.registry import model_class
 from warmserve.models.weights import WeightLoadError, parameter_slots
-from warmserve.protocol import TokenOutput
+from warmserve.protocol import StepInputs, TokenOutput
 
 if TYPE_CHECKING:
     from warmserve.engine.structured_output import StructuredOutputs
@@ -99,22 +100,27 @@ class Engine:
         memory_budget_bytes: int | None = None,
         eos_token_ids: Iterable[int] = (),
         tokenizer_dir: Path | None = None,
+        group: parallel.TensorParallelGroup = parallel.SINGLE,
+        send_step: Callable[[StepInputs], None] | None = None,
     ) -> Engine:
         """Builds the model on `device` with `weights` (checkpoint tensors, a host-store segment,
         or None for random weights: the worker's warm-up model) and sizes the KV cache.
         `tokenizer_dir` (a folder or a GGUF file) has the tokenizer that structured output
-        needs."""
+        needs. A tensor-parallel rank builds its shard for `group`; the lead sends each step to
+        the other ranks with `send_step`."""
         try:
-            engine = cls._build(
-                raw_config,
-                weights,
-                device=device,
-                dtype=dtype,
-                max_model_len=max_model_len,
-                engine_config=engine_config,
-                memory_budget_bytes=memory_budget_bytes,
-                eos_token_ids=eos_token_ids,
-            )
+            with parallel.building(group):
+                engine = cls._build(
+                    raw_config,
+                    weights,
+                    device=device,
+                    dtype=dtype,
+                    max_model_len=max_model_len,
+                    engine_config=engine_config,
+                    memory_budget_bytes=memory_budget_bytes,
+                    eos_token_ids=eos_token_ids,
+                    send_step=send_step,
+                )
         except BaseException as error:
             # The frames in the error's traceback hold the half-built model: its weights would
             # stay allocated for as long as anyone holds the error (the worker holds it while it
@@ -136,6 +142,7 @@ class Engine:
         engine_config: EngineConfig,
         memory_budget_bytes: int | None,
         eos_token_ids: Iterable[int],
+        send_step: Callable[[StepInputs], None] | None,
     ) -> Engine:
         started = time.perf_counter()
         device = torch.device(device)
@@ -150,6 +157,8 @@ class Engine:
                 architecture.__name__,
                 json.dumps(raw_config, sort_keys=True),
                 str(torch_dtype),
+                parallel.tp_rank(),
+                parallel.tp_world_size(),
             )
             skeleton, weights_ready = model_on_arena(
                 architecture, config, weights, device, torch_dtype, skeleton_key, phases
@@ -186,12 +195,16 @@ class Engine:
             max_model_len=max_model_len,
             budget_bytes=memory_budget_bytes,
         )
-        if memory.num_blocks < 1:
+        # Every rank's cache must hold the block ids that the lead's scheduler hands out, and
+        # the ranks agree before any of them may refuse, or the others would wait for it.
+        group = parallel.current_group()
+        num_blocks = group.smallest(memory.num_blocks)
+        limit = group.smallest(memory.max_model_len)
+        if num_blocks < 1:
             raise InsufficientMemory(
                 f"no memory left for the KV cache: weights take {weights_bytes / 2**20:.0f} MiB "
                 f"of a {(memory_budget_bytes or 0) / 2**20:.0f} MiB budget"
             )
-        num_blocks, limit = memory.num_blocks, memory.max_model_len
         runner = ModelRunner(
             model,
             device,
@@ -202,6 +215,7 @@ class Engine:
             torch_dtype,
             engine_config.max_num_seqs,
             limit,
+            send_step,
         )
         limits = SchedulerLimits(
             max_num_seqs=engine_config.max_num_seqs,
@@ -362,13 +376,15 @@ class Engine:
                 self._forget(seq.request_id)
         return outputs
 
-    def follow(self) -> None:
-        """Non-lead tensor-parallel ranks: mirror the lead's steps until it closes the model."""
-        self.runner.follow()
+    def follow_step(self, inputs: StepInputs) -> None:
+        """Non-lead tensor-parallel ranks: one step of the lead's."""
+        if self.weights_ready is not None:  # the load's copy runs on the copy stream
+            torch.cuda.current_stream(self.runner.device).wait_event(self.weights_ready)
+            self.weights_ready = None
+        self.runner.run_followed(inputs)
 
     def close(self) -> None:
-        """Frees the weights and the KV cache (and releases the other ranks)."""
-        self.runner.release_followers()
+        """Frees the weights and the KV cache."""
         self.runner.close()
         if self.skeleton is not None:
             SKELETONS.keep(self.skeleton_key, self.skeleton)

@@ -1,17 +1,18 @@
 """Runs the model for one scheduled batch: builds the batch metadata, owns the KV cache, samples.
 
-With tensor parallelism the lead rank builds the step and broadcasts it; every rank runs the same
-forward on its shard; only the lead samples.
+With tensor parallelism the lead rank builds the step and sends it to the other ranks (through
+`send_step`, the worker's socket to each); every rank runs the same forward on its shard, decode
+steps from CUDA graphs that hold the group's collectives; only the lead samples.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from warmserve.config import SamplingParams
@@ -20,26 +21,11 @@ from warmserve.engine.cuda_graphs import DecodeGraphs
 from warmserve.engine.sequence import Sequence
 from warmserve.layers.attention import AttentionMetadata
 from warmserve.layers.logits_processors import process_logits
-from warmserve.layers.parallel import tp_rank, tp_world_size
 from warmserve.layers.sampling import sample
-from warmserve.protocol import TokenLogprobs
+from warmserve.protocol import StepInputs, TokenLogprobs
 
 if TYPE_CHECKING:
     from warmserve.engine.structured_output import StructuredOutputs
-
-
-@dataclass
-class StepInputs:
-    """What every rank needs to run one forward: plain lists, cheap to broadcast."""
-
-    input_ids: list[int]
-    positions: list[int]
-    slot_mapping: list[int]
-    query_lens: list[int]
-    context_lens: list[int]
-    block_tables: list[list[int]]
-    # Rows of input_ids whose logits score a prompt (see engine/logprobs.py); usually none.
-    prompt_rows: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -47,9 +33,6 @@ class SampledTokens:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]  # per sequence, when it asks
     prompt_logprobs: list[list[TokenLogprobs] | None]  # per sequence, in its first prefill
-
-
-RELEASE = "release"  # broadcast by the lead when the model is unloaded
 
 
 class ModelRunner:
@@ -64,7 +47,10 @@ class ModelRunner:
         dtype: torch.dtype,
         max_num_seqs: int,
         max_model_len: int,
+        send_step: Callable[[StepInputs], None] | None = None,
     ):
+        """`send_step`: the lead rank of a tensor-parallel model hands each step's inputs to
+        the other ranks with it."""
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -85,10 +71,9 @@ class ModelRunner:
         for index, attention in enumerate(layers):
             attention.k_cache = self.kv_cache[index, 0]
             attention.v_cache = self.kv_cache[index, 1]
-        self.tp_size = tp_world_size()
-        self.is_lead = tp_rank() == 0
+        self.send_step = send_step
         self.decode_graphs = None
-        if device.type == "cuda" and self.tp_size == 1:
+        if device.type == "cuda":
             self.decode_graphs = DecodeGraphs(
                 model, device, max_num_seqs, -(-max_model_len // block_size), block_size, num_blocks
             )
@@ -137,14 +122,9 @@ class ModelRunner:
         if structured_outputs is not None:
             masks = structured_outputs.start_masks(sampled_seqs)
         inputs = self.build_inputs(seqs)
-        if self.tp_size > 1:
-            dist.broadcast_object_list([inputs], src=0)
-        decode = all(n == 1 for n in inputs.query_lens)
-        prompt_hidden = None
-        if decode and self.decode_graphs is not None:
-            logits = self.decode_graphs.run(inputs)
-        else:
-            logits, prompt_hidden = self._forward(inputs)
+        if self.send_step is not None:
+            self.send_step(inputs)
+        logits, prompt_hidden = self._run(inputs)
         if not sampling:  # every sequence ran a prompt chunk
             return SampledTokens([], [], [])
         if len(sampling) < len(seqs):
@@ -173,23 +153,19 @@ class ModelRunner:
             [prompt_logprobs[index] for index in sampling],
         )
 
-    def follow(self) -> None:
-        """Other ranks: runs the lead's steps until the lead releases the model."""
-        while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0)
-            if box[0] == RELEASE:
-                dist.barrier()  # the lead leaves the group only after every rank heard it
-                return
-            _, prompt_hidden = self._forward(box[0])
-            if prompt_hidden is not None:  # its logits are gathered across the ranks
-                with torch.inference_mode():
-                    logprobs.score_prompt_rows(self.model.compute_logits, prompt_hidden, None, 0)
+    def run_followed(self, inputs: StepInputs) -> None:
+        """Other ranks: one step of the lead's, the same collectives in the same order."""
+        _, prompt_hidden = self._run(inputs)
+        if prompt_hidden is not None:  # its logits are gathered across the ranks
+            with torch.inference_mode():
+                logprobs.score_prompt_rows(self.model.compute_logits, prompt_hidden, None, 0)
 
-    def release_followers(self) -> None:
-        if self.tp_size > 1 and self.is_lead:
-            dist.broadcast_object_list([RELEASE], src=0)
-            dist.barrier()
+    def _run(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every rank takes the same path for the same inputs (graphs or eager), so their
+        collectives pair up."""
+        if self.decode_graphs is not None and all(n == 1 for n in inputs.query_lens):
+            return self.decode_graphs.run(inputs), None
+        return self._forward(inputs)
 
     @torch.inference_mode()
     def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from warmserve.loader.segment_weights import SegmentWeights
-from warmserve.models.weights import bind_parameters, parameter_slots
+from warmserve.models.weights import bind_parameters, bind_whole_parameters, parameter_slots
 
 KEPT = 4
 
@@ -37,7 +37,8 @@ class Skeleton:
     def bind(self, weights: SegmentWeights, arena: torch.Tensor) -> None:
         """Makes every parameter a view of `arena`, a device copy of `weights`' segment."""
         if self.layout != weights.layout:
-            bind_parameters(self.model, weights.views_into(arena))
+            bind = bind_parameters if weights.rank is None else bind_whole_parameters
+            bind(self.model, weights.views_into(arena))
             self._record(weights.layout)
             return
         typed = {dtype: arena.view(getattr(torch, dtype)) for dtype in weights.dtypes}

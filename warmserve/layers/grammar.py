@@ -38,6 +38,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
     apply_token_bitmask_with_torch(logits, on_device, rows)
 
 
+@torch.inference_mode()  # the logits come from the model's forward: inference tensors
 def apply_token_bitmask_with_torch(
     logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]
 ) -> None:

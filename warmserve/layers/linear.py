@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from warmserve.layers.parallel import all_reduce, divide, tp_rank, tp_world_size
+from warmserve.layers.parallel import current_group, divide
 
 
 class ShapeMismatch(ValueError):
@@ -54,8 +54,8 @@ class ColumnParallelLinear(LinearBase):
     """Splits the output features; each rank produces its slice of the output."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        self.tp_size = tp_world_size()
-        self.tp_rank = tp_rank()
+        group = current_group()
+        self.tp_size, self.tp_rank = group.size, group.rank
         self.full_out = out_features
         super().__init__(in_features, divide(out_features, self.tp_size, "output size"), bias)
 
@@ -71,7 +71,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     tensor loads into its own rows (its `shard`)."""
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool = False):
-        tp_size = tp_world_size()
+        tp_size = current_group().size
         self.shard_sizes = list(shard_sizes)  # full output size of each projection
         self.rank_sizes = [divide(size, tp_size, "output size") for size in shard_sizes]
         super().__init__(in_features, sum(shard_sizes), bias)
@@ -91,8 +91,8 @@ class RowParallelLinear(LinearBase):
     """Splits the input features; the partial outputs are summed across ranks."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        self.tp_size = tp_world_size()
-        self.tp_rank = tp_rank()
+        self.group = current_group()
+        self.tp_size, self.tp_rank = self.group.size, self.group.rank
         self.full_in = in_features
         super().__init__(divide(in_features, self.tp_size, "input size"), out_features, bias)
 
@@ -107,7 +107,7 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return F.linear(x, self.weight, self.bias)
-        out = all_reduce(F.linear(x, self.weight))
+        out = self.group.all_reduce(F.linear(x, self.weight))
         if self.bias is not None:
             out = out + self.bias
         return out

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from warmserve.layers.linear import check_shape
-from warmserve.layers.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_world_size
+from warmserve.layers.parallel import current_group
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -16,8 +16,8 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
         self.vocab_size = vocab_size
-        self.tp_size = tp_world_size()
-        self.tp_rank = tp_rank()
+        self.group = current_group()
+        self.tp_size, self.tp_rank = self.group.size, self.group.rank
         self.rows_per_rank = -(-vocab_size // self.tp_size)
         self.start = self.tp_rank * self.rows_per_rank
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, dim), requires_grad=False)
@@ -35,14 +35,14 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.rows_per_rank)
         embedded = F.embedding(local.masked_fill(outside, 0), self.weight)
         embedded = embedded.masked_fill(outside.unsqueeze(-1), 0)
-        return all_reduce(embedded)
+        return self.group.all_reduce(embedded)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Projects hidden states to the full vocabulary's logits on every rank (tied heads use
         the embedding itself)."""
         logits = F.linear(hidden, self.weight)
         if self.tp_size > 1:
-            logits = all_gather_last_dim(logits)
+            logits = self.group.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]
 
 

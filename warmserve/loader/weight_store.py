@@ -3,7 +3,9 @@
 The controller owns the store and decides what stays (least recently used copies go first when
 the byte budget is full). A segment holds the checkpoint's tensors in the order a forward pass
 reads them, read from disk in large chunks by several threads; the manifest says where each
-tensor lies.
+tensor lies. A tensor-parallel model's shards get a segment of their own, one contiguous span per
+rank that the ranks write once after their first load (`begin_shards`), so that every later load
+of that model is one copy per rank.
 Workers map a segment read-only by name, so a model unloaded from one worker reloads on any other
 without touching the disk.
 """
@@ -22,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from warmserve.loader.checkpoint import Checkpoint
-from warmserve.protocol import TensorEntry, WeightSegment
+from warmserve.protocol import RankShard, TensorEntry, WeightSegment
 
 SHM_DIR = "/dev/shm"
 ALIGNMENT = 4096  # segment sizes: whole pages
@@ -142,6 +144,41 @@ class HostWeightStore:
                 raise
 
         return segment, fill
+
+    def begin_shards(self, key: str, shards: list[list[TensorEntry]]) -> WeightSegment | None:
+        """A new segment (acquired) with one span per rank for the parameters each rank listed,
+        for the ranks to write; `finish_shards` says when they have. None: no room."""
+        ranks, cursor = [], 0
+        for tensors in shards:
+            size = max((entry.offset + entry.nbytes for entry in tensors), default=0)
+            ranks.append(RankShard(cursor, size, tensors))
+            cursor = _align(cursor + size)
+        size = cursor or ALIGNMENT
+        with self._lock:
+            if not self._make_room(size):
+                return None
+            self._counter += 1
+            shm_name = f"warmserve-{self.instance}-{self._counter}"
+        mapping = _create_shm(shm_name, size)
+        ready = _create_shm(ready_name(shm_name), READY_WORD.size)
+        segment = WeightSegment(shm_name=shm_name, size=size, tensors=[], ranks=ranks)
+        with self._lock:
+            self._entries[key] = _Stored(
+                segment, mapping, ready, in_use=1, last_used=time.monotonic()
+            )
+        return segment
+
+    def finish_shards(self, key: str, written: bool) -> None:
+        """The ranks have written their spans (or failed to: the segment goes)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            if written:
+                READY_WORD.pack_into(entry.ready, 0, entry.segment.size)
+            else:
+                READY_WORD.pack_into(entry.ready, 0, READY_FAILED)
+                self._drop(key)
 
     def _make_room(self, size: int) -> bool:
         if size > self.capacity_bytes:

@@ -104,6 +104,25 @@ def bind_parameters(model: nn.Module, views: dict[str, torch.Tensor]) -> None:
         module._parameters[attribute] = nn.Parameter(view, requires_grad=False)
 
 
+def bind_whole_parameters(model: nn.Module, views: dict[str, torch.Tensor]) -> None:
+    """Makes each parameter the view of the same name (a tensor-parallel rank's shard, stored
+    by parameter: stacked and sliced already), for a model built on the meta device."""
+    slots = parameter_slots(model)
+    unknown = sorted(set(views) - set(slots))
+    if unknown:
+        raise WeightLoadError(unknown[0], "tensor not used by this architecture")
+    _check_complete({(name, None) for name in slots if name not in views})
+    for name, view in views.items():
+        module, attribute = slots[name]
+        expected = module._parameters[attribute].shape
+        if view.shape != expected:
+            raise WeightLoadError(
+                name,
+                f"shape {tuple(view.shape)} in the shard, the model expects {tuple(expected)}",
+            )
+        module._parameters[attribute] = nn.Parameter(view, requires_grad=False)
+
+
 def _stacked_view(found: dict[int | None, tuple[str, torch.Tensor]]) -> tuple[str, torch.Tensor]:
     """The one view of a parameter's pieces: the piece itself, or a view spanning adjacent
     shards."""

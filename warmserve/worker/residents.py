@@ -1,5 +1,10 @@
 """The models resident in one worker: building and dropping their engines, routing requests to
-them by deployment id, and stepping them in turn."""
+them by deployment id, and stepping them in turn.
+
+A tensor-parallel model has a process group of its own on every rank; its lead steps it like
+any other model and sends each step to the other ranks, which run it when it reaches them (see
+worker/peers.py) and serve their other models in between.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,12 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
+from warmserve.engine.arena import shard_layout, store_shard
 from warmserve.engine.engine import Engine, InsufficientMemory, RequestRejected, eos_token_ids
+from warmserve.engine.tensor_parallel import DeploymentGroup
 from warmserve.loader.checkpoint import CheckpointError, read_model_config
 from warmserve.loader.segment_weights import SegmentWeights
 from warmserve.models.weights import WeightLoadError
@@ -21,15 +26,17 @@ from warmserve.protocol import (
     AbortRequest,
     AddRequest,
     ErrorKind,
+    LeaveGroup,
     LoadModel,
     ModelLost,
     RequestFailed,
+    RunStep,
     StepOutputs,
+    StoreShard,
+    TensorEntry,
 )
 from warmserve.worker.fair_share import FairShare
-
-# Followers wait in a collective for the lead's next step for as long as the model stays loaded.
-GROUP_TIMEOUT = timedelta(days=30)
+from warmserve.worker.peers import PeerLinks
 
 
 class LoadRefused(Exception):
@@ -44,13 +51,22 @@ class Resident:
     engine: Engine
     tp_rank: int
     tp_size: int
+    group: DeploymentGroup | None = None
+    followers: tuple[str, ...] = ()  # the lead's: the other ranks' peer addresses
 
 
 class ResidentModels:
-    def __init__(self, worker_id: int, device: torch.device, send: Callable[[object], None]):
+    def __init__(
+        self,
+        worker_id: int,
+        device: torch.device,
+        send: Callable[[object], None],
+        peers: PeerLinks | None = None,
+    ):
         self.worker_id = worker_id
         self.device = device
         self.send = send
+        self.peers = peers
         self.resident: dict[str, Resident] = {}
         self.fair_share = FairShare()
 
@@ -95,9 +111,7 @@ class ResidentModels:
         try:
             outputs = model.engine.step()
         except Exception as exc:  # a dead peer or a fault in the model: the model is lost
-            traceback.print_exc()
-            self.drop(key)
-            self.send(ModelLost(self.worker_id, key, f"{type(exc).__name__}: {exc}"))
+            self._lost(key, exc)
             return
         self.fair_share.charge(key, time.perf_counter() - started)
         if outputs:  # the engine's outputs are the protocol's TokenOutputs
@@ -113,36 +127,36 @@ class ResidentModels:
         """Builds the model; refusals and failures leave nothing behind and raise LoadRefused."""
         if command.deployment in self.resident:
             raise LoadRefused(f"{command.deployment} is already resident", ErrorKind.INVALID)
-        in_group = [m.deployment for m in self.resident.values() if m.tp_size > 1]
-        if in_group or (command.tp_size > 1 and self.resident):
-            holder = in_group or list(self.resident)
-            raise LoadRefused(
-                f"a tensor-parallel model takes its workers alone (resident: {holder})",
-                ErrorKind.BUSY,
-            )
+        group = None
+        followers = tuple(command.peer_addresses[1:]) if command.tp_rank == 0 else ()
         try:
+            started = time.perf_counter()
             if command.tp_size > 1:
-                backend = "nccl" if self.device.type == "cuda" else "gloo"
-                dist.init_process_group(
-                    backend,
-                    init_method=command.dist_init_method,
-                    rank=command.tp_rank,
-                    world_size=command.tp_size,
-                    timeout=GROUP_TIMEOUT,
-                    device_id=self.device if self.device.type == "cuda" else None,
+                group = DeploymentGroup.form(
+                    command.dist_init_method, command.tp_rank, command.tp_size, self.device
                 )
-            engine = self._build_engine(command, budget_bytes, segments)
+            formed = time.perf_counter() - started
+            engine = self._build_engine(command, budget_bytes, segments, group, followers)
+            engine.load_phases["group_s"] = formed
         except Exception as exc:
-            self._leave_group()
+            if group is not None:
+                group.close(barrier=False)
             gc.collect()  # a failed build may leave tensors in the traceback's frames
             raise LoadRefused(str(exc), _error_kind(exc)) from None
-        model = Resident(command.deployment, engine, command.tp_rank, command.tp_size)
+        model = Resident(
+            command.deployment, engine, command.tp_rank, command.tp_size, group, followers
+        )
         self.resident[command.deployment] = model
         self.fair_share.add(command.deployment)
         return model
 
     def _build_engine(
-        self, command: LoadModel, budget_bytes: int, segments: dict[str, SegmentWeights]
+        self,
+        command: LoadModel,
+        budget_bytes: int,
+        segments: dict[str, SegmentWeights],
+        group: DeploymentGroup | None,
+        followers: tuple[str, ...],
     ) -> Engine:
         options = dict(
             device=self.device,
@@ -151,6 +165,13 @@ class ResidentModels:
             engine_config=command.engine,
             memory_budget_bytes=budget_bytes,
         )
+        if group is not None:
+            options["group"] = group.group
+        if followers:
+            deployment, peers = command.deployment, self.peers
+            options["send_step"] = lambda inputs: peers.send(
+                list(followers), RunStep(deployment, inputs)
+            )
         if command.segment is None:
             return Engine.from_checkpoint(command.model_dir, **options)
         model_dir, config = read_model_config(command.model_dir)
@@ -158,10 +179,11 @@ class ResidentModels:
         transient = weights is None or not weights.registered
         if weights is None:
             weights = SegmentWeights(command.segment)
+        source = weights.rank_view(command.tp_rank) if command.segment.ranks else weights
         try:
             return Engine.create(
                 config,
-                weights,
+                source,
                 eos_token_ids=eos_token_ids(model_dir, config),
                 tokenizer_dir=model_dir,
                 **options,
@@ -170,41 +192,67 @@ class ResidentModels:
             if transient and command.segment.shm_name not in segments:
                 weights.close()
 
-    def follow(self, model: Resident) -> None:
-        """A follower rank mirrors the lead's steps until the lead releases it (at unload)."""
+    def store_shard(self, command: StoreShard) -> None:
+        """Writes this rank's parameters of a loaded model into its span of a shard segment."""
+        model = self.resident.get(command.deployment)
+        if model is None:
+            raise LookupError(f"{command.deployment} is not resident")
+        weights = SegmentWeights(command.segment)
         try:
-            model.engine.follow()
-        except Exception as exc:
-            self.drop(model.deployment)
-            self.send(ModelLost(self.worker_id, model.deployment, f"{type(exc).__name__}: {exc}"))
+            store_shard(model.engine.runner.model, weights.rank_view(command.rank))
+        finally:
+            weights.close()
 
-    def drop(self, deployment: str) -> dict[str, float]:
-        """Frees one model (and leaves its tensor-parallel group); safe for a model that is not
-        resident. Its memory stays with the caching allocator: the owner decides when the
-        driver gets it. Returns where the time went."""
+    def shard_layout(self, deployment: str) -> list[TensorEntry]:
+        """How a rank's parameters would lie in a span of the host store of their own."""
+        return shard_layout(self.resident[deployment].engine.runner.model)
+
+    def run_step(self, message: RunStep) -> None:
+        """A rank other than the lead: runs one step of the lead's."""
+        model = self.resident.get(message.deployment)
+        if model is None:
+            return  # dropped after a fault; the lead's collective fails and reports it
+        try:
+            model.engine.follow_step(message.inputs)
+        except Exception as exc:
+            self._lost(message.deployment, exc)
+
+    def _lost(self, deployment: str, exc: Exception) -> None:
+        traceback.print_exc()
+        self.drop(deployment, together=False)
+        self.send(ModelLost(self.worker_id, deployment, f"{type(exc).__name__}: {exc}"))
+
+    def drop(self, deployment: str, together: bool = True) -> dict[str, float]:
+        """Frees one model and leaves its tensor-parallel group; safe for a model that is not
+        resident. `together`: the model's ranks leave together (the lead tells the others, and
+        all of them meet at a barrier first); False for a model that failed, which each rank
+        drops on its own. Its memory stays with the caching allocator: the owner decides when
+        the driver gets it. Returns where the time went."""
         started = time.perf_counter()
         model = self.resident.pop(deployment, None)
         self.fair_share.remove(deployment)
-        if model is not None:
-            try:
-                model.engine.close()
-            except Exception:
-                traceback.print_exc()  # a dead peer cannot be released; the memory still goes
+        if model is None:
+            return {"close_s": 0.0, "leave_group_s": 0.0}
+        if model.followers and together:
+            self.peers.send(list(model.followers), LeaveGroup(deployment))
+        try:
+            model.engine.close()
+        except Exception:
+            traceback.print_exc()  # the memory still goes
         closed = time.perf_counter()
-        if model is not None and model.tp_size > 1:
-            self._leave_group()
+        if model.group is not None:
+            try:
+                model.group.close(barrier=together)
+            except Exception:
+                traceback.print_exc()  # a dead peer cannot meet the barrier
+        if model.followers:
+            still_used = {a for m in self.resident.values() for a in m.followers}
+            self.peers.forget(set(model.followers) - still_used)
         return {"close_s": closed - started, "leave_group_s": time.perf_counter() - closed}
 
     def drop_all(self) -> None:
         for deployment in list(self.resident):
-            self.drop(deployment)
-
-    def _leave_group(self) -> None:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                traceback.print_exc()
+            self.drop(deployment, together=False)
 
     def wait_for_copies(self) -> None:
         if self.device.type == "cuda":

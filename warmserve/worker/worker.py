@@ -3,9 +3,11 @@
 The worker knows nothing of the server but two socket addresses: it pulls commands from one and
 pushes events to the other. It holds any number of models, each with its own engine; its loop
 drains the commands, then steps one engine that has work, chosen by fair share of device time
-(`fair_share.py`). With tensor parallelism the lead rank (0) steps the engine and the other ranks
-mirror its steps until the lead releases them at unload; a worker in a tensor-parallel group
-holds that model alone.
+(`fair_share.py`). With tensor parallelism the lead rank (0) steps the engine and sends each step
+to the other ranks (`peers.py`), which run it when their loop reaches it and serve their other
+models in between. The lead also tells them when to form the model's group and when to leave it,
+on the same ordered socket as the steps: a rank never blocks in a group's rendezvous or barrier
+while the lead still waits for it to run an earlier step.
 
 Fault injection: with WARMSERVE_FAIL_WARMUP=1 in its environment a worker fails its warm-up (it
 reports the failure and exits with status 1), so tests and operators can check how the server
@@ -23,18 +25,24 @@ import traceback
 import torch
 import zmq
 
+from warmserve.curve import as_client
 from warmserve.engine.warmup import warm_up
 from warmserve.loader.segment_weights import SegmentWeights
 from warmserve.protocol import (
     AbortRequest,
     AddRequest,
     CommandDone,
+    ErrorKind,
     ForgetSegment,
+    JoinGroup,
+    LeaveGroup,
     LoadModel,
     MemoryReleased,
     RegisterSegment,
+    RunStep,
     SegmentRegistered,
     Shutdown,
+    StoreShard,
     UnloadModel,
     WorkerArgs,
     WorkerFailed,
@@ -43,6 +51,7 @@ from warmserve.protocol import (
     event_encoder,
 )
 from warmserve.worker.device_memory import DeviceMemory
+from warmserve.worker.peers import PeerLinks
 from warmserve.worker.residents import LoadRefused, ResidentModels
 
 IDLE_POLL_MS = 500
@@ -61,28 +70,46 @@ def worker_main(args: WorkerArgs) -> None:
     events = context.socket(zmq.PUSH)
     events.setsockopt(zmq.LINGER, 2000)
     if args.curve is not None:
+        keys = args.curve
         for sock in (commands, events):
-            sock.curve_serverkey = args.curve.server_public
-            sock.curve_publickey = args.curve.client_public
-            sock.curve_secretkey = args.curve.client_secret
+            as_client(sock, keys.server_public, keys.client_public, keys.client_secret)
     commands.connect(args.command_address)
     events.connect(args.event_address)
+    peers = PeerLinks(context, args.peer_address, args.curve)
     try:
-        Worker(args, commands, events).run()
+        Worker(args, commands, events, peers).run()
     finally:
         commands.close(linger=0)
         events.close()
+        peers.close()
         context.term()
 
 
 class Worker:
-    def __init__(self, args: WorkerArgs, commands: zmq.Socket, events: zmq.Socket):
+    def __init__(
+        self,
+        args: WorkerArgs,
+        commands: zmq.Socket,
+        events: zmq.Socket,
+        peers: PeerLinks | None = None,
+    ):
         self.args = args
         self.commands = commands
         self.events = events
+        self.peers = peers
+        self.poller = zmq.Poller()
+        for socket in (commands, peers.inbox if peers else None):
+            if socket is not None:
+                self.poller.register(socket, zmq.POLLIN)
         self.device = torch.device(args.device)
         self.memory = DeviceMemory(self.device, args.memory_cap_bytes, args.gpu_memory_utilization)
-        self.models = ResidentModels(args.worker_id, self.device, self.send)
+        self.models = ResidentModels(args.worker_id, self.device, self.send, peers)
+        # A rank other than the lead of a tensor-parallel model joins its group when both its
+        # LoadModel and the lead's JoinGroup are here (they come on different sockets), and
+        # leaves it when the lead's LeaveGroup comes (its UnloadModel waits for that).
+        self.awaiting_join: dict[str, LoadModel] = {}
+        self.joins_due: set[str] = set()
+        self.awaiting_leave: dict[str, UnloadModel] = {}
         # Host-store segments mapped and registered for DMA, kept across loads.
         self.segments: dict[str, SegmentWeights] = {}
         self.forgotten: set[str] = set()
@@ -114,15 +141,20 @@ class Worker:
                 memory_used_bytes=self.memory_used(),
                 memory_usable_bytes=self.memory.usable(),
                 warmup_seconds=time.perf_counter() - started,
+                peer_address=self.peers.address if self.peers is not None else "",
             )
         )
         while True:
             while self.registered_events:
                 self.send(self.registered_events.pop(0))
+            self.drain_peers()  # first: a lead waits in a collective for these steps
             busy = self.models.busy()
-            if self.commands.poll(0 if busy else self.idle_poll_ms()):
+            ready = dict(self.poller.poll(0 if busy else self.idle_poll_ms()))
+            if self.commands in ready:
                 if not self.drain_commands():
                     return
+            elif ready:
+                continue  # a peer message: handled at the top of the loop
             elif busy:
                 self.models.step_next(busy)
             elif self.release_due is not None and time.monotonic() >= self.release_due:
@@ -140,6 +172,19 @@ class Worker:
             self.handle(command)
             if not self.commands.poll(0):
                 return True
+
+    def drain_peers(self) -> None:
+        while self.peers is not None and (message := self.peers.receive()) is not None:
+            if isinstance(message, RunStep):
+                self.models.run_step(message)
+            elif isinstance(message, JoinGroup):
+                command = self.awaiting_join.pop(message.deployment, None)
+                if command is None:
+                    self.joins_due.add(message.deployment)
+                else:
+                    self.load(command)
+            elif isinstance(message, LeaveGroup):
+                self.unload(self.awaiting_leave.pop(message.deployment, None), message.deployment)
 
     def idle_poll_ms(self) -> int:
         if self.release_due is None:
@@ -180,12 +225,20 @@ class Worker:
         elif isinstance(command, AbortRequest):
             self.models.abort_request(command)
         elif isinstance(command, LoadModel):
-            self.load(command)
+            self.take_load(command)
         elif isinstance(command, UnloadModel):
-            self.unload(command)
+            self.take_unload(command)
         elif isinstance(command, RegisterSegment):
             if self.memory.on_gpu:
                 threading.Thread(target=self.register, args=(command.segment,), daemon=True).start()
+        elif isinstance(command, StoreShard):
+            try:
+                self.models.store_shard(command)
+            except Exception as exc:
+                traceback.print_exc()
+                self.reply(command.command_id, error=str(exc), error_kind=ErrorKind.INTERNAL)
+            else:
+                self.reply(command.command_id)
         elif isinstance(command, ForgetSegment):
             self.forget(command.shm_name)
 
@@ -218,6 +271,35 @@ class Worker:
 
     # ---- load and unload ------------------------------------------------------------------
 
+    def take_load(self, command: LoadModel) -> None:
+        if command.tp_rank == 0:
+            if command.tp_size > 1:
+                self.peers.send(command.peer_addresses[1:], JoinGroup(command.deployment))
+            self.load(command)
+        elif command.deployment in self.joins_due:
+            self.joins_due.discard(command.deployment)
+            self.load(command)
+        else:
+            self.awaiting_join[command.deployment] = command
+
+    def take_unload(self, command: UnloadModel) -> None:
+        model = self.models.resident.get(command.deployment)
+        if model is not None and model.tp_rank > 0 and not command.failed:
+            self.awaiting_leave[command.deployment] = command  # see drain_peers
+            return
+        waiting = self.awaiting_join.pop(command.deployment, None)
+        if waiting is not None:  # its lead is gone before the group formed
+            self.reply(
+                waiting.command_id,
+                error="the model was unloaded before its group formed",
+                error_kind=ErrorKind.INTERNAL,
+            )
+        self.joins_due.discard(command.deployment)
+        earlier = self.awaiting_leave.pop(command.deployment, None)
+        self.unload(command, command.deployment, together=not command.failed)
+        if earlier is not None:
+            self.reply(earlier.command_id)
+
     def load(self, command: LoadModel) -> None:
         started = time.perf_counter()
         budget = self.memory.free(self.models.footprint_bytes())
@@ -236,19 +318,23 @@ class Worker:
             model_bytes=resident.engine.footprint_bytes,
             seconds=time.perf_counter() - started,
             phases=resident.engine.load_phases,
+            # The store keeps a rank's shard once it has one: until then, each load slices.
+            shard=self.models.shard_layout(command.deployment)
+            if command.tp_size > 1 and command.segment is not None and not command.segment.ranks
+            else [],
         )
-        if resident.tp_rank > 0:
-            self.models.follow(resident)
 
-    def unload(self, command: UnloadModel) -> None:
+    def unload(self, command: UnloadModel | None, deployment: str, together: bool = True) -> None:
+        """Drops the model, and replies to `command` (None: the server has not asked yet)."""
         started = time.perf_counter()
-        phases = self.models.drop(command.deployment)
+        phases = self.models.drop(deployment, together)
         if self.memory.on_gpu:
             if self.args.memory_release_delay_s <= 0:
                 self.release_memory()
             else:
                 self.release_due = time.monotonic() + self.args.memory_release_delay_s
-        self.reply(command.command_id, seconds=time.perf_counter() - started, phases=phases)
+        if command is not None:
+            self.reply(command.command_id, seconds=time.perf_counter() - started, phases=phases)
 
     def reply(self, command_id: int, **fields) -> None:
         self.send(

@@ -52,6 +52,12 @@ class Launcher(Protocol):
         the address a worker connects to."""
         ...
 
+    def peer_address(self, slot: WorkerSlot, name: str) -> str:
+        """Where the worker in `slot` binds its peer inbox, which the other workers' send
+        tensor-parallel steps to: reachable from them, and secured like `bind`'s sockets (the
+        port may be left to ZeroMQ, `tcp://host:*`: the worker reports where it bound)."""
+        ...
+
     def launch(
         self, args: WorkerArgs, slot: WorkerSlot, on_exit: Callable[[], None]
     ) -> LaunchedWorker:

@@ -1,24 +1,17 @@
-"""Server sockets reachable from the network, secured with ZeroMQ CURVE.
-
-The server makes two key pairs per instance: its own, and the one its workers present. Every
-server socket is a CURVE server, and a ZAP handler lets in only the workers' public key, so a
-peer without the key can neither send the server events nor take a worker's commands (a PUSH
-socket would otherwise deal commands to any peer that connects); the worker in turn checks the
-server's public key. The keys travel to the workers in their start-up arguments.
+"""The server's sockets reachable from the network: CURVE servers that let in the workers' key
+alone, so a peer without it can neither send the server events nor take a worker's commands (a
+PUSH socket would otherwise deal commands to any peer that connects). `warmserve/curve.py` says
+how both ends use the keys; they travel to the workers in their start-up arguments.
 """
 
 from __future__ import annotations
-
-import logging
 
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
+from warmserve.curve import ZAP_DOMAIN, OneKey, as_server
 from warmserve.protocol import CurveKeys
-
-log = logging.getLogger("warmserve.controller")
-ZAP_DOMAIN = "warmserve"
 
 
 class CurveServer:
@@ -34,29 +27,13 @@ class CurveServer:
         self.keys = CurveKeys(self._server_public, client_public, client_secret)
         self.authenticator = AsyncioAuthenticator(context)
         self.authenticator.start()
-        self.authenticator.configure_curve_callback(ZAP_DOMAIN, _OneKey(client_public))
+        self.authenticator.configure_curve_callback(ZAP_DOMAIN, OneKey(client_public))
 
     def bind(self, sock: zmq.Socket) -> str:
         """Binds `sock` to a free port on `host` as a CURVE server; returns its address."""
-        sock.curve_server = True
-        sock.curve_secretkey = self._server_secret
-        sock.zap_domain = ZAP_DOMAIN.encode()
+        as_server(sock, self._server_secret)
         port = sock.bind_to_random_port(f"tcp://{self.host}")
         return f"tcp://{self.host}:{port}"
 
     def close(self) -> None:
         self.authenticator.stop()
-
-
-class _OneKey:
-    """The ZAP handler's credentials check: the workers' public key and no other."""
-
-    def __init__(self, allowed: bytes):
-        self.allowed = allowed
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        """`key`: the peer's public key, Z85-encoded."""
-        if key == self.allowed:
-            return True
-        log.warning("refused a connection with an unknown CURVE key")
-        return False

@@ -60,6 +60,9 @@ class LocalLauncher:
         sock.bind(address)
         return address
 
+    def peer_address(self, slot: WorkerSlot, name: str) -> str:
+        return f"ipc://{self.socket_dir}/{name}"
+
     def launch(
         self, args: WorkerArgs, slot: WorkerSlot, on_exit: Callable[[], None]
     ) -> LocalWorker:

@@ -28,7 +28,7 @@ import ray
 from warmserve.controller.shared_memory import new_instance_name, remove_stale_instances
 from warmserve.loader.checkpoint import Checkpoint
 from warmserve.loader.weight_store import HostWeightStore
-from warmserve.protocol import WeightSegment, WorkerArgs
+from warmserve.protocol import TensorEntry, WeightSegment, WorkerArgs
 
 WORKER_MODULE = "warmserve.controller.launchers.worker_process"
 
@@ -75,8 +75,26 @@ class StoreAgent:
             if started is not None:
                 segment, fill = started
                 self.fills[key] = self.readers.submit(fill)
+        return segment, source, self._take_dropped()
+
+    def acquire(self, key: str) -> tuple[WeightSegment | None, list[str]]:
+        """The node's segment for `key` if it holds one, acquired; and the shm names dropped."""
+        return self.store.acquire(key), self._take_dropped()
+
+    def begin_shards(
+        self, key: str, layout: list[list[TensorEntry]]
+    ) -> tuple[WeightSegment | None, list[str]]:
+        """A new segment (acquired) for tensor-parallel ranks on this node to write their
+        spans into; and the shm names dropped to make room."""
+        return self.store.begin_shards(key, layout), self._take_dropped()
+
+    def finish_shards(self, key: str, written: bool) -> None:
+        self.store.finish_shards(key, written)
+        self.store.release(key)
+
+    def _take_dropped(self) -> list[str]:
         dropped, self.dropped = self.dropped, []
-        return segment, source, dropped
+        return dropped
 
     def filled(self, key: str) -> None:
         """Returns once the segment of the last lease of `key` is read (raises if that failed)."""

@@ -2,10 +2,10 @@
 
 One actor per GPU on every node (on CPU, `--workers N` spread over the nodes), each pinned to
 its node and starting the worker as its child process (`ray_actors.py` says why). Workers reach
-the server over tcp:// sockets secured with CURVE (`curve.py`). A watcher thread waits on every
-actor's run: an actor that ends (its worker exited, or its node died) is reported like a local
-process that exits; the same thread looks at the cluster every few seconds and starts the
-workers of nodes that join.
+the server, and each other (the steps of tensor-parallel models), over tcp:// sockets secured
+with CURVE (`curve.py`). A watcher thread waits on every actor's run: an actor that ends (its
+worker exited, or its node died) is reported like a local process that exits; the same thread
+looks at the cluster every few seconds and starts the workers of nodes that join.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class RayLauncher:
         self._running: dict[ray.ObjectRef, tuple[RayWorker, Callable[[], None]]] = {}
         self._lock = threading.Lock()
         self._known_nodes: set[str] = set()
+        self._node_ips: dict[str, str] = {}  # the address other nodes reach each node by
         self._on_node_joined: Callable[[list[WorkerSlot]], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = threading.Event()
@@ -87,6 +88,7 @@ class RayLauncher:
         self.actor_class = ray.remote(WorkerActor)
         nodes = self.cluster.nodes()
         self._known_nodes = {node.id for node in nodes}
+        self._node_ips = {node.id: node.address for node in nodes}
         self.device = cluster_device(nodes, self.device)
         slots = plan_workers(nodes, self.device, self.workers)
         log.info("Ray cluster: %d node(s), %d %s worker(s)", len(nodes), len(slots), self.device)
@@ -98,6 +100,11 @@ class RayLauncher:
         if self.curve is None:
             self.curve = CurveServer(sock.context, self.cluster.ip)
         return self.curve.bind(sock)
+
+    def peer_address(self, slot: WorkerSlot, name: str) -> str:
+        """A port ZeroMQ picks on the worker's node, where the other workers reach it; the
+        worker's inbox is a CURVE server (warmserve/curve.py)."""
+        return f"tcp://{self._node_ips[slot.node]}:*"
 
     def launch(self, args: WorkerArgs, slot: WorkerSlot, on_exit: Callable[[], None]) -> RayWorker:
         # Pinned to its node. It reserves its GPU, but no Ray CPU: the plan spreads CPU workers
@@ -161,6 +168,7 @@ class RayLauncher:
             if node.id in self._known_nodes:
                 continue
             self._known_nodes.add(node.id)
+            self._node_ips[node.id] = node.address
             slots = joined_workers(node, self.device)
             log.info("node %s (%s) joined: %d worker(s)", node.id, node.address, len(slots))
             if slots and not self._closing.is_set():

@@ -16,7 +16,7 @@ from warmserve.controller.host_stores import Lease
 from warmserve.controller.launchers.ray_actors import StoreAgent
 from warmserve.controller.launchers.ray_cluster import RayCluster
 from warmserve.loader.checkpoint import Checkpoint
-from warmserve.protocol import WeightSegment
+from warmserve.protocol import TensorEntry, WeightSegment
 
 log = logging.getLogger("warmserve.controller")
 # Leases and the waits for their reads run side by side in an agent.
@@ -58,20 +58,13 @@ class RayStores:
         path on every node) when it holds no copy."""
         agent = self._agent(node)
         try:
-            segment, source, dropped = await agent.lease.remote(key, key)
-        except ray.exceptions.RayActorError:
-            self._node_gone(node)
-            raise ModelUnavailable(f"the host store of node {node} is gone") from None
+            segment, source, dropped = await self._call(node, agent.lease, key, key)
         except ray.exceptions.RayTaskError as exc:  # the checkpoint is not readable there
             raise LoadFailed(f"node {node} cannot read {key}: {exc.cause}") from None
-        held = self.held[node]
-        for shm_name in dropped:
-            for stored_key, stored in list(held.items()):
-                if stored.shm_name == shm_name:
-                    del held[stored_key]
-            self.on_drop(node, shm_name)
+        self._dropped(node, dropped)
         if segment is None:
             return Lease(None, source, None, lambda: None)
+        held = self.held[node]
         held[key] = segment
         filled = None
         if source == "disk":
@@ -79,6 +72,53 @@ class RayStores:
             filled = asyncio.ensure_future(self._filled(node, key, agent))
             filled.add_done_callback(lambda task: task.cancelled() or task.exception())
         return Lease(segment, source, filled, lambda: agent.release.remote(key))
+
+    async def acquire(self, node: str, key: str) -> Lease | None:
+        """`key`'s segment on `node` if its store holds it in full (None: it does not)."""
+        if key not in self.held.get(node, {}) or (node, key) in self.filling:
+            return None
+        agent = self._agent(node)
+        segment, dropped = await self._call(node, agent.acquire, key)
+        self._dropped(node, dropped)
+        if segment is None:
+            return None
+        return Lease(segment, "host-cache", None, lambda: agent.release.remote(key))
+
+    async def begin_shards(
+        self, node: str, key: str, layout: list[list[TensorEntry]]
+    ) -> WeightSegment | None:
+        """A new segment (acquired) on `node` for its ranks to write; None: no room."""
+        segment, dropped = await self._call(node, self._agent(node).begin_shards, key, layout)
+        self._dropped(node, dropped)
+        if segment is not None:
+            self.held[node][key] = segment
+            self.filling.add((node, key))  # not leased until the ranks have written it
+        return segment
+
+    async def finish_shards(self, node: str, key: str, written: bool) -> None:
+        """The ranks have written their spans (or failed to: the segment goes); releases it."""
+        self.filling.discard((node, key))
+        if not written:
+            self.held.get(node, {}).pop(key, None)
+        if node in self.agents:
+            await self._call(node, self.agents[node].finish_shards, key, written)
+
+    async def _call(self, node: str, method, *args):
+        """A call to `node`'s agent; its node gone is the model's loss, not the server's."""
+        try:
+            return await method.remote(*args)
+        except ray.exceptions.RayActorError:
+            self._node_gone(node)
+            raise ModelUnavailable(f"the host store of node {node} is gone") from None
+
+    def _dropped(self, node: str, shm_names: list[str]) -> None:
+        """Segments the node's store dropped to make room: they are no longer held there."""
+        held = self.held.get(node, {})
+        for shm_name in shm_names:
+            for stored_key, stored in list(held.items()):
+                if stored.shm_name == shm_name:
+                    del held[stored_key]
+            self.on_drop(node, shm_name)
 
     async def _filled(self, node: str, key: str, agent) -> None:
         try:
