@@ -252,9 +252,7 @@ def decode_kernels(report, shape, family, batch, context=512):
         device="cuda",
         dtype="bfloat16",
         max_model_len=context + 64,
-        engine_config=EngineConfig(
-            max_num_seqs=batch, max_num_batched_tokens=8192, max_kv_cache_bytes=64 * GIB
-        ),
+        engine_config=EngineConfig(max_num_seqs=batch, max_num_batched_tokens=8192),
     )
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     for index in range(batch):

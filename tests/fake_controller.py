@@ -31,6 +31,8 @@ VOCAB_SIZE = 100
 MODEL = "m"  # the model the `client` fixture (conftest.py) loads
 # Each fake worker has room for one fake model.
 MODEL_BYTES = WORKER_USABLE_BYTES = 1 << 30
+# A resident model's KV cache and its worker's KV pool, as a worker would report them.
+KV_MAPPED_BYTES, KV_USED_BYTES, KV_POOL_FREE_BYTES = 64 << 20, 16 << 20, 256 << 20
 
 
 class FakeTokenizer:
@@ -77,6 +79,7 @@ class FakeController:
                 0,
                 WORKER_USABLE_BYTES,
                 1 << 30,
+                kv_pool_free_bytes=KV_POOL_FREE_BYTES,
             )
             for i in range(workers)
         ]
@@ -119,7 +122,9 @@ class FakeController:
             raise NoCapacity("no room: explicitly loaded models hold the memory")
         chosen = free[:tensor_parallel_size]
         for worker in chosen:
-            worker.models.append(ResidentModel(name, MODEL_BYTES, "loaded"))
+            worker.models.append(
+                ResidentModel(name, MODEL_BYTES, "loaded", KV_MAPPED_BYTES, KV_USED_BYTES)
+            )
             worker.memory_used_bytes += MODEL_BYTES
             worker.memory_free_bytes -= MODEL_BYTES
         self.loads_seen += 1

@@ -27,7 +27,9 @@ def make_engine(path, max_model_len: int = 256, **engine_config) -> Engine:
     )
     # A new cache holds whatever its memory held before; NaN makes any read of a slot that was
     # never written show up in the outputs.
-    engine.runner.kv_cache.fill_(float("nan"))
+    for k_cache, v_cache in engine.kv_region.layer_caches:
+        k_cache.fill_(float("nan"))
+        v_cache.fill_(float("nan"))
     return engine
 
 
@@ -66,8 +68,9 @@ def random_prompts(lengths, vocab_size: int = 512, seed: int = 0) -> list[list[i
 
 def assert_all_blocks_free(engine: Engine) -> None:
     manager = engine.scheduler.block_manager
-    assert manager.num_free_blocks == manager.num_blocks
-    assert all(block.ref_count == 0 for block in manager.blocks)
+    assert manager.num_used_blocks == 0
+    assert manager.num_free_blocks == manager.num_blocks - manager.num_scratch_blocks
+    assert all(block.ref_count == 0 for block in manager.blocks[manager.num_scratch_blocks :])
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import logging
 import math
 
 import pytest
-from fake_controller import MODEL
+from fake_controller import KV_MAPPED_BYTES, KV_POOL_FREE_BYTES, KV_USED_BYTES, MODEL
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -345,7 +345,16 @@ def test_models_and_admin_listings(client):
     assert {"id", "pid", "node", "device", "state", "models", "memory_free_bytes"} <= set(
         workers[0]
     )
-    assert workers[0]["models"] == [{"name": MODEL, "memory_bytes": 1 << 30, "state": "loaded"}]
+    assert workers[0]["models"] == [
+        {
+            "name": MODEL,
+            "memory_bytes": 1 << 30,
+            "state": "loaded",
+            "kv_mapped_bytes": KV_MAPPED_BYTES,
+            "kv_used_bytes": KV_USED_BYTES,
+        }
+    ]
+    assert workers[0]["kv_pool_free_bytes"] == KV_POOL_FREE_BYTES
 
 
 def test_metrics_count_requests_tokens_swaps_and_pool(client, controller):
@@ -374,6 +383,11 @@ def test_metrics_count_requests_tokens_swaps_and_pool(client, controller):
     assert samples[("warmserve_worker_state", (("state", "dead"), ("worker", "0")))] == 0
     resident = (("model", MODEL), ("worker", "0"))
     assert samples[("warmserve_model_resident_bytes", resident)] == 1 << 30
+    assert samples[("warmserve_model_kv_mapped_bytes", resident)] == KV_MAPPED_BYTES
+    assert samples[("warmserve_model_kv_used_bytes", resident)] == KV_USED_BYTES
+    assert (
+        samples[("warmserve_worker_kv_pool_free_bytes", (("worker", "0"),))] == KV_POOL_FREE_BYTES
+    )
     assert samples[("warmserve_model_requests_queued", (("model", MODEL),))] == 0
     assert ("warmserve_host_cache_bytes", ()) in samples
 

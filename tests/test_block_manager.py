@@ -182,3 +182,65 @@ def test_register_full_blocks_hashes_each_block_once_with_its_prefix():
     assert manager.blocks[seq.block_table[0]].hash == first_hash
     assert manager.blocks[seq.block_table[1]].token_ids == (5, 6, 7, 8)
     assert set(manager.hash_to_block.values()) == set(seq.block_table)
+
+
+def test_the_lowest_free_block_is_handed_out_first():
+    manager = BlockManager(num_blocks=8, block_size=BLOCK_SIZE, enable_prefix_caching=False)
+    seqs = [make_seq(list(range(4)), f"s{index}") for index in range(4)]
+    for seq in seqs:
+        manager.allocate(seq)
+    assert [seq.block_table for seq in seqs] == [[0], [1], [2], [3]]
+    manager.free(seqs[2])
+    manager.free(seqs[0])
+    again = make_seq(list(range(8)), "again")
+    manager.allocate(again)
+    assert again.block_table == [0, 2]
+    assert manager.blocks_in_use_end() == 4
+
+
+def test_a_cache_asks_to_grow_before_it_refuses():
+    asked = []
+
+    def grow(missing: int) -> int:
+        asked.append(missing)
+        return 2 + missing + 1  # one block more than asked
+
+    manager = BlockManager(num_blocks=2, block_size=BLOCK_SIZE, grow=grow)
+    seq = make_seq(list(range(16)))
+    assert manager.can_allocate(seq)
+    assert asked == [2] and manager.num_blocks == 5
+    manager.allocate(seq)
+    assert manager.num_free_blocks == 1
+
+
+def test_shrinking_drops_the_free_tail_and_its_cached_prefixes_but_never_a_held_block():
+    manager = BlockManager(num_blocks=8, block_size=BLOCK_SIZE)
+    held = make_seq(list(range(20, 28)), "held")
+    kept = make_seq(list(range(1, 9)), "kept")
+    dropped = make_seq(list(range(40, 48)), "dropped")
+    for seq in (held, kept, dropped):
+        manager.allocate(seq)
+        computed(manager, seq)
+    manager.free(kept)  # blocks 2 and 3, cached
+    manager.free(dropped)  # blocks 4 and 5, cached
+    with pytest.raises(ValueError):
+        manager.shrink(1)
+    manager.shrink(4)
+    assert manager.num_blocks == 4 and manager.num_free_blocks == 2
+    assert sorted(manager.hash_to_block.values()) == [0, 1, 2, 3]
+    again = make_seq(list(range(1, 9)), "again")
+    manager.allocate(again)
+    assert again.num_computed_tokens == 7 and again.block_table == [2, 3]
+    manager.free(again)
+    gone = make_seq(list(range(40, 48)), "gone")
+    manager.allocate(gone)
+    assert gone.num_computed_tokens == 0
+
+
+def test_a_cache_grows_again_after_it_shrank():
+    manager = BlockManager(num_blocks=4, block_size=BLOCK_SIZE, grow=lambda missing: 6)
+    manager.shrink(1)
+    seq = make_seq(list(range(12)))
+    assert manager.can_allocate(seq) and manager.num_blocks == 6
+    manager.allocate(seq)
+    assert seq.block_table == [0, 1, 2]

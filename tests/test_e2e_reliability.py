@@ -30,9 +30,9 @@ MODELS = {
     "n-qwen3": "tiny-qwen3",
     "n-opt": "tiny-opt",
 }
-# Each worker holds about two of the tiny models (27 to 45 MB each): six models on two workers
+# Each worker holds about two of the tiny models (about 12 MB each): six models on two workers
 # must share, queue and evict.
-WORKER_MEMORY_GB = 0.086
+WORKER_MEMORY_GB = 0.028
 REGISTRY = "models:\n" + "".join(
     f"  - name: {name}\n    path: {path}\n" for name, path in MODELS.items()
 )

@@ -74,13 +74,13 @@ def test_batched_requests_equal_their_solo_runs(llama_path, solo_completions):
 def test_preemption_recomputes_without_changing_outputs(llama_path, solo_completions):
     block_size = 8
     probe = make_engine(llama_path, block_size=block_size)
-    bytes_per_block = probe.runner.kv_cache_bytes // probe.runner.num_blocks
+    bytes_per_block = probe.kv_region.block_bytes
     # Room for the longest request (60 tokens) and little more.
     num_blocks = 10
     engine = make_engine(
         llama_path, block_size=block_size, kv_cache_bytes=num_blocks * bytes_per_block
     )
-    assert engine.runner.num_blocks == num_blocks
+    assert engine.scheduler.block_manager.num_free_blocks == num_blocks
     steps = record_schedules(engine)
     add_all(engine)
 

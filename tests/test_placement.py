@@ -13,6 +13,7 @@ from warmserve.controller.placement import (
     check_fits_at_all,
     choose_evictions,
     choose_workers,
+    room_may_come,
 )
 from warmserve.controller.policies import evictable_now
 from warmserve.worker.fair_share import FairShare
@@ -97,6 +98,17 @@ def test_evictions_free_just_enough_least_recently_used_models():
     # Only what may be evicted counts: with old held (pinned, busy...), middle and new go.
     assert choose_evictions(rooms, 1, 6 * GIB, [middle, new]) == [middle, new]
     assert choose_evictions(rooms, 1, 11 * GIB, [old, middle, new]) == []
+
+
+def test_an_eviction_frees_the_kv_cache_its_sequences_held_beyond_its_footprint():
+    # The worker counts a busy model's grown KV cache as taken: 3 GiB footprint + 2 GiB held
+    # leave 1 GiB free of 6; evicting it frees all 5.
+    busy = deployment("busy", 3 * GIB, 1.0)
+    busy.kv_held_bytes = 2 * GIB
+    rooms = [WorkerRoom(0, 6 * GIB, GIB, (busy,))]
+    assert choose_evictions(rooms, 1, 5 * GIB, [busy]) == [busy]
+    assert room_may_come(rooms, 1, 6 * GIB)
+    assert not room_may_come(rooms, 1, 7 * GIB)
 
 
 def test_evictions_prefer_the_worker_whose_models_were_used_longest_ago():

@@ -171,7 +171,7 @@ def test_a_seeded_request_gives_the_same_tokens_alone_and_batched(llama_path, pr
 
 def _bytes_for_blocks(path, num_blocks: int, block_size: int = 4) -> int:
     probe = make_engine(path, block_size=block_size)
-    return num_blocks * probe.runner.kv_cache_bytes // probe.runner.num_blocks
+    return num_blocks * probe.kv_region.block_bytes
 
 
 def test_sampling_parameters_are_validated():

@@ -147,11 +147,11 @@ def test_the_newest_sequence_is_preempted_when_blocks_run_out_and_recomputed_lat
     assert list(scheduler.waiting) == [newer]
     scheduler.finish_step(batch, [EOS])  # older finishes and frees its blocks
 
-    # Recomputed with the generated tokens it keeps. Its prompt block is still in the prefix
-    # cache; its block of generated tokens went to older for the ninth token.
+    # Recomputed with the generated tokens it keeps, all of them: older took the lowest free
+    # block for its ninth token, which was newer's prompt block (no longer in the cache).
     assert scheduler.schedule() == [newer]
     assert newer.output_token_ids == [FILLER] * 5
-    assert (newer.num_computed_tokens, newer.num_new_tokens) == (4, 5)
+    assert (newer.num_computed_tokens, newer.num_new_tokens) == (0, 9)
 
 
 def test_a_lone_sequence_that_outgrows_the_cache_is_preempted_not_failed():
@@ -244,3 +244,26 @@ def test_abort_of_running_and_waiting_sequences():
     assert not scheduler.has_unfinished()
     assert scheduler.abort("waiting") is None
     assert scheduler.abort("unknown") is None
+
+
+def test_the_cache_grows_before_a_sequence_is_preempted_and_preempts_once_it_cannot():
+    grants = iter([6, 6])  # the pool gives two more blocks once, then nothing more
+
+    def grow(missing: int) -> int:
+        return next(grants, manager.num_blocks)
+
+    manager = BlockManager(4, BLOCK_SIZE, grow=grow)
+    limits = SchedulerLimits(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=128)
+    scheduler = Scheduler(limits, manager, eos_token_ids=[EOS])
+    older, newer = make_seq("older", 4), make_seq("newer", 4)
+    for seq in (older, newer):
+        scheduler.add(seq)
+    for _ in range(6):
+        step(scheduler)
+    # Third blocks for both (9 tokens): the cache grew from 4 to 6 instead of preempting.
+    assert manager.num_blocks == 6 and scheduler.num_preemptions == 0
+    assert len(older.block_table) == len(newer.block_table) == 3
+    for _ in range(4):
+        step(scheduler)
+    # Fourth blocks: no growth left, so the newest sequence is preempted.
+    assert scheduler.num_preemptions == 1 and newer.status is SequenceStatus.WAITING

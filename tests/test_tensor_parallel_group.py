@@ -28,12 +28,13 @@ def build_rank(rank: int, init_method: str, path: str, kv_budgets: list[int], re
         for kv_bytes in kv_budgets:
             try:
                 engine = Engine.from_checkpoint(
-                    path, group=group.group, engine_config=EngineConfig(max_kv_cache_bytes=kv_bytes)
+                    path, group=group.group, engine_config=EngineConfig(kv_cache_bytes=kv_bytes)
                 )
             except InsufficientMemory as exc:
                 outcomes.append(type(exc).__name__)
                 continue
-            outcomes.append((engine.runner.num_blocks, engine.max_model_len))
+            # The scratch block aside, as many blocks as its cache may ever hold.
+            outcomes.append((engine.kv_region.max_blocks - 1, engine.max_model_len))
             engine.close()
     except Exception:
         traceback.print_exc()
@@ -63,11 +64,9 @@ def test_ranks_agree_on_the_kv_cache_and_on_refusing(llama_path):
     rank0, rank1 = run_ranks(llama_path, [[256 * KIB, 256 * KIB], [64 * KIB, 0]])
     assert rank0[0] == rank1[0]
     blocks, _ = rank1[0]
-    alone = Engine.from_checkpoint(
-        llama_path, engine_config=EngineConfig(max_kv_cache_bytes=64 * KIB)
-    )
+    alone = Engine.from_checkpoint(llama_path, engine_config=EngineConfig(kv_cache_bytes=64 * KIB))
     # Each rank holds half the KV heads: the smaller budget holds twice one worker's blocks.
-    assert blocks == 2 * alone.runner.num_blocks
+    assert blocks == 2 * (alone.kv_region.max_blocks - 1)
     alone.close()
     # One rank has no room: both refuse, neither waits for the other.
     assert rank0[1] == rank1[1] == InsufficientMemory.__name__

@@ -172,12 +172,14 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     block_size: int = 16
-    # KV cache budget; None: sized from the worker's free memory at load time, up to
-    # max_kv_cache_bytes. The cache is allocated uninitialised, so its size costs a swap nothing;
-    # the cap bounds what a model's footprint claims of its worker. 8 GiB holds 64 sequences of
-    # 1,000 tokens of an 8B model (128 KiB a token): 4 GiB made 64 such streams preempt.
+    # A fixed KV cache size; None (the default): the cache is elastic, drawn from the worker's
+    # KV pool as the model needs blocks, up to what the other models leave free.
     kv_cache_bytes: int | None = None
-    max_kv_cache_bytes: int = 8 * 2**30
+    # The KV cache a model always keeps (and placement counts in its footprint): this many
+    # tokens, or its whole context if shorter; a request this long always runs. 4,096 tokens of
+    # an 8B model is 512 MiB, so eight such models fit on one H200 beside their weights (at
+    # --gpu-memory-utilization 0.92).
+    min_kv_tokens: int = 4096
 
 
 CPU_WORKER_MEMORY_GB = 4.0

@@ -175,6 +175,8 @@ class StepInputs(msgspec.Struct, array_like=True):
     block_tables: list[list[int]]
     # Rows of input_ids whose logits score a prompt (see engine/logprobs.py); usually none.
     prompt_rows: list[int] = []
+    # The lead's KV block count: the other ranks map as many pages before they run the step.
+    kv_blocks: int = 0
 
 
 class JoinGroup(msgspec.Struct, tag=True, frozen=True):
@@ -293,6 +295,24 @@ class MemoryReleased(msgspec.Struct, tag=True, frozen=True):
     memory_free_bytes: int
 
 
+class ModelKV(msgspec.Struct, array_like=True, frozen=True):
+    mapped_bytes: int  # pages of the worker's KV pool mapped into the model's cache
+    used_bytes: int  # blocks that sequences hold (cached prefixes not counted)
+    # Mapped beyond the model's footprint and not reclaimable (blocks in use hold it): the
+    # worker's free memory is that much lower until the sequences end, or the model goes.
+    held_beyond_footprint_bytes: int
+
+
+class KVUsage(msgspec.Struct, tag=True, frozen=True):
+    """The worker's KV pool now, sent when it changed (at most a few times a second): each
+    resident model's cache, what the pool may still map, and what is free for another model."""
+
+    worker_id: int
+    pool_free_bytes: int
+    memory_free_bytes: int
+    models: dict[str, ModelKV]  # deployment id -> its cache
+
+
 WorkerEvent = (
     WorkerReady
     | WorkerFailed
@@ -302,6 +322,7 @@ WorkerEvent = (
     | ModelLost
     | SegmentRegistered
     | MemoryReleased
+    | KVUsage
 )
 
 command_encoder = msgspec.msgpack.Encoder()

@@ -1,6 +1,7 @@
 """Per-model placement figures, read from the controller at scrape time: what each resident model
-takes on each worker, each worker's free and usable memory, each model's admission queue (its
-length now and how long requests waited in it) and how often it was evicted."""
+takes on each worker and its KV cache there, each worker's free and usable memory and KV pool,
+each model's admission queue (its length now and how long requests waited in it) and how often
+it was evicted."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ class ModelCollector:
     def collect(self):
         resident = GaugeMetricFamily(
             "warmserve_model_resident_bytes",
-            "Memory a model takes on a worker (weights, KV cache, activations)",
+            "A model's footprint on a worker (weights, activations, its minimum KV cache)",
             labels=["model", "worker"],
         )
         free = GaugeMetricFamily(
@@ -29,11 +30,30 @@ class ModelCollector:
             "Memory of a worker that models may take, all together",
             labels=["worker"],
         )
+        kv_mapped = GaugeMetricFamily(
+            "warmserve_model_kv_mapped_bytes",
+            "A model's KV cache on a worker: pages of the worker's KV pool it has mapped",
+            labels=["model", "worker"],
+        )
+        kv_used = GaugeMetricFamily(
+            "warmserve_model_kv_used_bytes",
+            "A model's KV cache blocks that running sequences hold",
+            labels=["model", "worker"],
+        )
+        pool_free = GaugeMetricFamily(
+            "warmserve_worker_kv_pool_free_bytes",
+            "What the KV caches of a worker's models may still map without taking from each other",
+            labels=["worker"],
+        )
         for worker in self.controller.workers():
             free.add_metric([str(worker.id)], worker.memory_free_bytes)
             usable.add_metric([str(worker.id)], worker.memory_usable_bytes)
+            pool_free.add_metric([str(worker.id)], worker.kv_pool_free_bytes)
             for model in worker.models:
-                resident.add_metric([model.name, str(worker.id)], model.memory_bytes)
+                labels = [model.name, str(worker.id)]
+                resident.add_metric(labels, model.memory_bytes)
+                kv_mapped.add_metric(labels, model.kv_mapped_bytes)
+                kv_used.add_metric(labels, model.kv_used_bytes)
         queued = GaugeMetricFamily(
             "warmserve_model_requests_queued",
             "Requests waiting for their model to be loaded",
@@ -47,7 +67,8 @@ class ModelCollector:
         for model in self.controller.models():
             queued.add_metric([model.name], model.requests_queued)
             evictions.add_metric([model.name], model.evictions)
-        yield from (resident, free, usable, queued, evictions, self._queue_waits())
+        yield from (resident, free, usable, kv_mapped, kv_used, pool_free, queued, evictions)
+        yield self._queue_waits()
 
     def _queue_waits(self) -> HistogramMetricFamily:
         stats = self.controller.queue_stats

@@ -262,13 +262,9 @@ def decode_timings(
         device=device,
         max_model_len=max_len,
         # Room for every sequence's whole context: the step time of a full batch is measured.
-        engine_config=EngineConfig(
-            max_num_seqs=max(batches), max_num_batched_tokens=8192, max_kv_cache_bytes=64 * GIB
-        ),
+        engine_config=EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=8192),
     )
-    attention = engine.runner.model.attention_layers()
-    kv_per_token = 2 * len(attention) * attention[0].num_kv_heads * attention[0].head_dim
-    kv_per_token *= engine.runner.kv_cache.element_size()
+    kv_per_token = engine.kv_region.block_bytes // engine.scheduler.block_manager.block_size
     generator = torch.Generator().manual_seed(0)
     vocab = min(engine.vocab_size, 1000)
     results = {}

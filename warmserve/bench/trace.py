@@ -45,8 +45,9 @@ QUICK = {  # two tiny models on one CPU worker, so that they swap; CI runs this
     "input_len": 16,
     "output_len": 4,
     "ideal_requests": 3,
-    # Room for one of the two tiny models (each takes 30 to 45 MB): every switch is a swap.
-    "worker_memory_gb": 0.06,
+    # Room for one of the two tiny models (each one's footprint is about 12 MB: weights,
+    # activation reserve, minimum KV cache): every switch is a swap.
+    "worker_memory_gb": 0.016,
 }
 COUNTERS = {
     "auto_loads": "warmserve_auto_loads_total",

@@ -40,6 +40,8 @@ class Deployment:
     last_used: float | None = None  # unix time
     # Per worker: what the model takes there (an estimate until the worker reports it).
     memory_bytes: int = 0
+    # Per worker: KV cache its sequences hold beyond that footprint (the worker's last report).
+    kv_held_bytes: int = 0
     error: str | None = None
     keep_alive: float = -1.0  # seconds idle before an automatic unload; -1 = never
     pinned: bool = False  # never evicted
@@ -49,6 +51,12 @@ class Deployment:
     yielding: bool = False
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when loading ends
     removed: asyncio.Event = field(default_factory=asyncio.Event)  # set when it leaves
+
+    @property
+    def eviction_frees_bytes(self) -> int:
+        """What its eviction frees on each of its workers: its footprint and the KV cache its
+        sequences hold beyond it (the worker's free memory counts that as taken)."""
+        return self.memory_bytes + self.kv_held_bytes
 
     @property
     def workers(self) -> list[int]:

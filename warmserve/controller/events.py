@@ -11,6 +11,7 @@ from warmserve.controller.memory import MemoryLedger
 from warmserve.controller.pool import WorkerPool
 from warmserve.protocol import (
     CommandDone,
+    KVUsage,
     MemoryReleased,
     ModelLost,
     RegisterSegment,
@@ -64,6 +65,18 @@ class EventRouter:
             self.pool.handles[event.worker_id].memory_used_bytes = event.memory_used_bytes
             self.ledger.measured(event.worker_id, event.memory_free_bytes)
             self.lifecycle.room_changed()
+        elif isinstance(event, KVUsage):
+            handle = self.pool.handles[event.worker_id]
+            handle.kv_pool_free_bytes = event.pool_free_bytes
+            handle.kv_by_deployment = {
+                key: (kv.mapped_bytes, kv.used_bytes) for key, kv in event.models.items()
+            }
+            for key, kv in event.models.items():
+                deployment = self.deployments.by_id(key)
+                if deployment is not None:
+                    deployment.kv_held_bytes = kv.held_beyond_footprint_bytes
+            self.ledger.measured(event.worker_id, event.memory_free_bytes)
+            self.lifecycle.room_changed()  # blocks the caches gave up may be what a load waits for
         elif isinstance(event, SegmentRegistered):
             self.registered_segments.setdefault(event.shm_name, set()).add(event.worker_id)
         elif isinstance(event, ModelLost):

@@ -170,14 +170,14 @@ def _least_recently_used_until(
     victims = room.conflicts(tp, spanning)
     if not all(id(d) in allowed for d in victims):
         return None
-    free = room.free_bytes + sum(d.memory_bytes for d in victims)
+    free = room.free_bytes + sum(d.eviction_frees_bytes for d in victims)
     for deployment in sorted(room.residents, key=_last_used):
         if free >= need:
             break
         if id(deployment) not in allowed or deployment in victims:
             continue
         victims.append(deployment)
-        free += deployment.memory_bytes
+        free += deployment.eviction_frees_bytes
     return victims if free >= need else None
 
 
@@ -222,7 +222,7 @@ def room_may_come(rooms: list[WorkerRoom], tp: int, need: int) -> bool:
         ]
         if any(d not in going for d in room.conflicts(tp, spanning)):
             return False
-        return room.free_bytes + sum(d.memory_bytes for d in going) >= need
+        return room.free_bytes + sum(d.eviction_frees_bytes for d in going) >= need
 
     units, needed = _units(rooms, tp)
     return sum(all(may_come(room) for room in unit) for unit in units) >= needed

@@ -44,6 +44,10 @@ class WorkerHandle:
     memory_total_bytes: int = 0
     memory_used_bytes: int = 0
     memory_idle_bytes: int = 0  # what the worker holds with no model (its baseline)
+    # The worker's KV pool as it last reported: free bytes, and each deployment's cache
+    # (mapped bytes, bytes in use).
+    kv_pool_free_bytes: int = 0
+    kv_by_deployment: dict[str, tuple[int, int]] = field(default_factory=dict)
     ready: asyncio.Future = field(default=None, repr=False)
 
     @property

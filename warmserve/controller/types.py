@@ -43,8 +43,10 @@ class ModelInfo:
 @dataclass
 class ResidentModel:
     name: str
-    memory_bytes: int  # what it takes on this worker (weights, KV cache, activations)
+    memory_bytes: int  # its footprint on this worker (weights, activations, minimum KV cache)
     state: str  # loading | loaded | unloading | failed
+    kv_mapped_bytes: int = 0  # its KV cache now: pages of the worker's pool it has mapped
+    kv_used_bytes: int = 0  # of which blocks that sequences hold
 
 
 @dataclass
@@ -60,3 +62,4 @@ class WorkerInfo:
     memory_idle_bytes: int  # what the worker held with no model (its baseline)
     memory_usable_bytes: int  # what models may take on this worker, all together
     memory_free_bytes: int  # usable and not taken: room for another model
+    kv_pool_free_bytes: int = 0  # what the models' KV caches may still map without reclaiming

@@ -63,7 +63,12 @@ def worker_info(handle: WorkerHandle, deployments: Deployments, ledger: MemoryLe
         node=handle.node,
         state=handle.state,
         models=[
-            ResidentModel(d.name, ledger.held(handle.id, d.id), d.state.value)
+            ResidentModel(
+                d.name,
+                ledger.held(handle.id, d.id),
+                d.state.value,
+                *handle.kv_by_deployment.get(d.id, (0, 0)),
+            )
             for d in deployments.on_worker(handle.id)
         ],
         memory_total_bytes=handle.memory_total_bytes,
@@ -71,4 +76,5 @@ def worker_info(handle: WorkerHandle, deployments: Deployments, ledger: MemoryLe
         memory_idle_bytes=handle.memory_idle_bytes,
         memory_usable_bytes=ledger.usable(handle.id),
         memory_free_bytes=ledger.free(handle.id),
+        kv_pool_free_bytes=handle.kv_pool_free_bytes,
     )

@@ -16,6 +16,8 @@ import torch
 from warmserve.config import DTYPE_ITEMSIZE, EngineConfig, SamplingParams
 from warmserve.engine.arena import bindable, default_dtype, model_on_arena
 from warmserve.engine.block_manager import BlockManager
+from warmserve.engine.kv_pool import InsufficientMemory, KVPool
+from warmserve.engine.kv_region import KVRegion
 from warmserve.engine.model_runner import ModelRunner
 from warmserve.engine.scheduler import Scheduler, SchedulerLimits
 from warmserve.engine.sequence import Sequence
@@ -35,10 +37,6 @@ if TYPE_CHECKING:
     from warmserve.engine.structured_output import StructuredOutputs
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPE_ITEMSIZE}
-
-
-class InsufficientMemory(RuntimeError):
-    pass
 
 
 class RequestRejected(ValueError):
@@ -72,6 +70,9 @@ class Engine:
         self.scheduler = scheduler
         self.weights_bytes = weights_bytes
         self.activation_bytes = 0  # kept free for a step's activations (part of the footprint)
+        self.kv_pool: KVPool | None = None
+        self.kv_owner: object = None  # the pool's claim for the weights and activations
+        self.owns_kv_pool = False  # a pool of its own (built alone, not in a worker)
         self.max_model_len = scheduler.limits.max_model_len
         self.generators: dict[str, torch.Generator] = {}
         self.sequences: dict[str, Sequence] = {}
@@ -102,12 +103,16 @@ class Engine:
         tokenizer_dir: Path | None = None,
         group: parallel.TensorParallelGroup = parallel.SINGLE,
         send_step: Callable[[StepInputs], None] | None = None,
+        kv_pool: KVPool | None = None,
+        kv_owner: object = None,
     ) -> Engine:
         """Builds the model on `device` with `weights` (checkpoint tensors, a host-store segment,
-        or None for random weights: the worker's warm-up model) and sizes the KV cache.
-        `tokenizer_dir` (a folder or a GGUF file) has the tokenizer that structured output
-        needs. A tensor-parallel rank builds its shard for `group`; the lead sends each step to
-        the other ranks with `send_step`."""
+        or None for random weights: the worker's warm-up model) and its KV region in `kv_pool`
+        (the worker's; None: a pool of its own, within `memory_budget_bytes`), where the
+        weights and activations are claimed under `kv_owner`. `memory_budget_bytes` bounds
+        the largest cache the model may grow to. `tokenizer_dir` (a folder or a GGUF file) has
+        the tokenizer that structured output needs. A tensor-parallel rank builds its shard for
+        `group`; the lead sends each step to the other ranks with `send_step`."""
         try:
             with parallel.building(group):
                 engine = cls._build(
@@ -120,6 +125,8 @@ class Engine:
                     memory_budget_bytes=memory_budget_bytes,
                     eos_token_ids=eos_token_ids,
                     send_step=send_step,
+                    kv_pool=kv_pool,
+                    kv_owner=kv_owner,
                 )
         except BaseException as error:
             # The frames in the error's traceback hold the half-built model: its weights would
@@ -143,6 +150,8 @@ class Engine:
         memory_budget_bytes: int | None,
         eos_token_ids: Iterable[int],
         send_step: Callable[[StepInputs], None] | None,
+        kv_pool: KVPool | None,
+        kv_owner: object,
     ) -> Engine:
         started = time.perf_counter()
         device = torch.device(device)
@@ -198,33 +207,65 @@ class Engine:
         # Every rank's cache must hold the block ids that the lead's scheduler hands out, and
         # the ranks agree before any of them may refuse, or the others would wait for it.
         group = parallel.current_group()
-        num_blocks = group.smallest(memory.num_blocks)
+        max_blocks = group.smallest(memory.max_blocks)
         limit = group.smallest(memory.max_model_len)
-        if num_blocks < 1:
+        if max_blocks < 1:
             raise InsufficientMemory(
                 f"no memory left for the KV cache: weights take {weights_bytes / 2**20:.0f} MiB "
                 f"of a {(memory_budget_bytes or 0) / 2**20:.0f} MiB budget"
             )
-        runner = ModelRunner(
-            model,
-            device,
-            block_size,
-            num_blocks,
-            attention.num_kv_heads,
-            attention.head_dim,
-            torch_dtype,
-            engine_config.max_num_seqs,
-            limit,
-            send_step,
-        )
+        owns_kv_pool = kv_pool is None
+        if kv_pool is None:
+            kv_pool = KVPool.for_device(device, memory_budget_bytes)
+        kv_owner = kv_owner if kv_owner is not None else object()
+        claimed = kv_pool.claim(kv_owner, weights_bytes + memory.activation_bytes)
+        if not group.smallest(int(claimed)):
+            kv_pool.drop_claim(kv_owner)
+            where = " on another rank of its group" if claimed else ""
+            raise InsufficientMemory(
+                "the other models' KV blocks in use leave too little memory for "
+                f"{(weights_bytes + memory.activation_bytes) / 2**20:.0f} MiB of weights and "
+                f"activations{where}"
+            )
+        region = None
+        try:
+            region = KVRegion(
+                kv_pool,
+                num_layers=len(model.attention_layers()),
+                block_size=block_size,
+                num_kv_heads=attention.num_kv_heads,
+                head_dim=attention.head_dim,
+                dtype=torch_dtype,
+                # One block more than the plan's: the scratch block.
+                max_blocks=max_blocks + 1,
+                min_blocks=min(memory.min_blocks, max_blocks) + 1,
+                device=device,
+            )
+            runner = ModelRunner(
+                model, device, block_size, region, engine_config.max_num_seqs, limit, send_step
+            )
+        except BaseException:
+            if region is not None:
+                region.release()
+            kv_pool.drop_claim(kv_owner)
+            raise
         limits = SchedulerLimits(
             max_num_seqs=engine_config.max_num_seqs,
             max_num_batched_tokens=engine_config.max_num_batched_tokens,
             max_model_len=limit,
         )
-        scheduler = Scheduler(limits, BlockManager(num_blocks, block_size), eos_token_ids)
+        block_manager = BlockManager(
+            region.num_blocks, block_size, grow=region.grow, scratch_block=True
+        )
+        if runner.is_lead:
+            region.block_manager = block_manager
+        # else: the lead's block manager decides which blocks hold data; without one of its own
+        # the region never gives up a page (it grows when the lead's steps say so).
+        scheduler = Scheduler(limits, block_manager, eos_token_ids)
         engine = cls(config, runner, scheduler, weights_bytes)
         engine.activation_bytes = memory.activation_bytes
+        engine.kv_pool, engine.kv_owner = kv_pool, kv_owner
+        engine.owns_kv_pool = owns_kv_pool
         engine.skeleton_key, engine.skeleton = skeleton_key, skeleton
         engine.weights_ready = weights_ready
         engine.load_phases = {
@@ -260,13 +301,19 @@ class Engine:
             gc.collect()
 
     @property
-    def memory_bytes(self) -> int:
-        return self.weights_bytes + self.runner.kv_cache_bytes
+    def kv_region(self) -> KVRegion:
+        return self.runner.kv_region
 
     @property
     def footprint_bytes(self) -> int:
-        """What the model takes from its worker: weights, KV cache and activation headroom."""
-        return self.memory_bytes + self.activation_bytes
+        """What placement counts for the model on its worker: weights, activation headroom and
+        the KV cache it always keeps (the rest of its cache is the pool's, elastic)."""
+        return self.weights_bytes + self.activation_bytes + self.kv_region.min_bytes
+
+    @property
+    def fixed_bytes(self) -> int:
+        """The model's memory outside the KV pool."""
+        return self.weights_bytes + self.activation_bytes
 
     @property
     def vocab_size(self) -> int:
@@ -384,8 +431,12 @@ class Engine:
         self.runner.run_followed(inputs)
 
     def close(self) -> None:
-        """Frees the weights and the KV cache."""
+        """Frees the weights and hands the KV cache's pages back to the pool."""
         self.runner.close()
+        if self.kv_pool is not None:
+            self.kv_pool.drop_claim(self.kv_owner)
+            if self.owns_kv_pool:  # nobody else maps its pages: the driver gets them
+                self.kv_pool.release_all_idle()
         if self.skeleton is not None:
             SKELETONS.keep(self.skeleton_key, self.skeleton)
             self.skeleton = None

@@ -17,14 +17,18 @@ from torch import nn
 
 from warmserve.config import SamplingParams
 from warmserve.engine import logprobs
+from warmserve.engine.block_manager import SCRATCH_BLOCK
 from warmserve.engine.cuda_graphs import DecodeGraphs
+from warmserve.engine.kv_pool import InsufficientMemory
 from warmserve.engine.sequence import Sequence
 from warmserve.layers.attention import AttentionMetadata
 from warmserve.layers.logits_processors import process_logits
+from warmserve.layers.parallel import tp_rank
 from warmserve.layers.sampling import sample
 from warmserve.protocol import StepInputs, TokenLogprobs
 
 if TYPE_CHECKING:
+    from warmserve.engine.kv_region import KVRegion
     from warmserve.engine.structured_output import StructuredOutputs
 
 
@@ -41,10 +45,7 @@ class ModelRunner:
         model: nn.Module,
         device: torch.device,
         block_size: int,
-        num_blocks: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
+        kv_region: KVRegion,
         max_num_seqs: int,
         max_model_len: int,
         send_step: Callable[[StepInputs], None] | None = None,
@@ -54,38 +55,34 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = block_size
-        self.num_blocks = num_blocks
-        layers = model.attention_layers()
-        # One allocation for the whole cache: [layers, k/v, blocks, block_size, kv heads, head dim],
-        # plus one scratch block that padded rows of a CUDA-graph batch write into.
-        self.kv_cache = torch.empty(
-            len(layers),
-            2,
-            num_blocks + 1,
-            block_size,
-            num_kv_heads,
-            head_dim,
-            dtype=dtype,
-            device=device,
-        )
-        for index, attention in enumerate(layers):
-            attention.k_cache = self.kv_cache[index, 0]
-            attention.v_cache = self.kv_cache[index, 1]
+        # The cache is a range of the worker's KV pool: a fixed address for the model's whole
+        # residency, with pages mapped as the block manager needs more blocks.
+        self.kv_region = kv_region
+        for attention, (k_cache, v_cache) in zip(
+            model.attention_layers(), kv_region.layer_caches, strict=True
+        ):
+            attention.k_cache, attention.v_cache = k_cache, v_cache
         self.send_step = send_step
+        self.is_lead = tp_rank() == 0
         self.decode_graphs = None
         if device.type == "cuda":
             self.decode_graphs = DecodeGraphs(
-                model, device, max_num_seqs, -(-max_model_len // block_size), block_size, num_blocks
+                model,
+                device,
+                max_num_seqs,
+                -(-max_model_len // block_size),
+                block_size,
+                SCRATCH_BLOCK,
             )
 
-    @property
-    def kv_cache_bytes(self) -> int:
-        return self.kv_cache.numel() * self.kv_cache.element_size()
-
     def close(self) -> None:
+        """Drops the graphs and the model (which point into the cache), then hands the cache's
+        pages back to the pool."""
         self.decode_graphs = None
+        for attention in self.model.attention_layers():
+            attention.k_cache = attention.v_cache = None
         self.model = None
-        self.kv_cache = None
+        self.kv_region.release()
 
     def build_inputs(self, seqs: list[Sequence]) -> StepInputs:
         inputs = StepInputs([], [], [], [], [], [])
@@ -123,6 +120,7 @@ class ModelRunner:
             masks = structured_outputs.start_masks(sampled_seqs)
         inputs = self.build_inputs(seqs)
         if self.send_step is not None:
+            inputs.kv_blocks = self.kv_region.num_blocks
             self.send_step(inputs)
         logits, prompt_hidden = self._run(inputs)
         if not sampling:  # every sequence ran a prompt chunk
@@ -154,7 +152,10 @@ class ModelRunner:
         )
 
     def run_followed(self, inputs: StepInputs) -> None:
-        """Other ranks: one step of the lead's, the same collectives in the same order."""
+        """Other ranks: one step of the lead's, the same collectives in the same order, after
+        mapping as many cache blocks as the lead has."""
+        if self.kv_region.grow_to(inputs.kv_blocks) < inputs.kv_blocks:
+            raise InsufficientMemory("this rank's KV pool cannot match the lead's cache")
         _, prompt_hidden = self._run(inputs)
         if prompt_hidden is not None:  # its logits are gathered across the ranks
             with torch.inference_mode():

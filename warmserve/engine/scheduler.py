@@ -5,9 +5,10 @@ steps (chunked prefill), so that no step runs more than `max_num_batched_tokens`
 long prompt never holds the running streams (or the other models of the worker) back for long.
 A prompt whose tokens are scored (prompt log-probabilities) is computed whole.
 
-Pure Python. When the KV cache runs out, the newest running sequence is preempted: its blocks are
-freed and it goes back to the front of the queue, to be recomputed from its tokens later (never
-failed).
+Pure Python. When the KV cache runs out of free blocks, the block manager first asks for more
+(the cache grows in the worker's KV pool); only when it cannot grow is the newest running
+sequence preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed from its tokens later (never failed).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch
 
 from warmserve.engine.arena import shard_layout, store_shard
 from warmserve.engine.engine import Engine, InsufficientMemory, RequestRejected, eos_token_ids
+from warmserve.engine.kv_pool import KVPool
 from warmserve.engine.tensor_parallel import DeploymentGroup
 from warmserve.loader.checkpoint import CheckpointError, read_model_config
 from warmserve.loader.segment_weights import SegmentWeights
@@ -70,8 +71,8 @@ class ResidentModels:
         self.resident: dict[str, Resident] = {}
         self.fair_share = FairShare()
 
-    def footprint_bytes(self) -> int:
-        return sum(model.engine.footprint_bytes for model in self.resident.values())
+    def engines(self) -> dict[str, Engine]:
+        return {key: model.engine for key, model in self.resident.items()}
 
     def busy(self) -> list[str]:
         return [
@@ -122,9 +123,15 @@ class ResidentModels:
     # ---- load and drop --------------------------------------------------------------------
 
     def load(
-        self, command: LoadModel, budget_bytes: int, segments: dict[str, SegmentWeights]
+        self,
+        command: LoadModel,
+        budget_bytes: int,
+        segments: dict[str, SegmentWeights],
+        kv_pool: KVPool,
     ) -> Resident:
-        """Builds the model; refusals and failures leave nothing behind and raise LoadRefused."""
+        """Builds the model, its KV cache a region of `kv_pool`, its cache at most what
+        `budget_bytes` leaves after its weights; refusals and failures leave nothing behind
+        and raise LoadRefused."""
         if command.deployment in self.resident:
             raise LoadRefused(f"{command.deployment} is already resident", ErrorKind.INVALID)
         group = None
@@ -136,7 +143,7 @@ class ResidentModels:
                     command.dist_init_method, command.tp_rank, command.tp_size, self.device
                 )
             formed = time.perf_counter() - started
-            engine = self._build_engine(command, budget_bytes, segments, group, followers)
+            engine = self._build_engine(command, budget_bytes, segments, kv_pool, group, followers)
             engine.load_phases["group_s"] = formed
         except Exception as exc:
             if group is not None:
@@ -155,6 +162,7 @@ class ResidentModels:
         command: LoadModel,
         budget_bytes: int,
         segments: dict[str, SegmentWeights],
+        kv_pool: KVPool,
         group: DeploymentGroup | None,
         followers: tuple[str, ...],
     ) -> Engine:
@@ -164,6 +172,8 @@ class ResidentModels:
             max_model_len=command.max_model_len,
             engine_config=command.engine,
             memory_budget_bytes=budget_bytes,
+            kv_pool=kv_pool,
+            kv_owner=command.deployment,
         )
         if group is not None:
             options["group"] = group.group

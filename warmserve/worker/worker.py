@@ -51,6 +51,7 @@ from warmserve.protocol import (
     event_encoder,
 )
 from warmserve.worker.device_memory import DeviceMemory
+from warmserve.worker.kv_memory import KVMemory
 from warmserve.worker.peers import PeerLinks
 from warmserve.worker.residents import LoadRefused, ResidentModels
 
@@ -103,6 +104,7 @@ class Worker:
                 self.poller.register(socket, zmq.POLLIN)
         self.device = torch.device(args.device)
         self.memory = DeviceMemory(self.device, args.memory_cap_bytes, args.gpu_memory_utilization)
+        self.kv = KVMemory(self.memory)
         self.models = ResidentModels(args.worker_id, self.device, self.send, peers)
         # A rank other than the lead of a tensor-parallel model joins its group when both its
         # LoadModel and the lead's JoinGroup are here (they come on different sockets), and
@@ -148,6 +150,9 @@ class Worker:
             while self.registered_events:
                 self.send(self.registered_events.pop(0))
             self.drain_peers()  # first: a lead waits in a collective for these steps
+            report = self.kv.report(self.args.worker_id, self.models.engines())
+            if report is not None:
+                self.send(report)
             busy = self.models.busy()
             ready = dict(self.poller.poll(0 if busy else self.idle_poll_ms()))
             if self.commands in ready:
@@ -192,20 +197,26 @@ class Worker:
         return max(0, min(IDLE_POLL_MS, int((self.release_due - time.monotonic()) * 1000) + 1))
 
     def release_memory(self) -> None:
-        """Hands the caching allocator's unused device memory to the driver (all of it when no
-        model is resident), and tells the controller what the worker holds now."""
+        """Hands the caching allocator's unused device memory to the driver (all of it, and the
+        KV pool's idle pages, when no model is resident), and tells the controller what the
+        worker holds now."""
         self.release_due = None
+        if not self.models.resident:  # no cache left to grow: the pool's pages go too
+            self.kv.pool.release_all_idle()
         self.memory.release(keep_nothing=not self.models.resident)
         self.send(
             MemoryReleased(
                 self.args.worker_id,
                 self.memory_used(),
-                self.memory.free(self.models.footprint_bytes()),
+                self.memory_free(),
             )
         )
 
     def memory_used(self) -> int:
-        return self.memory.used(self.models.footprint_bytes())
+        return self.kv.used(list(self.models.engines().values()))
+
+    def memory_free(self) -> int:
+        return self.kv.free(list(self.models.engines().values()))
 
     def warm_up(self) -> None:
         if os.environ.get(FAIL_WARMUP_ENV) == "1":
@@ -218,6 +229,7 @@ class Worker:
         if self.memory.on_gpu:
             self.memory.release(keep_nothing=True)  # the idle figure is what unloads return to
         self.memory.mark_baseline()
+        self.kv.start()
 
     def handle(self, command) -> None:
         if isinstance(command, AddRequest):
@@ -302,12 +314,20 @@ class Worker:
 
     def load(self, command: LoadModel) -> None:
         started = time.perf_counter()
-        budget = self.memory.free(self.models.footprint_bytes())
-        if command.memory_budget_bytes is not None:
-            budget = min(budget, command.memory_budget_bytes)
+        budget = self.kv.kv_budget(list(self.models.engines().values()))
+        need = command.memory_budget_bytes
+        if need is not None and not self.kv.make_room(command.deployment, need):
+            self.reply(
+                command.command_id,
+                error=f"the KV blocks in use on worker {self.args.worker_id} leave less than "
+                f"the {need / 2**30:.2f} GiB the model needs",
+                error_kind=ErrorKind.INSUFFICIENT_MEMORY,
+            )
+            return
         try:
-            resident = self.models.load(command, budget, self.segments)
+            resident = self.models.load(command, budget, self.segments, self.kv.pool)
         except LoadRefused as refusal:
+            self.kv.forget(command.deployment)
             self.reply(command.command_id, error=str(refusal), error_kind=refusal.kind)
             return
         if self.release_due is not None:  # what the new model did not reuse goes back later
@@ -342,7 +362,7 @@ class Worker:
                 worker_id=self.args.worker_id,
                 command_id=command_id,
                 memory_used_bytes=self.memory_used(),
-                memory_free_bytes=self.memory.free(self.models.footprint_bytes()),
+                memory_free_bytes=self.memory_free(),
                 **fields,
             )
         )
