@@ -80,7 +80,8 @@ class RayStores:
         agent = self._agent(node)
         segment, dropped = await self._call(node, agent.acquire, key)
         self._dropped(node, dropped)
-        if segment is None:
+        if segment is None:  # dropped for room since the controller last heard
+            self.held.get(node, {}).pop(key, None)
             return None
         return Lease(segment, "host-cache", None, lambda: agent.release.remote(key))
 
