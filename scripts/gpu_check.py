@@ -7,16 +7,23 @@ reference path, and float32 greedy output on the GPU against transformers.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.engine import Engine
-from warmserve.layers.attention import AttentionMetadata, paged_decode_reference, paged_prefill
+from warmserve.layers.attention import (
+    AttentionMetadata,
+    paged_decode_reference,
+    paged_prefill,
+    paged_prefill_reference,
+)
 from warmserve.layers.triton_attention import paged_decode
 from warmserve.loader.checkpoint import Checkpoint
 from warmserve.loader.segment_weights import SegmentWeights
@@ -85,54 +92,130 @@ def _cpu_meta(meta: AttentionMetadata) -> AttentionMetadata:
         block_tables=meta.block_tables.cpu().long(),
         max_context_len=meta.max_context_len,
         decode_only=meta.decode_only,
+        query_start=None if meta.query_start is None else meta.query_start.cpu(),
     )
 
 
-def check_prefill_fast_path(report: dict) -> None:
+def random_mixed_step(shape, heads, kv_heads, head_dim, block_size, dtype, generator):
+    """A step of sequences given as (cached tokens, new tokens), written into a paged cache at
+    random blocks; returns q, k, v of the step's tokens, the caches and the metadata."""
+    blocks_per_seq = [-(-(cached + new) // block_size) for cached, new in shape]
+    num_blocks = sum(blocks_per_seq) + 3
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    cache_shape = (num_blocks, block_size, kv_heads, head_dim)
+    # Slots no sequence owns hold NaN, so that a read past a context shows.
+    k_cache = torch.full(cache_shape, float("nan"), dtype=dtype, device="cuda")
+    v_cache = torch.full(cache_shape, float("nan"), dtype=dtype, device="cuda")
+    tables = torch.zeros(len(shape), max(blocks_per_seq), dtype=torch.long)
+    step_slots, cursor = [], 0
+    for row, ((cached, new), count) in enumerate(zip(shape, blocks_per_seq, strict=True)):
+        tables[row, :count] = torch.tensor(order[cursor : cursor + count])
+        cursor += count
+        slots = [
+            int(tables[row, p // block_size]) * block_size + p % block_size
+            for p in range(cached + new)
+        ]
+        context = torch.randn(cached + new, 2, kv_heads, head_dim, generator=generator)
+        index = torch.tensor(slots, device="cuda")
+        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, index, context[:, 0].to("cuda", dtype))
+        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, index, context[:, 1].to("cuda", dtype))
+        step_slots += slots[cached:]
+    tokens = sum(new for _, new in shape)
+    slot_mapping = torch.tensor(step_slots, device="cuda")
+    q = torch.randn(tokens, heads, head_dim, generator=generator).to("cuda", dtype)
+    k = k_cache.view(-1, kv_heads, head_dim)[slot_mapping]
+    v = v_cache.view(-1, kv_heads, head_dim)[slot_mapping]
+    query_lens = [new for _, new in shape]
+    context_lens = [cached + new for cached, new in shape]
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping,
+        query_lens=query_lens,
+        context_lens=torch.tensor(context_lens, device="cuda"),
+        context_lens_host=context_lens,
+        block_tables=tables.cuda(),
+        max_context_len=max(context_lens),
+        decode_only=False,
+        query_start=torch.tensor([0, *itertools.accumulate(query_lens)], device="cuda"),
+    )
+    return q, k, v, k_cache, v_cache, meta
+
+
+# (cached tokens, new tokens) per sequence: decode rows among whole prompts and chunks after a
+# cached prefix; decode rows only; one whole prompt alone (the flash fast path); one chunk.
+MIXED_STEPS = {
+    "mixed": [(600, 1), (0, 130), (37, 1), (256, 256), (5, 1), (0, 1), (1000, 24), (63, 1)],
+    "decode rows": [(int(n), 1) for n in torch.randint(0, 900, (40,)).tolist()],
+    "whole prompt": [(0, 300)],
+    "chunk after prefix": [(512, 200)],
+}
+
+
+def check_mixed_step_attention(report: dict) -> None:
+    """paged_prefill (the Triton kernel, or flash for one whole prompt) against the float64
+    reference on random paged steps; GQA and plain heads; float32 and bfloat16; a window."""
     generator = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16):
-        query_lens = [5, 130, 1, 64]
-        tokens = sum(query_lens)
-        heads, kv_heads, head_dim, block_size = 16, 8, 128, 16
-        blocks = [-(-n // block_size) for n in query_lens]
-        tables = torch.zeros(len(query_lens), max(blocks), dtype=torch.long)
-        slots, cursor = [], 0
-        for row, (n, count) in enumerate(zip(query_lens, blocks, strict=True)):
-            tables[row, :count] = torch.arange(cursor, cursor + count)
-            slots += [
-                int(tables[row, p // block_size]) * block_size + p % block_size for p in range(n)
-            ]
-            cursor += count
-        q = torch.randn(tokens, heads, head_dim, generator=generator).cuda().to(dtype)
-        k = torch.randn(tokens, kv_heads, head_dim, generator=generator).cuda().to(dtype)
-        v = torch.randn(tokens, kv_heads, head_dim, generator=generator).cuda().to(dtype)
-        cache_shape = (cursor, block_size, kv_heads, head_dim)
-        k_cache = torch.zeros(cache_shape, dtype=dtype, device="cuda")
-        v_cache = torch.zeros(cache_shape, dtype=dtype, device="cuda")
-        slot_mapping = torch.tensor(slots, device="cuda")
-        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping,
-            query_lens=query_lens,
-            context_lens=torch.tensor(query_lens, device="cuda"),
-            context_lens_host=query_lens,
-            block_tables=tables.cuda(),
-            max_context_len=max(query_lens),
-            decode_only=False,
+        for heads, kv_heads, head_dim in ((32, 8, 128), (16, 16, 64), (14, 2, 64)):
+            for name, shape in MIXED_STEPS.items():
+                for window in (None, 100):
+                    q, k, v, k_cache, v_cache, meta = random_mixed_step(
+                        shape, heads, kv_heads, head_dim, 16, dtype, generator
+                    )
+                    out = paged_prefill(q, k, v, k_cache, v_cache, meta, 0.088, window)
+                    ref = paged_prefill_reference(
+                        q.double().cpu(),
+                        k_cache.double().cpu(),
+                        v_cache.double().cpu(),
+                        _cpu_meta(meta),
+                        0.088,
+                        window,
+                    )
+                    label = f"window {window}" if window else "full"
+                    key = (
+                        f"prefill {name} {str(dtype)[6:]} h{heads}/kv{kv_heads}/d{head_dim} {label}"
+                    )
+                    report[key] = relative_error(out, ref)
+
+
+def time_mixed_step_attention(report: dict) -> None:
+    """One layer's attention for a mixed step at the 8B shape (63 decode rows of 600 tokens and
+    a 512-token prompt chunk after 512 cached), bf16: the batched kernel against the per-sequence
+    loop it replaced (each sequence's keys gathered, then SDPA)."""
+    from warmserve.layers.attention import attend_one_sequence, gather_kv
+
+    generator = torch.Generator().manual_seed(5)
+    shape = [(600, 1)] * 63 + [(512, 512)]
+    q, k, v, k_cache, v_cache, meta = random_mixed_step(
+        shape, 32, 8, 128, 16, torch.bfloat16, generator
+    )
+
+    def per_sequence():
+        out, start = torch.empty_like(q), 0
+        for i, query_len in enumerate(meta.query_lens):
+            context = meta.context_lens_host[i]
+            keys = gather_kv(k_cache, meta.block_tables[i], context)
+            values = gather_kv(v_cache, meta.block_tables[i], context)
+            out[start : start + query_len] = attend_one_sequence(
+                q[start : start + query_len], keys, values, 0.088
+            )
+            start += query_len
+        return out
+
+    def batched():
+        return paged_prefill(q, k, v, k_cache, v_cache, meta, 0.088)
+
+    for name, run in (("batched kernel", batched), ("per-sequence loop", per_sequence)):
+        for _ in range(3):
+            run()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            run()
+        end.record()
+        end.synchronize()
+        report[f"mixed step attention 8B shape, one layer, ms ({name})"] = round(
+            start.elapsed_time(end) / 20, 3
         )
-        fast = paged_prefill(q, k, v, k_cache, v_cache, meta, 0.088, from_cache=False)
-        ref = paged_prefill(
-            q.double().cpu(),
-            k.double().cpu(),
-            v.double().cpu(),
-            k_cache.double().cpu(),
-            v_cache.double().cpu(),
-            _cpu_meta(meta),
-            0.088,
-            from_cache=True,
-        )
-        report[f"prefill {str(dtype)[6:]}"] = relative_error(fast, ref)
 
 
 def check_fused_kernels(report: dict) -> None:
@@ -232,6 +315,8 @@ def check_greedy_against_transformers(report: dict, root: Path) -> None:
         engine = Engine.from_checkpoint(
             path, device="cuda", dtype="float32", engine_config=EngineConfig(max_num_seqs=8)
         )
+        while engine.can_capture_graph():  # as a worker's idle gaps would before traffic
+            engine.capture_next_graph()
         greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
         outputs = _greedy_outputs(engine, prompts, greedy)
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
@@ -249,11 +334,55 @@ def check_greedy_against_transformers(report: dict, root: Path) -> None:
         report[f"greedy float32 {family} (prompts equal to transformers)"] = (
             f"{equal}/{len(prompts)}"
         )
-        report[f"graphs captured {family}"] = sorted(engine.runner.decode_graphs.graphs)
+        report[f"graphs captured {family}"] = engine.graph_buckets.captured
         engine.close()
         report[f"host-store load (stacked views of one arena) equal {family}"] = (
             _greedy_from_host_store(path, prompts, greedy) == outputs
         )
+
+
+def check_graphs_in_idle_gaps(report: dict, root: Path) -> None:
+    """A model loaded by a worker has no decode graph; it decodes eagerly until the worker's idle
+    gaps capture its buckets, one per gap, smallest first; then its greedy output (decode batches
+    of 1 to 5, padded up to their buckets) is the same as eagerly. Also what capture costs."""
+    from warmserve.engine.kv_pool import KVPool
+    from warmserve.protocol import LoadModel
+    from warmserve.worker.residents import ResidentModels
+
+    path = build_checkpoint(root / "graphs", "qwen3", "tiny")
+    models = ResidentModels(0, torch.device("cuda"), lambda event: None)
+    command = LoadModel(
+        1, "m", "m", str(path), None, "float32", None, EngineConfig(max_num_seqs=8), 0, 1, None
+    )
+    budget = torch.cuda.mem_get_info()[0] // 2
+    pool = KVPool.for_device(torch.device("cuda"), budget)
+    engine = models.load(command, budget, {}, pool).engine
+    report["idle gaps: graphs captured by the load"] = list(engine.graph_buckets.captured)
+    prompts = [[5, 9, 200, 31], list(range(40, 140)), [7], list(range(300, 317)), [3, 4]]
+
+    def greedy_run() -> list[list[int]]:
+        for index, prompt in enumerate(prompts):  # 6 to 14 tokens: batches shrink as they end
+            params = SamplingParams(max_tokens=6 + 2 * index, temperature=0.0, ignore_eos=True)
+            engine.add_request(str(index), prompt, params)
+        outputs = {str(i): [] for i in range(len(prompts))}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                outputs[output.request_id].append(output.token_id)
+        return list(outputs.values())
+
+    eager = greedy_run()
+    report["idle gaps: graphs captured after eager traffic"] = list(engine.graph_buckets.captured)
+    capture_ms = []
+    while True:
+        started = time.perf_counter()
+        if not models.capture_graph_in_idle_gap():
+            break
+        torch.cuda.synchronize()
+        capture_ms.append(round((time.perf_counter() - started) * 1e3, 1))
+    report["idle gaps: buckets captured, in order"] = list(engine.graph_buckets.captured)
+    report["idle gaps: ms per capture (qwen3 tiny)"] = capture_ms
+    report["idle gaps: greedy with graphs equals eager"] = greedy_run() == eager
+    models.drop_all()
 
 
 def _greedy_outputs(engine: Engine, prompts, greedy) -> dict[str, list[int]]:
@@ -296,13 +425,16 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     report: dict = {"device": torch.cuda.get_device_name()}
     check_decode_kernel(report)
-    check_prefill_fast_path(report)
+    check_mixed_step_attention(report)
+    time_mixed_step_attention(report)
     check_fused_kernels(report)
     with tempfile.TemporaryDirectory() as root:
         check_greedy_against_transformers(report, Path(root))
+        check_graphs_in_idle_gaps(report, Path(root))
     for key, value in report.items():
         print(f"{key:60s} {value}")
     if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "gpu_check.json").write_text(json.dumps(report, indent=1))
 
 

@@ -9,8 +9,11 @@ import torch
 
 from warmserve.layers.attention import (
     AttentionMetadata,
+    attend_one_sequence,
+    gather_kv,
     paged_decode_reference,
     paged_prefill,
+    paged_prefill_reference,
     write_kv,
 )
 
@@ -19,6 +22,8 @@ HEAD_DIM = 16
 # (context length, new tokens): whole prompts, prompts after a cached prefix, single tokens,
 # lengths on and around block boundaries.
 PREFILL_SEQS = [(1, 1), (7, 7), (16, 16), (23, 5), (9, 1), (13, 12)]
+# A mixed step: decode rows (one new token) around whole prompts and chunks after a prefix.
+MIXED_SEQS = [(33, 1), (7, 7), (5, 1), (23, 5), (17, 1), (1, 1), (13, 12), (12, 1)]
 DECODE_SEQS = [(1, 1), (4, 1), (5, 1), (17, 1), (33, 1), (12, 1)]
 HEAD_LAYOUTS = [pytest.param(8, 2, id="gqa"), pytest.param(4, 4, id="mha")]
 WINDOWS = [pytest.param(None, id="full"), pytest.param(5, id="window-5")]
@@ -64,9 +69,21 @@ def build_paged_case(seqs, num_heads, num_kv_heads, dtype, seed=0):
 
 def paged_prefill_from_cache(queries, k_cache, v_cache, meta, scale, window=None):
     """The reference prefill: every key and value read back through the block tables."""
-    return paged_prefill(
-        queries, None, None, k_cache, v_cache, meta, scale, from_cache=True, sliding_window=window
-    )
+    return paged_prefill_reference(queries, k_cache, v_cache, meta, scale, window)
+
+
+def per_sequence_prefill(queries, k_cache, v_cache, meta, scale, window=None):
+    """The reference as it was before decode rows were batched: one sequence at a time."""
+    outputs, start = [], 0
+    for i, query_len in enumerate(meta.query_lens):
+        context_len = meta.context_lens_host[i]
+        keys = gather_kv(k_cache, meta.block_tables[i], context_len)
+        values = gather_kv(v_cache, meta.block_tables[i], context_len)
+        outputs.append(
+            attend_one_sequence(queries[start : start + query_len], keys, values, scale, window)
+        )
+        start += query_len
+    return torch.cat(outputs)
 
 
 def dense_causal_attention(queries, keys, values, scale, window):
@@ -105,6 +122,32 @@ def test_prefill_reference_equals_dense_attention(
     assert out.dtype == dtype
     error = (out.double() - expected_output(dense, scale, window)).abs().max().item()
     assert error < tolerance
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_LAYOUTS)
+@pytest.mark.parametrize("window", WINDOWS)
+def test_mixed_step_reference_equals_dense_and_the_per_sequence_path(
+    num_heads, num_kv_heads, window
+):
+    queries, k_cache, v_cache, meta, dense = build_paged_case(
+        MIXED_SEQS, num_heads, num_kv_heads, torch.float64, seed=2
+    )
+    scale = HEAD_DIM**-0.5
+    batched = paged_prefill_from_cache(queries, k_cache, v_cache, meta, scale, window)
+    expected = expected_output(dense, scale, window)
+    assert (batched - expected).abs().max().item() < 1e-12
+    looped = per_sequence_prefill(queries, k_cache, v_cache, meta, scale, window)
+    assert (batched - looped).abs().max().item() < 1e-12
+
+
+def test_a_whole_prompt_alone_attends_over_its_own_keys():
+    """One whole prompt (a first token) skips the cache: its keys are this step's."""
+    queries, k_cache, v_cache, meta, dense = build_paged_case([(13, 13)], 8, 2, torch.float64)
+    _, keys, values = dense[0]
+    scale = HEAD_DIM**-0.5
+    empty = torch.full_like(k_cache, math.nan)  # a cache read would show as NaN
+    out = paged_prefill(queries, keys, values, empty, empty, meta, scale)
+    assert (out - expected_output(dense, scale, None)).abs().max().item() < 1e-12
 
 
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_LAYOUTS)

@@ -5,6 +5,7 @@ request is accounted for and that nothing failed that should not."""
 from __future__ import annotations
 
 import json
+import pstats
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from warmserve.bench.report import update_section
 DISTRIBUTION = {"mean", "median", "p99"}
 
 
-def run_bench(benchmark: str, tmp_path) -> tuple[dict, str]:
+def run_bench(benchmark: str, tmp_path, *extra: str) -> tuple[dict, str]:
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Benchmarks\n\n## Kept\n\nother sections stay\n")
     result = subprocess.run(
@@ -32,6 +33,7 @@ def run_bench(benchmark: str, tmp_path) -> tuple[dict, str]:
             str(tmp_path / "out"),
             "--markdown",
             str(markdown),
+            *extra,
         ],  # fmt: skip
         capture_output=True,
         text=True,
@@ -45,13 +47,17 @@ def run_bench(benchmark: str, tmp_path) -> tuple[dict, str]:
 
 
 def test_bench_serve_quick_reports_every_run_without_failures(tmp_path):
-    results, markdown = run_bench("serve", tmp_path)
+    profile = tmp_path / "server.prof"
+    results, markdown = run_bench(
+        "serve", tmp_path, "--profile-server", str(profile), "--json-schema"
+    )
     runs = {
         f"{mix} {kind}"
         for mix in ("fixed", "sharegpt")
         for kind in ("concurrency 1", "concurrency 4", "rate 8")
     }
-    assert set(results["http"]) == runs
+    constrained = {"fixed concurrency 1 json_schema", "fixed concurrency 4 json_schema"}
+    assert set(results["http"]) == runs | constrained
     for figures in results["http"].values():
         assert figures["failed"] == 0, figures["first_errors"]
         assert figures["completed"] >= 4
@@ -63,11 +69,24 @@ def test_bench_serve_quick_reports_every_run_without_failures(tmp_path):
     # Fixed lengths: every request sent exactly its 32 prompt ids and got its 16 tokens.
     assert fixed["total_input_tokens"] == 32 * fixed["completed"]
     assert fixed["total_output_tokens"] == 16 * fixed["completed"]
+    # The schema cannot be completed within 16 tokens: every constrained request runs its full
+    # length too, so the mask's cost is measured over as many tokens.
+    for name in constrained:
+        assert (
+            results["http"][name]["total_output_tokens"] == 16 * results["http"][name]["completed"]
+        )
     assert set(results["python_api"]) == {"fixed concurrency 1", "fixed concurrency 4"}
     assert all(figures["failed"] == 0 for figures in results["python_api"].values())
     assert set(results["engine_decode"]) == {"1", "4"}  # JSON keys are strings
     assert [row["concurrency"] for row in results["comparison"]] == [1, 4]
     assert "## `warmserve bench serve`: tiny" in markdown
+    # The server process's own CPU time per run (a run too short for the clock's ticks has none)
+    streamed = [f for f in results["http"].values() if "server_output_tokens_per_cpu_s" in f]
+    assert streamed and all(f["server_output_tokens_per_cpu_s"] > 0 for f in streamed)
+    assert "per second of its own CPU time" in markdown
+    # and where it went: the server wrote its profile when it stopped.
+    functions = pstats.Stats(str(profile)).stats
+    assert any(name == "sse_events" and "warmserve" in path for path, _, name in functions)
 
 
 def test_bench_trace_quick_counts_refusals_and_loads(tmp_path):

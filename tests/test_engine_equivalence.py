@@ -115,3 +115,48 @@ def test_greedy_batch_matches_transformers(checkpoint_factory, monkeypatch, fami
         # Row 0 is the prefill's last position, the others are decode steps.
         difference = (engine_logits[str(index)] - expected_logits).abs().max().item()
         assert difference < LOGITS_TOLERANCE, f"prompt of {len(prompt)} tokens: {difference}"
+
+
+@pytest.mark.parametrize(
+    ("family", "shape", "options"),
+    [
+        pytest.param("llama", "tiny", {}, id="llama-gqa"),
+        pytest.param("qwen3", "tiny-mha", {}, id="qwen3-mha"),
+        pytest.param("mistral", {"sliding_window": 16}, {}, id="mistral-sliding-window"),
+    ],
+)
+def test_mixed_steps_and_chunked_prefill_match_transformers(
+    checkpoint_factory, monkeypatch, family, shape, options
+):
+    """Prompts arrive while others decode, under a 24-token step budget: steps mix decode rows
+    with whole prompts and with chunks after a cached prefix, in one attention call."""
+    path = checkpoint_factory(family, shape, **options)
+    prompts = random_prompts([40, 3, 17, 1, 64, 9], seed=3)
+    engine = make_engine(path, max_model_len=128, max_num_batched_tokens=24)
+    step_shapes = []
+    real_forward = engine.runner._forward
+
+    def recording_forward(inputs):
+        step_shapes.append(list(inputs.query_lens))
+        return real_forward(inputs)
+
+    monkeypatch.setattr(engine.runner, "_forward", recording_forward)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    completions: dict[str, Completion] = {}
+    for index, prompt in enumerate(prompts):  # one new prompt every other step
+        engine.add_request(str(index), prompt, params)
+        for _ in range(2):
+            collect(completions, engine.step())
+    while engine.has_unfinished_requests():
+        collect(completions, engine.step())
+    mixed = [shape for shape in step_shapes if 1 in shape and max(shape) > 1]
+    assert any(len(shape) > 2 for shape in mixed), step_shapes  # decode rows beside a prompt
+    assert any(sum(shape) == 24 for shape in step_shapes)  # a prompt cut into chunks
+
+    model = load_transformers_model(path)
+    for index, prompt in enumerate(prompts):
+        input_ids = torch.tensor([prompt])
+        expected = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=12, do_sample=False
+        )[0, len(prompt) :].tolist()
+        assert completions[str(index)].token_ids == expected, f"prompt of {len(prompt)} tokens"

@@ -31,7 +31,7 @@ from warmserve.api.openai_schemas import (
     Usage,
 )
 from warmserve.api.services import Services
-from warmserve.api.sse import sse_response
+from warmserve.api.sse import TextChunkEvents, sse_response
 from warmserve.api.structured_schemas import FunctionCall, MessageToolCall
 from warmserve.api.tool_calls import ParsedReply, ToolCalling, new_tool_call_id
 from warmserve.config import SamplingParams
@@ -45,11 +45,16 @@ async def completion_chunks(
     created: int,
     body: CompletionRequest,
     model: str,
-) -> AsyncIterator[Completion]:
-    """`echoes`: per choice, the prompt text that goes before its first chunk ("" without echo)."""
+) -> AsyncIterator[Completion | str]:
+    """`echoes`: per choice, the prompt text that goes before its first chunk ("" without echo).
+    Plain text chunks come encoded (TextChunkEvents), the others as models."""
 
     def chunk(parts: list[CompletionChoice], usage: Usage | None = None) -> Completion:
         return Completion(id=response_id, created=created, model=model, choices=parts, usage=usage)
+
+    text_events = TextChunkEvents(
+        lambda index, text: chunk([CompletionChoice(index=index, text=text)])
+    )
 
     echoes = list(echoes)
     offsets = [0] * len(echoes)  # where each choice's next token starts in its text
@@ -64,7 +69,10 @@ async def completion_chunks(
             offsets[index] += sum(len(token.token) for token in tokens)
         # A chunk for every step that produced tokens, as vLLM sends, even when their text is
         # held back (an incomplete character, a possible stop string): clients time tokens by it.
-        if text or piece.token_ids or piece.finish_reason or logprobs:
+        if logprobs is None and piece.finish_reason is None:
+            if text or piece.token_ids:
+                yield text_events.event(index, text)
+        elif text or piece.token_ids or piece.finish_reason or logprobs:
             yield chunk(
                 [
                     CompletionChoice(
@@ -97,11 +105,17 @@ async def chat_chunks(
     body: ChatCompletionRequest,
     model: str,
     calling: ToolCalling,
-) -> AsyncIterator[ChatCompletionChunk]:
+) -> AsyncIterator[ChatCompletionChunk | str]:
+    """Plain content deltas come encoded (TextChunkEvents), the other chunks as models."""
+
     def chunk(parts: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=response_id, created=created, model=model, choices=parts, usage=usage
         )
+
+    content_events = TextChunkEvents(
+        lambda index, text: chunk([ChatChunkChoice(index=index, delta={"content": text})])
+    )
 
     replies = [calling.reply_stream() for _ in choices.generations]
     for index in range(len(replies)):
@@ -120,6 +134,9 @@ async def chat_chunks(
             # call's parser holds back stays silent until it is known to be content or a call.
             deltas = [{"content": ""}]
         for position, delta in enumerate(deltas):
+            if logprobs is None and delta.keys() == {"content"}:
+                yield content_events.event(index, delta["content"])
+                continue
             yield chunk(
                 [
                     ChatChunkChoice(

@@ -6,7 +6,9 @@ model generates almost never decode to text, and an OpenAI stream carries nothin
 the first streamed chunk would arrive long after the first token. A real model's tokens all have
 text, so each benchmark checkpoint gets a word-level tokenizer with one word per id
 (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>` keep ids 0-2); every generated token is then one
-streamed chunk, as with a trained model.
+streamed chunk, as with a trained model. The printable ASCII characters come next, one token
+each, so that a grammar can spell any JSON with them (`bench serve --json-schema`): with words
+alone, a schema's opening brace had no token and every constrained request ended at once.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ def bench_checkpoint(root: Path, shape: str, dtype: str, seed: int = 1) -> Path:
 
 
 def word_level_tokenizer(vocab_size: int) -> Tokenizer:
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
-    vocab.update({f"w{index}": index for index in range(len(SPECIAL_TOKENS), vocab_size)})
+    characters = [chr(code) for code in range(32, 127)]
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *characters])}
+    vocab.update({f"w{index}": index for index in range(len(vocab), vocab_size)})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS[0]))
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     return tokenizer

@@ -17,11 +17,13 @@ import asyncio
 import math
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from warmserve.bench import http_load, options, report
 from warmserve.bench.server_process import BenchServer
 from warmserve.bench.workloads import fixed_lengths, random_prompt, sharegpt_like_lengths
+from warmserve.cli import PROFILE_ENV
 
 MODEL_NAME = "bench"
 MIXES = ("fixed", "sharegpt")
@@ -83,6 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-steps", type=int, help="timed engine steps (default 32)")
     parser.add_argument("--max-model-len", type=int, help="of the loaded model")
     parser.add_argument("--length-scale", type=float, help="shrinks the ShareGPT-like mix")
+    parser.add_argument(
+        "--profile-server",
+        metavar="PATH",
+        help="run the server process under cProfile and write its statistics to PATH when it "
+        "stops (python -m pstats PATH): where its CPU time goes",
+    )
     parser.add_argument(
         "--json-schema",
         action="store_true",
@@ -182,10 +190,18 @@ def build_scenarios(args: argparse.Namespace, context_len: int) -> list[dict]:
     return scenarios
 
 
-async def sweep(scenarios: list[dict], send: http_load.Sender) -> dict:
+async def sweep(
+    scenarios: list[dict],
+    send: http_load.Sender,
+    server_cpu_seconds: Callable[[], float | None] = lambda: None,
+) -> dict:
+    """Runs every scenario; with `server_cpu_seconds`, each one's figures also say how much CPU
+    time the server process spent on it, and the output tokens it streamed per CPU second: the
+    rate one server process can stream at when its CPU is the limit."""
     await send(scenarios[0]["requests"][0])  # warm-up, as vLLM's benchmark sends a test prompt
     figures = {}
     for scenario in scenarios:
+        cpu_before = server_cpu_seconds()
         if scenario["kind"] == "concurrency":
             run = await http_load.run_clients(scenario["requests"], send, scenario["value"])
         else:
@@ -193,12 +209,22 @@ async def sweep(scenarios: list[dict], send: http_load.Sender) -> dict:
                 scenario["requests"], send, scenario["value"], scenario["seed"]
             )
         figures[scenario["name"]] = http_load.serving_metrics(run)
+        cpu_after = server_cpu_seconds()
+        if cpu_before is not None and cpu_after is not None and cpu_after > cpu_before:
+            entry = figures[scenario["name"]]
+            entry["server_cpu_s"] = cpu_after - cpu_before
+            entry["server_output_tokens_per_cpu_s"] = entry["total_output_tokens"] / (
+                cpu_after - cpu_before
+            )
         print(f"{scenario['name']}: {summary_line(figures[scenario['name']])}", flush=True)
     return figures
 
 
 async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dict:
-    with BenchServer(device, checkpoint.parent, serve_args, log) as server:
+    environment = (
+        {PROFILE_ENV: str(Path(args.profile_server).resolve())} if args.profile_server else {}
+    )
+    with BenchServer(device, checkpoint.parent, serve_args, log, environment) as server:
         async with http_load.http_client(server.url) as client:
             body = {"name": MODEL_NAME, "path": checkpoint.name}
             if args.max_model_len:
@@ -207,7 +233,7 @@ async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dic
             if response.status_code != 200:
                 raise RuntimeError(f"loading {checkpoint} failed: {response.text}")
             print(f"server {server.url}: loaded {response.json()}", flush=True)
-            return await sweep(scenarios, http_load.http_sender(client))
+            return await sweep(scenarios, http_load.http_sender(client), server.cpu_seconds)
 
 
 async def python_api_runs(device, checkpoint, args, scenarios) -> dict:
@@ -242,12 +268,18 @@ def comparison(results: dict, concurrency: list[int]) -> list[dict]:
 
 
 def summary_line(figures: dict) -> str:
-    return (
+    line = (
         f"{figures['completed']} done, {figures['failed']} failed, "
         f"{figures['output_throughput']:.0f} output tok/s, "
         f"TTFT median {report.number(figures['ttft_ms']['median'])} ms, "
         f"ITL median {report.number(figures['itl_ms']['median'], 2)} ms"
     )
+    if "server_output_tokens_per_cpu_s" in figures:
+        line += (
+            f", server process {figures['server_cpu_s']:.2f} CPU s "
+            f"({figures['server_output_tokens_per_cpu_s']:.0f} output tok per CPU s)"
+        )
+    return line
 
 
 # Issue 16's output-rate targets for 64 clients at 512 in / 128 out, by shape.
@@ -317,6 +349,18 @@ def render_markdown(results: dict) -> str:
         )
     header = ["run", "completed", "req/s", "output tok/s", "total tok/s", "TTFT", "TPOT"]
     lines += [report.table([*header, "ITL", "E2E"], rows), ""]
+    streamed = {
+        name: figures["server_output_tokens_per_cpu_s"]
+        for name, figures in results["http"].items()
+        if "server_output_tokens_per_cpu_s" in figures
+    }
+    if streamed:
+        lines += [
+            "Output tokens the server process streamed per second of its own CPU time (the rate "
+            "one server process reaches when its CPU is the limit): "
+            + ", ".join(f"{name} {report.number(rate, 0)}" for name, rate in streamed.items()),
+            "",
+        ]
     if "comparison" in results:
         lines += [
             "Same run, fixed lengths: the Python API (`Controller.generate` in-process, same "

@@ -41,7 +41,14 @@ class BenchServer:
     """Runs `python -m warmserve serve --device DEVICE --port P --model-root ROOT *serve_args`,
     logging to `log_path`. Use as a context manager: entering waits for /health."""
 
-    def __init__(self, device: str, model_root: Path, serve_args: list[str], log_path: Path):
+    def __init__(
+        self,
+        device: str,
+        model_root: Path,
+        serve_args: list[str],
+        log_path: Path,
+        environment: dict[str, str] | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [
@@ -50,6 +57,7 @@ class BenchServer:
             *serve_args,
         ]  # fmt: skip
         self.log_path = log_path
+        self.environment = environment or {}
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> BenchServer:
@@ -57,7 +65,7 @@ class BenchServer:
         # The server must import this same warmserve, wherever the benchmark was started from.
         package_parent = str(Path(warmserve.__file__).resolve().parents[1])
         paths = [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+        env = {**os.environ, **self.environment, "PYTHONPATH": os.pathsep.join(paths)}
         with open(self.log_path, "wb") as log:
             # Its own process group, so that a server that ignores SIGTERM can be killed whole,
             # workers included.
@@ -103,6 +111,16 @@ class BenchServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used so far (its workers are other processes), or
+        None where /proc cannot tell (not Linux)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return None
+        # utime and stime, fields 14 and 15 of stat(5); the split starts at field 3.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def log_tail(self, characters: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-characters:]

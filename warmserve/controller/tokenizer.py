@@ -91,11 +91,21 @@ class ModelTokenizer:
         self.bos_token = self.special_tokens.get("bos_token")
         self.eos_token = self.special_tokens.get("eos_token")
         self.vocab_size = self.tokenizer.get_vocab_size()
+        # Each token's text decoded alone, as streams ask for it (most tokens, several times).
+        self._token_texts: dict[tuple[int, bool], str] = {}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if len(token_ids) == 1:
+            key = (token_ids[0], skip_special_tokens)
+            text = self._token_texts.get(key)
+            if text is None:
+                text = self._token_texts[key] = self.tokenizer.decode(
+                    token_ids, skip_special_tokens=skip_special_tokens
+                )
+            return text
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def token_id(self, text: str) -> int | None:

@@ -1,5 +1,5 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket, captured the first
-time a bucket is needed (never between a load and its first token, which is a prefill).
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket, each captured when the
+worker has nothing else to do (the schedule is engine/graph_buckets.py's).
 
 A graph reads its inputs from one static device buffer; a step fills a pinned twin of it on the
 host and copies it over in one asynchronous copy. Rows beyond the real batch point at a scratch
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from warmserve.engine.graph_buckets import GraphBuckets
 from warmserve.layers.attention import AttentionMetadata
-
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 class DecodeGraphs:
@@ -27,11 +26,11 @@ class DecodeGraphs:
     ):
         self.model = model
         self.device = device
-        self.buckets = [b for b in BUCKETS if b < max_seqs] + [max_seqs]
+        self.buckets = GraphBuckets(max_seqs, self._capture)
         self.block_size = block_size
         self.scratch_block = scratch_block
         self.max_blocks = max_blocks
-        size = self.size = self.buckets[-1]
+        size = self.size = self.buckets.sizes[-1]
         # A step's metadata in one buffer, so that it crosses to the device in one copy: input
         # ids, positions, cache slots and context lengths ([4, size]), then the block tables
         # ([size, max_blocks]). The graphs read the device buffer's views.
@@ -41,7 +40,7 @@ class DecodeGraphs:
         self.block_tables = self.static[4 * size :].view(size, max_blocks)
         self.block_tables.fill_(scratch_block)
         self.context_lens.fill_(1)
-        self.staging: torch.Tensor | None = None  # pinned twin of `static`, made at first use
+        self.staging: torch.Tensor | None = None  # pinned twin of `static`, made at first capture
         # The block table each staging row holds, and how much of it is written: a sequence's
         # table only grows while it runs, so a step writes only the blocks added since the last.
         self.row_tables: list[list[int] | None] = [None] * size
@@ -51,17 +50,11 @@ class DecodeGraphs:
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
-    def bucket(self, batch: int) -> int | None:
-        return next((b for b in self.buckets if b >= batch), None)
-
-    def run(self, inputs) -> torch.Tensor:
-        """Logits [batch, vocab] for a decode step (one new token per sequence)."""
+    def run(self, inputs, bucket: int) -> torch.Tensor:
+        """Logits [batch, vocab] for a decode step (one new token per sequence) from the
+        captured graph of `bucket`."""
         batch = len(inputs.input_ids)
-        bucket = self.bucket(batch)
-        if self.staging is None:  # pinning costs time: not at load, on the first decode step
-            self.staging = torch.zeros_like(self.static, device="cpu").pin_memory()
-            self.staging[4 * self.size :] = self.scratch_block
-        elif self.staged is not None:
+        if self.staged is not None:
             self.staged.synchronize()  # the last step's copy has read the staging buffer
         host = self.staging.numpy()
         vectors = host[: 4 * self.size].reshape(4, self.size)
@@ -85,8 +78,6 @@ class DecodeGraphs:
         self.static[:used].copy_(self.staging[:used], non_blocking=True)
         self.staged = torch.cuda.Event()
         self.staged.record()
-        if bucket not in self.graphs:
-            self._capture(bucket)
         self.graphs[bucket].replay()
         return self.logits[bucket][:batch]
 
@@ -105,6 +96,9 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self, bucket: int) -> None:
+        if self.staging is None:  # pinning costs time: not at load, with the first capture
+            self.staging = torch.zeros_like(self.static, device="cpu").pin_memory()
+            self.staging[4 * self.size :] = self.scratch_block
         # Captured by hand rather than with torch.cuda.graph, which synchronizes the device and
         # empties the allocator's cache first: that would stall every other model this worker
         # is serving. Thread-local capture leaves the worker's DMA-registration thread free.

@@ -16,6 +16,7 @@ import torch
 from warmserve.config import DTYPE_ITEMSIZE, EngineConfig, SamplingParams
 from warmserve.engine.arena import bindable, default_dtype, model_on_arena
 from warmserve.engine.block_manager import BlockManager
+from warmserve.engine.graph_buckets import GraphBuckets
 from warmserve.engine.kv_pool import InsufficientMemory, KVPool
 from warmserve.engine.kv_region import KVRegion
 from warmserve.engine.model_runner import ModelRunner
@@ -422,6 +423,27 @@ class Engine:
             if seq.finish_reason is not None:
                 self._forget(seq.request_id)
         return outputs
+
+    @property
+    def graph_buckets(self) -> GraphBuckets | None:
+        """Which decode batch sizes replay a CUDA graph (None: this model has no graphs)."""
+        return self.runner.graph_buckets
+
+    def can_capture_graph(self) -> bool:
+        """A graph is still to capture and the load's weight copy is over: while it runs, the
+        model's first request may be on its way, and a capture queued behind the copy would
+        hold that request's first token back."""
+        buckets = self.runner.graph_buckets
+        if buckets is None or not buckets.pending:
+            return False
+        return self.weights_ready is None or self.weights_ready.query()
+
+    def capture_next_graph(self) -> int:
+        """Captures the smallest decode bucket not captured yet (the worker's idle gaps only)."""
+        if self.weights_ready is not None:  # over already when the worker calls
+            self.weights_ready.synchronize()
+            self.weights_ready = None
+        return self.runner.graph_buckets.capture_next()
 
     def follow_step(self, inputs: StepInputs) -> None:
         """Non-lead tensor-parallel ranks: one step of the lead's."""

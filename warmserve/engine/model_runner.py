@@ -19,11 +19,12 @@ from warmserve.config import SamplingParams
 from warmserve.engine import logprobs
 from warmserve.engine.block_manager import SCRATCH_BLOCK
 from warmserve.engine.cuda_graphs import DecodeGraphs
+from warmserve.engine.graph_buckets import GraphBuckets
 from warmserve.engine.kv_pool import InsufficientMemory
 from warmserve.engine.sequence import Sequence
 from warmserve.layers.attention import AttentionMetadata
 from warmserve.layers.logits_processors import process_logits
-from warmserve.layers.parallel import tp_rank
+from warmserve.layers.parallel import tp_rank, tp_world_size
 from warmserve.layers.sampling import sample
 from warmserve.protocol import StepInputs, TokenLogprobs
 
@@ -65,6 +66,11 @@ class ModelRunner:
         self.send_step = send_step
         self.is_lead = tp_rank() == 0
         self.decode_graphs = None
+        self.in_group = tp_world_size() > 1
+        # Which decode batch sizes have a graph. The worker captures a lone model's graphs in its
+        # idle gaps; the ranks of a group capture a bucket together, in the step that first
+        # needs it (their graphs hold the group's collectives, so no rank may capture alone).
+        self.graph_buckets: GraphBuckets | None = None
         if device.type == "cuda":
             self.decode_graphs = DecodeGraphs(
                 model,
@@ -74,11 +80,14 @@ class ModelRunner:
                 block_size,
                 SCRATCH_BLOCK,
             )
+            if not self.in_group:
+                self.graph_buckets = self.decode_graphs.buckets
 
     def close(self) -> None:
         """Drops the graphs and the model (which point into the cache), then hands the cache's
         pages back to the pool."""
         self.decode_graphs = None
+        self.graph_buckets = None
         for attention in self.model.attention_layers():
             attention.k_cache = attention.v_cache = None
         self.model = None
@@ -164,8 +173,18 @@ class ModelRunner:
     def _run(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every rank takes the same path for the same inputs (graphs or eager), so their
         collectives pair up."""
+        bucket = None
         if self.decode_graphs is not None and all(n == 1 for n in inputs.query_lens):
-            return self.decode_graphs.run(inputs), None
+            batch = len(inputs.query_lens)
+            buckets = self.decode_graphs.buckets
+            bucket = buckets.replayable(batch)
+            if bucket is None and self.in_group:
+                while buckets.pending and buckets.replayable(batch) is None:
+                    buckets.capture_next()
+                bucket = buckets.replayable(batch)
+        if bucket is not None:
+            return self.decode_graphs.run(inputs, bucket), None
+        # A prefill or mixed step, or a decode batch whose graph is not captured yet.
         return self._forward(inputs)
 
     @torch.inference_mode()
@@ -174,13 +193,15 @@ class ModelRunner:
         (None when there are none)."""
         seqs, tokens = len(inputs.query_lens), len(inputs.input_ids)
         max_blocks = max(len(table) for table in inputs.block_tables)
-        last_rows = [end - 1 for end in itertools.accumulate(inputs.query_lens)]
+        query_ends = list(itertools.accumulate(inputs.query_lens))
         flat = [
             *inputs.input_ids,
             *inputs.positions,
             *inputs.slot_mapping,
             *inputs.context_lens,
-            *last_rows,
+            *(end - 1 for end in query_ends),  # each sequence's last row
+            0,
+            *query_ends,  # with the 0 before them: where each sequence's queries start
         ]
         for table in inputs.block_tables:
             flat += table
@@ -191,17 +212,19 @@ class ModelRunner:
             # stream reaches it, and after a load that is behind the whole weight copy.
             staged = staged.pin_memory()
         on_device = staged.to(self.device, non_blocking=True)
-        input_ids, positions, slots, context_lens, last = on_device[: 3 * tokens + 2 * seqs].split(
-            [tokens, tokens, tokens, seqs, seqs]
+        vectors = 3 * tokens + 3 * seqs + 1
+        input_ids, positions, slots, context_lens, last, query_start = on_device[:vectors].split(
+            [tokens, tokens, tokens, seqs, seqs, seqs + 1]
         )
         meta = AttentionMetadata(
             slot_mapping=slots,
             query_lens=inputs.query_lens,
             context_lens=context_lens,
             context_lens_host=inputs.context_lens,
-            block_tables=on_device[3 * tokens + 2 * seqs :].view(seqs, max_blocks),
+            block_tables=on_device[vectors:].view(seqs, max_blocks),
             max_context_len=max(inputs.context_lens),
             decode_only=all(n == 1 for n in inputs.query_lens),
+            query_start=query_start,
         )
         hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden.index_select(0, last)).float()

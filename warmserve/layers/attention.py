@@ -6,7 +6,8 @@ the oracle that the GPU kernels are checked against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [seqs, max_blocks] block ids, padded with 0
     max_context_len: int
     decode_only: bool
+    # [seqs + 1] where each sequence's queries start among the step's tokens (cu_seqlens), the
+    # last entry the token count: the GPU prefill kernel finds its sequence with it.
+    query_start: torch.Tensor | None = None
 
 
 def write_kv(
@@ -89,32 +93,74 @@ def paged_prefill(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    from_cache: bool,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """q, k, v: [tokens, heads, head_dim] of this step; each sequence's queries are its last
-    `query_len` positions. A sequence whose whole context is in this step attends over this
-    step's keys directly (the fast path on GPU); with `from_cache`, or a cached prefix, keys come
-    from the paged cache (the reference path). With a sliding window, each query sees only the
-    last `sliding_window` positions (its own included)."""
-    if (
-        not from_cache
-        and len(meta.query_lens) == 1
-        and meta.query_lens[0] == q.shape[0] == (meta.context_lens_host[0])
-    ):  # one whole prompt (a first token): no per-sequence slicing
+    """Attention for a step that is not decode-only. q, k, v: [tokens, heads, head_dim] of this
+    step, already written into the cache; each sequence's queries are its last `query_len`
+    positions, and a sequence may bring a whole prompt, a chunk after cached tokens, or one
+    decode token. With a sliding window, each query sees only the last `sliding_window`
+    positions (its own included)."""
+    if len(meta.query_lens) == 1 and meta.query_lens[0] == meta.context_lens_host[0]:
+        # One whole prompt (a first token): this step's keys are its whole context, and the
+        # fused dense kernels (flash on GPU) are the fastest way through it.
         return attend_one_sequence(q, k, v, scale, sliding_window)
+    if q.is_cuda:
+        from warmserve.layers.triton_prefill import paged_prefill_kernel  # GPU hosts only
+
+        return paged_prefill_kernel(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.context_lens,
+            meta.query_start,
+            max(meta.query_lens),
+            scale,
+            sliding_window,
+        )
+    return paged_prefill_reference(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+def paged_prefill_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The oracle for paged_prefill: every key and value read back through the block tables.
+    The decode rows of a mixed step (one query each, usually most of its sequences) go through
+    the batched decode reference together; each prompt or prompt chunk attends on its own."""
     out = torch.empty_like(q)
-    start = 0
+    ends = list(itertools.accumulate(meta.query_lens))
+    singles = [i for i, query_len in enumerate(meta.query_lens) if query_len == 1]
+    if singles:
+        seqs = torch.tensor(singles, device=q.device)
+        rows = torch.tensor([ends[i] - 1 for i in singles], device=q.device)
+        contexts = [meta.context_lens_host[i] for i in singles]
+        decode_meta = replace(
+            meta,
+            query_lens=[1] * len(singles),
+            context_lens=meta.context_lens.index_select(0, seqs),
+            context_lens_host=contexts,
+            block_tables=meta.block_tables.index_select(0, seqs),
+            max_context_len=max(contexts),
+            decode_only=True,
+            query_start=None,
+        )
+        out[rows] = paged_decode_reference(
+            q.index_select(0, rows), k_cache, v_cache, decode_meta, scale, sliding_window
+        )
     for i, query_len in enumerate(meta.query_lens):
-        context_len = meta.context_lens_host[i]
-        end = start + query_len
-        if from_cache or query_len != context_len:
-            keys = gather_kv(k_cache, meta.block_tables[i], context_len)
-            values = gather_kv(v_cache, meta.block_tables[i], context_len)
-        else:
-            keys, values = k[start:end], v[start:end]
-        out[start:end] = attend_one_sequence(q[start:end], keys, values, scale, sliding_window)
-        start = end
+        if query_len == 1:
+            continue
+        context_len, end = meta.context_lens_host[i], ends[i]
+        keys = gather_kv(k_cache, meta.block_tables[i], context_len)
+        values = gather_kv(v_cache, meta.block_tables[i], context_len)
+        out[end - query_len : end] = attend_one_sequence(
+            q[end - query_len : end], keys, values, scale, sliding_window
+        )
     return out
 
 
@@ -133,8 +179,10 @@ def paged_decode_reference(
     tables = meta.block_tables[:, :num_blocks]
     keys = k_cache[tables].view(seqs, num_blocks * block_size, kv_heads, head_dim)
     values = v_cache[tables].view(seqs, num_blocks * block_size, kv_heads, head_dim)
-    grouped = q.view(seqs, kv_heads, heads // kv_heads, head_dim).float()
-    scores = torch.einsum("bkgd,bskd->bkgs", grouped, keys.float()) * scale
+    # Float32 at least whatever the input dtype (bfloat16 caches); float64 stays float64.
+    compute = torch.promote_types(q.dtype, torch.float32)
+    grouped = q.view(seqs, kv_heads, heads // kv_heads, head_dim).to(compute)
+    scores = torch.einsum("bkgd,bskd->bkgs", grouped, keys.to(compute)) * scale
     positions = torch.arange(num_blocks * block_size, device=q.device)
     beyond = positions[None, :] >= meta.context_lens[:, None]
     if sliding_window is not None:
@@ -144,7 +192,7 @@ def paged_decode_reference(
     probs = scores.softmax(dim=-1)
     # Slots past a sequence's context were never written for it and may hold anything, NaN
     # included (fresh cache memory, or a freed block): a zero weight times NaN is still NaN.
-    values = values.float().masked_fill(beyond[:, :, None, None], 0.0)
+    values = values.to(compute).masked_fill(beyond[:, :, None, None], 0.0)
     out = torch.einsum("bkgs,bskd->bkgd", probs, values)
     return out.reshape(seqs, heads, head_dim).to(q.dtype)
 
@@ -206,15 +254,7 @@ class PagedAttention(nn.Module):
             write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         if not meta.decode_only:
             out = paged_prefill(
-                q,
-                k,
-                v,
-                self.k_cache,
-                self.v_cache,
-                meta,
-                self.scale,
-                not on_gpu,
-                self.sliding_window,
+                q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window
             )
         elif on_gpu and self.sliding_window is None:
             from warmserve.layers.triton_attention import paged_decode  # triton: GPU hosts only

@@ -120,6 +120,28 @@ class ResidentModels:
         for request_id, error in model.engine.take_failures():
             self.send(RequestFailed(self.worker_id, key, request_id, error, invalid_request=True))
 
+    # ---- idle gaps ------------------------------------------------------------------------
+
+    def graphs_pending(self) -> bool:
+        return any(
+            model.engine.graph_buckets is not None and model.engine.graph_buckets.pending
+            for model in self.resident.values()
+        )
+
+    def capture_graph_in_idle_gap(self) -> bool:
+        """For the worker's idle gaps only (no resident model has work): captures one decode
+        graph, the smallest bucket still to capture of any model that can take it now. Returns
+        whether one was captured; a model whose capture fails runs its decodes eagerly."""
+        ready = [model for model in self.resident.values() if model.engine.can_capture_graph()]
+        if not ready:
+            return False
+        model = min(ready, key=lambda model: model.engine.graph_buckets.next_size)
+        try:
+            model.engine.capture_next_graph()
+        except Exception:
+            traceback.print_exc()
+        return True
+
     # ---- load and drop --------------------------------------------------------------------
 
     def load(

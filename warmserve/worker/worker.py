@@ -56,6 +56,8 @@ from warmserve.worker.peers import PeerLinks
 from warmserve.worker.residents import LoadRefused, ResidentModels
 
 IDLE_POLL_MS = 500
+# While a resident model has decode graphs to capture, the loop checks for commands this often.
+CAPTURE_POLL_MS = 1
 FAIL_WARMUP_ENV = "WARMSERVE_FAIL_WARMUP"
 
 
@@ -146,26 +148,39 @@ class Worker:
                 peer_address=self.peers.address if self.peers is not None else "",
             )
         )
-        while True:
-            while self.registered_events:
-                self.send(self.registered_events.pop(0))
-            self.drain_peers()  # first: a lead waits in a collective for these steps
-            report = self.kv.report(self.args.worker_id, self.models.engines())
-            if report is not None:
-                self.send(report)
-            busy = self.models.busy()
-            ready = dict(self.poller.poll(0 if busy else self.idle_poll_ms()))
-            if self.commands in ready:
-                if not self.drain_commands():
-                    return
-            elif ready:
-                continue  # a peer message: handled at the top of the loop
-            elif busy:
-                self.models.step_next(busy)
-            elif self.release_due is not None and time.monotonic() >= self.release_due:
-                self.release_memory()
-            elif os.getppid() != self.args.parent_pid:
-                return  # the server is gone
+        while self.turn():
+            pass
+
+    def turn(self) -> bool:
+        """One pass of the loop: the commands waiting, else one engine step, else idle work (a
+        decode graph to capture, memory to release). False once the worker is to stop."""
+        while self.registered_events:
+            self.send(self.registered_events.pop(0))
+        self.drain_peers()  # first: a lead waits in a collective for these steps
+        report = self.kv.report(self.args.worker_id, self.models.engines())
+        if report is not None:
+            self.send(report)
+        busy = self.models.busy()
+        if busy:
+            timeout = 0
+        elif self.models.graphs_pending():
+            timeout = CAPTURE_POLL_MS
+        else:
+            timeout = self.idle_poll_ms()
+        ready = dict(self.poller.poll(timeout))
+        if self.commands in ready:
+            return self.drain_commands()
+        if ready:
+            return True  # a peer message: handled at the top of the next turn
+        if busy:
+            self.models.step_next(busy)
+        elif self.models.capture_graph_in_idle_gap():
+            pass  # one bucket at a time: a command that came meanwhile goes first
+        elif self.release_due is not None and time.monotonic() >= self.release_due:
+            self.release_memory()
+        elif os.getppid() != self.args.parent_pid:
+            return False  # the server is gone
+        return True
 
     def drain_commands(self) -> bool:
         """Handles every command waiting; False once told to shut down."""

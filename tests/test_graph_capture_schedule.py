@@ -1,0 +1,110 @@
+"""Decode graphs are captured in a worker's idle gaps: never while a resident model has work,
+never by a load, one bucket per gap, smallest first; until its bucket is captured a decode batch
+runs eagerly. The capture is a CUDA operation, so here the schedule runs with a recording capture
+(GraphBuckets is device-free) in a real Worker loop with real engines and real sockets; the
+capture itself is scripts/gpu_check.py's to check."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import zmq
+
+from warmserve.config import EngineConfig, SamplingParams
+from warmserve.engine.graph_buckets import GraphBuckets
+from warmserve.protocol import AddRequest, LoadModel, WorkerArgs, command_encoder
+from warmserve.worker.worker import Worker
+
+
+def test_buckets_replay_only_once_captured_smallest_first():
+    captured = []
+    buckets = GraphBuckets(20, captured.append)
+    assert buckets.sizes == [1, 2, 4, 8, 16, 20]
+    assert buckets.bucket(3) == 4 and buckets.bucket(21) is None
+    assert buckets.replayable(1) is None  # nothing captured: eager
+    assert [buckets.capture_next() for _ in range(3)] == [1, 2, 4] == captured
+    assert [buckets.replayable(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, None]
+    assert buckets.pending and buckets.next_size == 8
+
+
+def test_a_failed_capture_leaves_larger_batches_eager():
+    def capture(bucket):
+        if bucket == 4:
+            raise RuntimeError("out of memory")
+
+    buckets = GraphBuckets(8, capture)
+    buckets.capture_next(), buckets.capture_next()
+    with pytest.raises(RuntimeError):
+        buckets.capture_next()
+    assert not buckets.pending
+    assert buckets.replayable(2) == 2 and buckets.replayable(3) is None
+
+
+@pytest.fixture
+def worker():
+    args = WorkerArgs(0, "cpu", "", "", 2**30, 0.9, 0.0, None, os.getppid(), peer_address="")
+    context = zmq.Context()
+    commands, inbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    commands.bind("inproc://commands")
+    inbox.connect("inproc://commands")
+    events, outbox = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    outbox.bind("inproc://events")
+    events.connect("inproc://events")
+    yield Worker(args, commands, events), inbox
+    for socket in (commands, inbox, events, outbox):
+        socket.close(linger=0)
+    context.term()
+
+
+def test_graphs_are_captured_in_idle_gaps_only(worker, checkpoint_factory):
+    worker, inbox = worker
+    path = str(checkpoint_factory("llama"))
+    captures = []  # (model, bucket, the models with work at that moment)
+
+    def load(name: str) -> None:
+        command = LoadModel(
+            1, name, name, path, None, "float32", 128, EngineConfig(max_num_seqs=4), 0, 1, None
+        )
+        worker.load(command)
+        engine = worker.models.resident[name].engine
+        assert engine.graph_buckets is None  # a CPU engine has no graphs: give it a schedule
+        engine.runner.graph_buckets = GraphBuckets(
+            4, lambda bucket: captures.append((name, bucket, worker.models.busy()))
+        )
+
+    def request(name: str, request_id: str, tokens: int) -> AddRequest:
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        return AddRequest(name, request_id, [5, 6, 7, 8], params)
+
+    load("a")
+    assert captures == []  # the load captured nothing
+    for index in range(3):
+        worker.models.add_request(request("a", f"a{index}", 6))
+    worker.turn()
+    worker.turn()
+    load("b")  # while a streams: b's graphs wait for a gap too
+    assert captures == []
+    turns = 0
+    while worker.models.busy():
+        worker.turn()
+        turns += 1
+    assert turns >= 4 and captures == []  # a stepped to its end with nothing captured
+    worker.turn()
+    assert captures == [("a", 1, [])]  # one bucket per gap
+    inbox.send(command_encoder.encode(request("b", "b0", 5)))
+    worker.turn()  # the request goes first...
+    assert len(captures) == 1 and worker.models.busy() == ["b"]
+    while worker.models.graphs_pending():
+        worker.turn()  # ...and no capture runs until b's stream is over
+    assert all(busy == [] for _, _, busy in captures)
+    assert [(name, bucket) for name, bucket, _ in captures] == [
+        ("a", 1),
+        ("b", 1),
+        ("a", 2),
+        ("b", 2),
+        ("a", 4),
+        ("b", 4),
+    ]
+    for name in "ab":
+        assert worker.models.resident[name].engine.graph_buckets.captured == [1, 2, 4]
