@@ -121,6 +121,10 @@ def test_fuzzing_the_schema_finds_no_server_error(server):
     assert server.worker_pids() == pids
     with server.http() as http:
         unload_everything(http)  # what the fuzzer loaded may hold both workers
+        # A fuzzed registration or unregistration may have named the model: register it anew.
+        http.delete(f"/admin/registry/{MODEL}")
+        registered = http.post("/admin/registry", json={"name": MODEL, "path": "tiny-llama"})
+        assert registered.status_code == 200, registered.text
         response = http.post(
             "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 4}
         )

@@ -381,9 +381,16 @@ def test_worker_killed_mid_request(server, http):
             threading.Thread(target=stream_from_victim),
             threading.Thread(target=whole_from_victim),
         ]
-        for thread in victims:
-            thread.start()
+        victims[0].start()
         assert streaming.wait(30), "the victim's stream never started"
+        # The whole request too is in flight (not finished, nor still on its way) at the kill.
+        victims[1].start()
+        wait_until(
+            lambda: models_by_name(http)["victim"]["requests_in_flight"] == 2,
+            10,
+            "the second request in flight",
+            interval_s=0.01,
+        )
         killed_at = time.monotonic()
         os.kill(victim_pid, signal.SIGKILL)
         failed_at = wait_until(

@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from warmserve.config import EngineConfig, SamplingParams
-from warmserve.engine.graph_buckets import GraphBuckets
+from warmserve.engine.graph_buckets import OVERDUE_EAGER_STEPS, GraphBuckets
 from warmserve.protocol import AddRequest, LoadModel, WorkerArgs, command_encoder
 from warmserve.worker.worker import Worker
 
@@ -39,6 +39,20 @@ def test_a_failed_capture_leaves_larger_batches_eager():
         buckets.capture_next()
     assert not buckets.pending
     assert buckets.replayable(2) == 2 and buckets.replayable(3) is None
+
+
+def test_a_batch_size_run_eagerly_too_often_is_overdue_for_its_capture():
+    captured = []
+    buckets = GraphBuckets(20, captured.append)
+    for _ in range(OVERDUE_EAGER_STEPS - 1):
+        buckets.note_eager(3)
+    assert buckets.overdue() is None
+    buckets.note_eager(4)  # the same bucket
+    assert buckets.overdue() == 4
+    assert buckets.capture_bucket(4) == 4 and captured == [4]
+    assert buckets.overdue() is None and buckets.replayable(3) == 4
+    # The idle gaps go on from the smallest bucket still to capture.
+    assert buckets.next_size == 1 and buckets.capture_next() == 1
 
 
 @pytest.fixture
@@ -108,3 +122,33 @@ def test_graphs_are_captured_in_idle_gaps_only(worker, checkpoint_factory):
     ]
     for name in "ab":
         assert worker.models.resident[name].engine.graph_buckets.captured == [1, 2, 4]
+
+
+def test_a_model_under_steady_traffic_captures_its_hot_bucket_between_steps(
+    worker, checkpoint_factory
+):
+    """No idle gap comes while a model streams without pause: the bucket of its batch size is
+    captured between two of its steps once that size has run eagerly often enough, and only
+    that bucket."""
+    worker, _ = worker
+    path = str(checkpoint_factory("llama"))
+    command = LoadModel(
+        1, "a", "a", path, None, "float32", 128, EngineConfig(max_num_seqs=4), 0, 1, None
+    )
+    worker.load(command)
+    captures = []  # (bucket, the models with work at that moment)
+    engine = worker.models.resident["a"].engine
+    engine.runner.graph_buckets = GraphBuckets(
+        4, lambda bucket: captures.append((bucket, worker.models.busy()))
+    )
+    params = SamplingParams(max_tokens=OVERDUE_EAGER_STEPS + 8, temperature=0.0, ignore_eos=True)
+    for index in range(3):
+        worker.models.add_request(AddRequest("a", f"a{index}", [5, 6, 7, 8], params))
+    steps = 0
+    while worker.models.busy():
+        worker.turn()
+        steps += 1
+        if steps < OVERDUE_EAGER_STEPS:
+            assert captures == []
+    assert captures == [(4, ["a"])]  # mid-traffic, once, the batch of 3's bucket
+    assert engine.graph_buckets.captured == [4]

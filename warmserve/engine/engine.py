@@ -445,6 +445,19 @@ class Engine:
             self.weights_ready = None
         return self.runner.graph_buckets.capture_next()
 
+    def capture_overdue_graph(self) -> bool:
+        """Between two steps of a model under steady traffic: captures the bucket of a decode
+        batch size that ran eagerly too often to wait for an idle gap (see graph_buckets)."""
+        buckets = self.runner.graph_buckets
+        bucket = buckets.overdue() if buckets is not None else None
+        if bucket is None:
+            return False
+        if self.weights_ready is not None:
+            self.weights_ready.synchronize()
+            self.weights_ready = None
+        buckets.capture_bucket(bucket)
+        return True
+
     def follow_step(self, inputs: StepInputs) -> None:
         """Non-lead tensor-parallel ranks: one step of the lead's."""
         if self.weights_ready is not None:  # the load's copy runs on the copy stream

@@ -173,16 +173,18 @@ class ModelRunner:
     def _run(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every rank takes the same path for the same inputs (graphs or eager), so their
         collectives pair up."""
-        bucket = None
-        if self.decode_graphs is not None and all(n == 1 for n in inputs.query_lens):
-            batch = len(inputs.query_lens)
+        bucket, batch = None, len(inputs.query_lens)
+        decode = all(n == 1 for n in inputs.query_lens)
+        if decode and self.in_group and self.decode_graphs is not None:
             buckets = self.decode_graphs.buckets
+            while buckets.pending and buckets.replayable(batch) is None:
+                buckets.capture_next()
             bucket = buckets.replayable(batch)
-            if bucket is None and self.in_group:
-                while buckets.pending and buckets.replayable(batch) is None:
-                    buckets.capture_next()
-                bucket = buckets.replayable(batch)
-        if bucket is not None:
+        elif decode and self.graph_buckets is not None:
+            bucket = self.graph_buckets.replayable(batch)
+            if bucket is None:
+                self.graph_buckets.note_eager(batch)
+        if bucket is not None and self.decode_graphs is not None:
             return self.decode_graphs.run(inputs, bucket), None
         # A prefill or mixed step, or a decode batch whose graph is not captured yet.
         return self._forward(inputs)

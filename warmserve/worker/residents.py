@@ -108,6 +108,10 @@ class ResidentModels:
     def step_next(self, busy: list[str]) -> None:
         key = self.fair_share.pick(busy)
         model = self.resident[key]
+        try:
+            model.engine.capture_overdue_graph()
+        except Exception:  # its decodes stay eager
+            traceback.print_exc()
         started = time.perf_counter()
         try:
             outputs = model.engine.step()
