@@ -103,10 +103,10 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 def evict_host_copies(controller, path: Path) -> None:
     """Drops the checkpoint's copy and its tensor-parallel shards from the host store."""
-    stored = controller.store.keys()
+    stored = controller.stores.keys()
     for key in stored:
         if key == str(path) or key.startswith(f"{path}#"):
-            controller.store.evict(key)
+            controller.stores.store.evict(key)  # a local pool: one store
 
 
 async def tp2_equal_tp1(controller, name: str, path: Path) -> list[bool]:

@@ -71,6 +71,7 @@ class FakeController:
                 i,
                 1000 + i,
                 "cpu",
+                "local",
                 "ready",
                 [],
                 4 << 30,

@@ -342,7 +342,9 @@ def test_models_and_admin_listings(client):
     }
     assert client.get("/admin/models").json()[0]["name"] == MODEL
     workers = client.get("/admin/workers").json()
-    assert {"id", "pid", "device", "state", "models", "memory_free_bytes"} <= set(workers[0])
+    assert {"id", "pid", "node", "device", "state", "models", "memory_free_bytes"} <= set(
+        workers[0]
+    )
     assert workers[0]["models"] == [
         {
             "name": MODEL,

@@ -171,8 +171,8 @@ def test_host_cache_evicts_least_recently_used_and_cleans_up(checkpoints):
         await controller.load("llama", str(checkpoints["llama"]))
         # Budget holds two copies: the least recently used (qwen3) went.
         assert controller.host_cache_bytes <= controller.host_cache_capacity_bytes
-        assert len(controller.store.keys()) == 2
-        assert str(checkpoints["qwen3"]) not in controller.store
+        assert len(controller.stores.keys()) == 2
+        assert str(checkpoints["qwen3"]) not in controller.stores
         return controller.instance
 
     instance = run_controller(scenario, host_cache_gb=2.5 * size / 2**30)

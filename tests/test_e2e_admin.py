@@ -118,8 +118,10 @@ def test_cli_load_ps_unload(server, shared_model):
         assert lines[0].split()[:3] == ["MODEL", "STATE", "WORKERS"]
         assert any(line.split()[:2] == ["cli-model", "loaded"] for line in lines)
         header = next(i for i, line in enumerate(lines) if line.startswith("WORKER"))
-        assert lines[header].split()[:5] == ["WORKER", "PID", "DEVICE", "STATE", "MODELS"]
-        # Each worker row names its resident models with what each takes there.
+        assert lines[header].split()[:6] == ["WORKER", "PID", "NODE", "DEVICE", "STATE", "MODELS"]
+        # Each worker row names its node (this host) and its resident models with what each
+        # takes there.
+        assert all(line.split()[2] == "local" for line in lines[header + 1 :]), lines
         workers = "\n".join(lines[header + 1 :])
         assert re.search(r"cli-model \(\d+(\.\d+)? [KMG]i?B\)", workers), workers
         assert f"{shared_model} (" in workers, workers

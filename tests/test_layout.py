@@ -23,10 +23,13 @@ TORCH_FREE_SHARED = {
     "warmserve.loader.gguf_tokenizer",
     # Formatting helpers (sizes, progress) shared by the CLI and the server's log.
     "warmserve.text_tables",
+    # ZeroMQ CURVE as both ends of the tcp:// sockets set it up.
+    "warmserve.curve",
 }
 ALLOWED = {
     "config": set(),
     "protocol": {"warmserve.config"},
+    "curve": set(),
     "layers": {"warmserve.config"},
     "models": {"warmserve.config", "warmserve.layers"},
     "loader": {"warmserve.config", "warmserve.protocol"},
@@ -40,6 +43,7 @@ ALLOWED = {
     "worker": {
         "warmserve.config",
         "warmserve.protocol",
+        "warmserve.curve",
         "warmserve.engine",
         "warmserve.loader",
         "warmserve.models",

@@ -72,7 +72,7 @@ class LoadingController:
 
     def __init__(self):
         self.info = ModelInfo("m", "/models/m", "loading")
-        self.store = self
+        self.stores = self
 
     def model(self, name: str) -> ModelInfo:
         return self.info

@@ -9,6 +9,7 @@ import asyncio
 from support import PROMPTS, hf_greedy, run_controller
 
 from warmserve import SamplingParams
+from warmserve.controller.launchers.local import LOCAL_NODE
 from warmserve.controller.tokenizer import ModelTokenizer
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -114,7 +115,7 @@ def test_after_its_first_load_each_rank_loads_its_shard_in_one_copy(checkpoints)
         first = await controller.load("wide", str(path), tensor_parallel_size=2)
         before = await answers(controller, "wide")
         await controller.unload("wide")
-        [shards] = [segment for segment in controller.store.segments() if segment.ranks]
+        [shards] = [s for s in controller.stores.segments(LOCAL_NODE) if s.ranks]
         again = await controller.load("wide", str(path), tensor_parallel_size=2)
         return first.worker_phases, again, shards, before, await answers(controller, "wide")
 

@@ -99,11 +99,23 @@ def run_ps(args: argparse.Namespace) -> int:
     print()
     print(
         format_table(
-            ["WORKER", "PID", "DEVICE", "STATE", "MODELS", "USED", "FREE", "USABLE", "TOTAL"],
+            [
+                "WORKER",
+                "PID",
+                "NODE",
+                "DEVICE",
+                "STATE",
+                "MODELS",
+                "USED",
+                "FREE",
+                "USABLE",
+                "TOTAL",
+            ],
             [
                 [
                     worker["id"],
                     worker["pid"] or "-",
+                    _short_node(worker["node"]),
                     worker["device"],
                     worker["state"],
                     _resident_models(worker["models"]),
@@ -117,6 +129,11 @@ def run_ps(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _short_node(node: str) -> str:
+    """A Ray node id is 56 hex digits; its first 12 tell the nodes of a cluster apart."""
+    return node[:12]
 
 
 def _resident_models(models: list[dict]) -> str:

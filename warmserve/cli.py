@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a request waits for its model to be loaded before a 503 (default 60)",
     )
     serve.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="run the workers on this Ray cluster ('auto': the one this host belongs to): one "
+        "per GPU on every node, or on CPU --workers spread over the nodes (needs warmserve[ray])",
+    )
+    serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="INFO", type=str.upper, help="log verbosity"
     )
     serve.set_defaults(run=run_serve)
@@ -263,6 +269,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queued_requests=args.max_queued_requests,
         queue_timeout_s=args.queue_timeout,
         min_residency_s=args.min_residency,
+        ray_address=args.ray_address,
         engine=EngineConfig(max_num_seqs=args.max_num_seqs),
     )
     if args.models:

@@ -220,6 +220,9 @@ class ServerConfig:
     # so that requests alternating between models that do not fit together are served in
     # groups instead of swapping on every request.
     min_residency_s: float = 1.0
+    # A Ray cluster to run the workers on ("auto": the one this host belongs to); None: the
+    # workers are child processes of the server.
+    ray_address: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 

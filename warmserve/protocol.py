@@ -1,8 +1,8 @@
 """Every message that crosses a process boundary between the server and its workers.
 
 msgspec structs in one tagged union per direction, so a socket carries one type and a decoder
-knows every message. Addresses are strings (`ipc://…` today, `tcp://…` for workers on other
-hosts): nothing here assumes the workers share the server's host.
+knows every message. Addresses are strings (`ipc://…` for local workers, `tcp://…` with CURVE
+keys for workers on other hosts): nothing here assumes the workers share the server's host.
 """
 
 from __future__ import annotations
@@ -24,8 +24,18 @@ class ErrorKind(enum.Enum):
     INTERNAL = "internal"
 
 
+class CurveKeys(msgspec.Struct, frozen=True):
+    """ZeroMQ CURVE keys (Z85) of a worker's connections over tcp://: the server's public key,
+    which the worker checks, and the workers' key pair, which the server and the workers' peer
+    inboxes let in; nothing without it is heard (warmserve/curve.py)."""
+
+    server_public: bytes
+    client_public: bytes
+    client_secret: bytes
+
+
 class WorkerArgs(msgspec.Struct, frozen=True):
-    """What a worker process is started with: its identity, its device and two addresses."""
+    """What a worker process is started with: its identity, its device and its addresses."""
 
     worker_id: int
     device: str  # "cpu" or "cuda:N"
@@ -37,9 +47,11 @@ class WorkerArgs(msgspec.Struct, frozen=True):
     gpu_memory_utilization: float
     memory_release_delay_s: float  # see ServerConfig
     num_threads: int | None
-    parent_pid: int
-    # Where this worker takes the steps of the tensor-parallel models it follows (PeerMessage).
+    parent_pid: int  # the process that started the worker: it exits when that one is gone
+    # Where this worker binds the inbox that takes the steps of the tensor-parallel models it
+    # follows (PeerMessage), as its launcher made it; where it is bound comes in WorkerReady.
     peer_address: str
+    curve: CurveKeys | None = None  # set for tcp:// addresses
 
 
 class TensorEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -200,6 +212,7 @@ class WorkerReady(msgspec.Struct, tag=True, frozen=True):
     memory_used_bytes: int
     memory_usable_bytes: int  # what models may take on this worker, all of them together
     warmup_seconds: float
+    peer_address: str = ""  # where its peer inbox is bound (see WorkerArgs.peer_address)
 
 
 class WorkerFailed(msgspec.Struct, tag=True, frozen=True):

@@ -103,7 +103,7 @@ def admin_router(services: Services) -> APIRouter:
         """How much of the model's weights are in host memory: while a load from disk reads
         them, `bytes_done` grows to `bytes_total` (null when they are not in the host store)."""
         info = controller.model(name)
-        progress = controller.store.fill_progress(info.path)
+        progress = controller.stores.fill_progress(info.path)
         done, total = progress if progress is not None else (None, None)
         return {"name": name, "state": info.state, "bytes_done": done, "bytes_total": total}
 

@@ -50,7 +50,7 @@ class LoadProgressLog:
                 info = self.controller.model(name)
             except ControllerError:
                 return
-            progress = self.controller.store.fill_progress(info.path)
+            progress = self.controller.stores.fill_progress(info.path)
             if info.state != "loading" or progress is None:
                 return
             done, total = progress

@@ -21,7 +21,7 @@ from warmserve.controller.admission import Admission
 from warmserve.controller.catalogue import CheckpointCatalogue
 from warmserve.controller.channel import CommandChannel
 from warmserve.controller.deployment import Deployment, Deployments, DeploymentState
-from warmserve.controller.devices import worker_args_factory, worker_devices
+from warmserve.controller.devices import worker_args_factory
 from warmserve.controller.engine_client import RequestAborted
 from warmserve.controller.errors import (
     CheckpointInvalid,
@@ -32,6 +32,7 @@ from warmserve.controller.errors import (
     ModelUnavailable,
 )
 from warmserve.controller.events import EventRouter
+from warmserve.controller.launchers.choice import host_stores, make_launcher
 from warmserve.controller.lifecycle import Lifecycle
 from warmserve.controller.memory import MemoryLedger
 from warmserve.controller.policies import KEEP_ALIVE_CHECK_S, expired
@@ -47,11 +48,9 @@ from warmserve.controller.types import (
 )
 from warmserve.controller.views import deployment_info, registered_info, worker_info
 from warmserve.loader.checkpoint import CheckpointError
-from warmserve.loader.weight_store import HostWeightStore
 from warmserve.protocol import ForgetSegment
 
 log = logging.getLogger("warmserve.controller")
-GIB = 2**30
 
 
 class Controller:
@@ -59,9 +58,8 @@ class Controller:
         self.config = config or ServerConfig()
         remove_stale_instances()
         self.instance = new_instance_name()
-        self.store = HostWeightStore(
-            int(self.config.host_cache_gb * GIB), self.instance, self._segment_dropped
-        )
+        # The Ray cluster the workers run on (--ray-address), else None.
+        self.stores, self.cluster = host_stores(self.config, self.instance, self._segment_dropped)
         self.pool: WorkerPool | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.deployments = Deployments()
@@ -93,13 +91,9 @@ class Controller:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        devices = worker_devices(self.config.device, self.config.workers)
+        self.launcher = make_launcher(self.config, self.instance, self.cluster)
         self.pool = WorkerPool(
-            devices,
-            worker_args_factory(self.config, devices),
-            self._on_event,
-            self._on_death,
-            instance=self.instance,
+            self.launcher, worker_args_factory(self.config), self._on_event, self._on_death
         )
         self.channel = CommandChannel(self.pool, self.config.load_timeout_s)
         self.lifecycle = Lifecycle(
@@ -108,19 +102,19 @@ class Controller:
             self.channel,
             self.ledger,
             self.catalogue,
-            self.store,
+            self.stores,
             self.deployments,
             self._notify,
             self.counters,
         )
         self.events = EventRouter(
-            self.pool, self.channel, self.ledger, self.deployments, self.lifecycle, self.store
+            self.pool, self.channel, self.ledger, self.deployments, self.lifecycle, self.stores
         )
         log.info(
-            "instance %s: shared memory /dev/shm/warmserve-%s-*, worker sockets in %s",
+            "instance %s: shared memory /dev/shm/warmserve-%s-*, %s",
             self.instance,
             self.instance,
-            self.pool.launcher.socket_dir,
+            self.launcher.description,
         )
         try:
             await self.pool.start(self.config.load_timeout_s)
@@ -147,7 +141,7 @@ class Controller:
         if self.pool is not None:
             await self.pool.close()
             self.channel.cancel_all()
-        self.store.close()
+        self.stores.close()
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.ensure_future(coroutine)
@@ -195,6 +189,9 @@ class Controller:
             # It would most likely fail again: no restart loop; the log says why it died.
             log.error("worker %d died before finishing its warm-up; not replacing it", worker_id)
             return
+        if not self.pool.replaceable(worker_id):
+            log.error("worker %d: its node left the cluster; not replacing it", worker_id)
+            return
         task = asyncio.ensure_future(self._replace_worker(worker_id))
         self._replacements.add(task)
         task.add_done_callback(self._replacements.discard)
@@ -215,17 +212,17 @@ class Controller:
         except Exception:
             log.exception("worker %d could not be replaced", worker_id)
 
-    def _segment_dropped(self, shm_name: str) -> None:
+    def _segment_dropped(self, node: str, shm_name: str) -> None:
         # The store drops segments from its reader threads too: hop onto the loop that owns the
         # sockets.
         if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._forget_segment, shm_name)
+            self.loop.call_soon_threadsafe(self._forget_segment, node, shm_name)
 
-    def _forget_segment(self, shm_name: str) -> None:
+    def _forget_segment(self, node: str, shm_name: str) -> None:
         if self.events is not None:
             self.events.registered_segments.pop(shm_name, None)
         if self.pool is not None:
-            self.pool.broadcast(ForgetSegment(shm_name))
+            self.pool.broadcast(ForgetSegment(shm_name), node=node)
 
     @property
     def registered_segments(self) -> dict[str, set[int]]:
@@ -374,7 +371,7 @@ class Controller:
 
     def _registered_info(self, spec: ModelSpec) -> ModelInfo:
         try:
-            in_host_cache = str(self.catalogue.resolve(spec.path)) in self.store
+            in_host_cache = str(self.catalogue.resolve(spec.path)) in self.stores
         except ControllerError:
             in_host_cache = False
         return registered_info(spec, in_host_cache, self.admission, self.lifecycle)
@@ -388,8 +385,8 @@ class Controller:
 
     @property
     def host_cache_bytes(self) -> int:
-        return self.store.used_bytes
+        return self.stores.used_bytes
 
     @property
     def host_cache_capacity_bytes(self) -> int:
-        return self.store.capacity_bytes
+        return self.stores.capacity_bytes

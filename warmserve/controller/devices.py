@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from warmserve.config import CPU_WORKER_MEMORY_GB, ServerConfig
-from warmserve.controller.pool import StartupError, default_num_threads
+from warmserve.controller.launchers.base import WorkerSlot
+from warmserve.controller.launchers.local import LOCAL_NODE
+from warmserve.controller.pool import StartupError
 from warmserve.protocol import WorkerArgs
 
 GIB = 2**30
@@ -37,6 +39,13 @@ def visible_gpu_count() -> int:
         return 0
 
 
+def local_slots(device: str, workers: int | None) -> list[WorkerSlot]:
+    """This host's workers: CPU workers share its cores."""
+    devices = worker_devices(device, workers)
+    threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else None
+    return [WorkerSlot(device, LOCAL_NODE, threads) for device in devices]
+
+
 def worker_devices(device: str, workers: int | None) -> list[str]:
     if device == "auto":
         device = "cuda" if visible_gpu_count() > 0 else "cpu"
@@ -54,25 +63,24 @@ def worker_devices(device: str, workers: int | None) -> list[str]:
 
 
 def worker_args_factory(
-    config: ServerConfig, devices: list[str]
-) -> Callable[[int, str, str, str, str], WorkerArgs]:
+    config: ServerConfig,
+) -> Callable[[int, WorkerSlot, str, str, str], WorkerArgs]:
     """Builds each worker's start-up arguments from the server's configuration."""
-    on_cpu = devices[0] == "cpu"
-    threads = default_num_threads(len(devices)) if on_cpu else None
     memory_gb = config.worker_memory_gb
-    if memory_gb is None and on_cpu:
-        memory_gb = CPU_WORKER_MEMORY_GB
 
-    def worker_args(worker_id, device, command_address, event_address, peer_address) -> WorkerArgs:
+    def worker_args(worker_id, slot, command_address, event_address, peer_address) -> WorkerArgs:
+        cap_gb = memory_gb
+        if cap_gb is None and slot.device == "cpu":
+            cap_gb = CPU_WORKER_MEMORY_GB
         return WorkerArgs(
             worker_id=worker_id,
-            device=device,
+            device=slot.device,
             command_address=command_address,
             event_address=event_address,
-            memory_cap_bytes=int(memory_gb * GIB) if memory_gb is not None else None,
+            memory_cap_bytes=int(cap_gb * GIB) if cap_gb is not None else None,
             gpu_memory_utilization=config.gpu_memory_utilization,
             memory_release_delay_s=config.memory_release_delay_s,
-            num_threads=threads,
+            num_threads=slot.num_threads,
             parent_pid=os.getpid(),
             peer_address=peer_address,
         )

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from warmserve.controller.channel import CommandChannel
 from warmserve.controller.deployment import Deployments
+from warmserve.controller.host_stores import LocalStores
 from warmserve.controller.lifecycle import Lifecycle
 from warmserve.controller.memory import MemoryLedger
 from warmserve.controller.pool import WorkerPool
-from warmserve.loader.weight_store import HostWeightStore
 from warmserve.protocol import (
     CommandDone,
     KVUsage,
@@ -30,14 +30,14 @@ class EventRouter:
         ledger: MemoryLedger,
         deployments: Deployments,
         lifecycle: Lifecycle,
-        store: HostWeightStore,
+        stores: LocalStores,
     ):
         self.pool = pool
         self.channel = channel
         self.ledger = ledger
         self.deployments = deployments
         self.lifecycle = lifecycle
-        self.store = store
+        self.stores = stores
         # shm name -> workers that registered that host-store segment for DMA
         self.registered_segments: dict[str, set[int]] = {}
 
@@ -57,8 +57,8 @@ class EventRouter:
                 deployment.client.fail(event.request_id, event.error, event.invalid_request)
         elif isinstance(event, WorkerReady):
             self.ledger.worker_ready(event.worker_id, event.memory_usable_bytes)
-            # A replacement worker maps the host store's segments like the others did.
-            for segment in self.store.segments():
+            # A replacement worker maps its node's store's segments like the others did.
+            for segment in self.stores.segments(self.pool.handles[event.worker_id].node):
                 self.pool.send(event.worker_id, RegisterSegment(segment))
             self.lifecycle.room_changed()
         elif isinstance(event, MemoryReleased):

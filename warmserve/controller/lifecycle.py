@@ -30,6 +30,7 @@ from warmserve.controller.errors import (
     NoCapacity,
     QueueTimeout,
 )
+from warmserve.controller.host_stores import Lease, LocalStores
 from warmserve.controller.memory import MemoryLedger
 from warmserve.controller.placement import (
     WorkerRoom,
@@ -41,10 +42,9 @@ from warmserve.controller.placement import (
 )
 from warmserve.controller.policies import evictable_now, may_go
 from warmserve.controller.pool import WorkerPool
-from warmserve.controller.shards import shard_key, store_shards
+from warmserve.controller.shards import lease_segments, store_shards
 from warmserve.controller.types import LoadResult
 from warmserve.loader.checkpoint import Checkpoint
-from warmserve.loader.weight_store import HostWeightStore
 from warmserve.protocol import CommandDone, LoadModel, RegisterSegment, UnloadModel
 
 log = logging.getLogger("warmserve.controller")
@@ -62,7 +62,7 @@ class Lifecycle:
         channel: CommandChannel,
         ledger: MemoryLedger,
         catalogue: CheckpointCatalogue,
-        store: HostWeightStore,
+        stores: LocalStores,
         deployments: Deployments,
         notify: Callable[[str, str], None],
         counters: dict[str, int],
@@ -72,7 +72,7 @@ class Lifecycle:
         self.channel = channel
         self.ledger = ledger
         self.catalogue = catalogue
-        self.store = store
+        self.stores = stores  # LocalStores, or the cluster's RayStores
         self.deployments = deployments
         self.notify = notify
         self.counters = counters
@@ -99,10 +99,9 @@ class Lifecycle:
         return True
 
     def _rooms(self) -> list[WorkerRoom]:
+        """Every worker of the pool, ready or not: placement's blocks are fixed by them all."""
         rooms = []
         for handle in self.pool.handles:
-            if handle.state != "ready":
-                continue
             residents = tuple(
                 d
                 for d in self.deployments.on_worker(handle.id)
@@ -114,6 +113,8 @@ class Lifecycle:
                     self.ledger.usable(handle.id),
                     self.ledger.free(handle.id),
                     residents,
+                    handle.node,
+                    ready=handle.state == "ready",
                 )
             )
         return rooms
@@ -128,9 +129,10 @@ class Lifecycle:
             while True:
                 async with self._placing:
                     rooms = self._rooms()
-                    if rooms:
+                    if any(room.ready for room in rooms):
                         check_fits_at_all(rooms, len(self.pool.handles), tp, need)
-                    chosen = choose_workers(rooms, tp, need)
+                    holding = self.stores.nodes_holding(deployment.path)
+                    chosen = choose_workers(rooms, tp, need, holding)
                     if chosen is not None:
                         for worker_id in chosen:
                             self.ledger.hold(worker_id, deployment.id, need)
@@ -250,62 +252,53 @@ class Lifecycle:
             raise ModelExists(f"model {name!r} is already {existing.state.value}")
 
     async def _load_on_workers(self, deployment: Deployment, checkpoint: Checkpoint):
-        key = shard_key(deployment)
-        segment = self.store.acquire(key) if key is not None else None
-        if segment is None:
-            key = deployment.path
-            segment = self.store.acquire(key)
-        source = "host-cache"
-        filling = None
-        if segment is None:
-            source = "disk"
-            started = await asyncio.to_thread(self.store.begin_checkpoint, key, checkpoint)
-            if started is not None:
-                segment, fill = started
-                # The workers start copying while the disk is still being read.
-                filling = asyncio.ensure_future(asyncio.to_thread(fill))
-                # Seen by the awaiting below, or by the workers (ready word) if a load fails first.
-                filling.add_done_callback(lambda task: task.cancelled() or task.exception())
-        tp = deployment.tensor_parallel_size
-        init_method = self.pool.launcher.rendezvous_address(deployment.lead.id) if tp > 1 else None
-
-        def build(rank: int, command_id: int) -> LoadModel:
-            return LoadModel(
-                command_id=command_id,
-                deployment=deployment.id,
-                name=deployment.name,
-                model_dir=deployment.path,
-                segment=segment,
-                dtype=deployment.dtype,
-                max_model_len=deployment.requested_max_model_len,
-                engine=self.config.engine,
-                tp_rank=rank,
-                tp_size=tp,
-                dist_init_method=init_method,
-                memory_budget_bytes=self.ledger.held(deployment.handles[rank].id, deployment.id),
-                peer_addresses=[handle.peer_address for handle in deployment.handles]
-                if tp > 1
-                else [],
-            )
-
+        """Each worker copies from its own node's host store (a tensor-parallel group spans
+        nodes only when no node has enough workers): the node's shards of its ranks, or the
+        checkpoint's tensors (`shards.py`)."""
+        leases: dict[str, Lease] = {}
         try:
+            leases = await lease_segments(self.stores, deployment, checkpoint)
+            lead_source = leases[deployment.lead.node].source
+            tp = deployment.tensor_parallel_size
+            init_method = await self.pool.rendezvous_address(deployment.lead) if tp > 1 else None
+            peers = [handle.peer_address for handle in deployment.handles] if tp > 1 else []
+
+            def build(rank: int, command_id: int) -> LoadModel:
+                handle = deployment.handles[rank]
+                return LoadModel(
+                    command_id=command_id,
+                    deployment=deployment.id,
+                    name=deployment.name,
+                    model_dir=deployment.path,
+                    segment=leases[handle.node].segment,
+                    dtype=deployment.dtype,
+                    max_model_len=deployment.requested_max_model_len,
+                    engine=self.config.engine,
+                    tp_rank=rank,
+                    tp_size=tp,
+                    dist_init_method=init_method,
+                    memory_budget_bytes=self.ledger.held(handle.id, deployment.id),
+                    peer_addresses=peers,
+                )
+
             replies = await self.channel.command(deployment.handles, build)
-            if filling is not None:
-                await filling
-                self.pool.broadcast(RegisterSegment(segment))
+            for node, lease in leases.items():
+                if lease.filled is not None:
+                    await lease.filled
+                    # The node's workers register the new segment for DMA in the background.
+                    self.pool.broadcast(RegisterSegment(lease.segment), node=node)
         except OSError as exc:
             raise CheckpointInvalid(f"{deployment.path}: {exc}") from None
         finally:
-            if segment is not None:
-                self.store.release(key)
+            for lease in leases.values():
+                lease.release()
         failures = [reply for reply in replies if not isinstance(reply, CommandDone) or reply.error]
         if failures:
             raise load_error(failures[0])
-        if all(reply.shard for reply in replies):
-            await store_shards(
-                self.store, self.channel, self.pool, deployment, [r.shard for r in replies]
-            )
-        return source, replies
+        if any(reply.shard for reply in replies):
+            shards = [reply.shard for reply in replies]
+            await store_shards(self.stores, self.channel, self.pool, deployment, shards)
+        return lead_source, replies
 
     # ---- unload and failure ---------------------------------------------------------------
 

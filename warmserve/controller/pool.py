@@ -1,27 +1,21 @@
-"""The pool of warm workers: spawns one process per GPU (or N on CPU), holds a handle to each,
-and tells the controller about every event a worker sends and every worker that dies.
+"""The pool of warm workers: starts one per GPU (or N on CPU) through its launcher, holds a handle
+to each, and tells the controller about every event a worker sends and every worker that dies.
 
-Workers are started by the launcher alone, which hands each one its socket addresses; nothing
-else here assumes the workers run on this host.
+Workers are started by the launcher alone (`launchers/`), which hands each one its socket
+addresses; nothing else here assumes the workers run on this host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
-import multiprocessing.connection
-import os
-import shutil
-import socket
-import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 
+from warmserve.controller.launchers.base import LaunchedWorker, Launcher, WorkerSlot
 from warmserve.protocol import (
     Shutdown,
     WorkerArgs,
@@ -31,9 +25,6 @@ from warmserve.protocol import (
     event_decoder,
 )
 
-# Imported in the worker process only: the server never imports torch.
-WORKER_ENTRY = "warmserve.worker.worker:worker_main"
-
 
 class StartupError(RuntimeError):
     pass
@@ -42,10 +33,12 @@ class StartupError(RuntimeError):
 @dataclass
 class WorkerHandle:
     id: int
+    slot: WorkerSlot
     device: str
-    process: multiprocessing.Process | None = None
+    process: LaunchedWorker | None = None
     socket: zmq.Socket | None = None
-    peer_address: str = ""  # see WorkerArgs.peer_address
+    # Where it takes the steps of the tensor-parallel models it follows: as bound, once ready.
+    peer_address: str = ""
     pid: int | None = None
     state: str = "starting"  # starting | ready | dead
     memory_total_bytes: int = 0
@@ -57,83 +50,45 @@ class WorkerHandle:
     kv_by_deployment: dict[str, tuple[int, int]] = field(default_factory=dict)
     ready: asyncio.Future = field(default=None, repr=False)
 
-
-class LocalLauncher:
-    """Starts workers as child processes of this server, talking over ipc:// sockets."""
-
-    def __init__(self, instance: str):
-        # Named after the server instance, like its shared memory, so that what one server
-        # leaves behind can be told from another's.
-        self.socket_dir = tempfile.mkdtemp(prefix=f"warmserve-{instance}-")
-        self.context = multiprocessing.get_context("spawn")
-
-    def event_address(self) -> str:
-        return f"ipc://{self.socket_dir}/events"
-
-    def command_address(self, worker_id: int, generation: int) -> str:
-        return f"ipc://{self.socket_dir}/worker-{worker_id}-{generation}"
-
-    def peer_address(self, worker_id: int, generation: int) -> str:
-        """Where the worker takes the steps of the tensor-parallel models it follows."""
-        return f"ipc://{self.socket_dir}/peer-{worker_id}-{generation}"
-
-    def launch(self, args: WorkerArgs) -> multiprocessing.Process:
-        process = self.context.Process(
-            target=run_entry,
-            args=(WORKER_ENTRY, args),
-            name=f"warmserve-worker-{args.worker_id}",
-            daemon=True,
-        )
-        process.start()
-        return process
-
-    def rendezvous_address(self, lead_worker_id: int) -> str:
-        """Where a tensor-parallel group meets: the lead worker's host (this one), a free port."""
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-
-    def close(self) -> None:
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
+    @property
+    def node(self) -> str:
+        return self.slot.node
 
 
 class WorkerPool:
     """`on_death(worker_id, warmed_up)` is called on the event loop for every worker that exits
-    while the pool is open; `warmed_up` says whether it had finished its warm-up."""
+    while the pool is open; `warmed_up` says whether it had finished its warm-up.
+    `on_joined(worker_ids)`: workers of a node that joined the cluster are starting."""
 
     def __init__(
         self,
-        devices: list[str],
-        worker_args: Callable[[int, str, str, str, str], WorkerArgs],
+        launcher: Launcher,
+        worker_args: Callable[[int, WorkerSlot, str, str, str], WorkerArgs],
         on_event: Callable[[object], None],
         on_death: Callable[[int, bool], None],
-        instance: str,
     ):
-        self.devices = devices
+        self.launcher = launcher
         self.worker_args = worker_args
         self.on_event = on_event
         self.on_death = on_death
-        self.launcher = LocalLauncher(instance)
         self.context = zmq.asyncio.Context()
-        self.handles = [WorkerHandle(id=i, device=device) for i, device in enumerate(devices)]
-        self.generations = [0] * len(devices)
+        self.handles: list[WorkerHandle] = []
+        self.generations: list[int] = []
         self.events: zmq.asyncio.Socket | None = None
+        self.event_address = ""
         self.reader: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
         self.closed = False
-        self._monitor_wakeup = multiprocessing.Pipe(duplex=False)
-        self._monitor: threading.Thread | None = None
 
     async def start(self, timeout_s: float) -> None:
         self.loop = asyncio.get_running_loop()
+        slots = await self.launcher.start(self._nodes_joined)
         self.events = self.context.socket(zmq.PULL)
-        self.events.bind(self.launcher.event_address())
+        self.event_address = self.launcher.bind(self.events, "events")
         self.reader = asyncio.create_task(self._read_events())
-        for handle in self.handles:
-            self.spawn(handle.id)
-        self._monitor = threading.Thread(target=self._watch_processes, daemon=True)
-        self._monitor.start()
+        for slot in slots:
+            self._add(slot)
         try:
             outcomes = await asyncio.wait_for(
                 asyncio.gather(*(handle.ready for handle in self.handles), return_exceptions=True),
@@ -147,26 +102,43 @@ class WorkerPool:
             if isinstance(outcome, BaseException):
                 raise outcome
 
+    def _add(self, slot: WorkerSlot) -> WorkerHandle:
+        self.handles.append(WorkerHandle(id=len(self.handles), slot=slot, device=slot.device))
+        self.generations.append(0)
+        return self.spawn(len(self.handles) - 1)
+
+    def _nodes_joined(self, slots: list[WorkerSlot]) -> None:
+        if self.closing:
+            return
+        for slot in slots:
+            self._add(slot)
+
     def spawn(self, worker_id: int) -> WorkerHandle:
         """Starts (or replaces) worker `worker_id`: a fresh process with fresh sockets."""
         old = self.handles[worker_id]
         if old.socket is not None:
             old.socket.close(linger=0)
         self.generations[worker_id] += 1
-        address = self.launcher.command_address(worker_id, self.generations[worker_id])
-        handle = WorkerHandle(id=worker_id, device=old.device, ready=self.loop.create_future())
+        handle = WorkerHandle(
+            id=worker_id, slot=old.slot, device=old.slot.device, ready=self.loop.create_future()
+        )
         handle.socket = self.context.socket(zmq.PUSH)
         handle.socket.setsockopt(zmq.LINGER, 0)
-        handle.socket.bind(address)
-        handle.peer_address = self.launcher.peer_address(worker_id, self.generations[worker_id])
-        args = self.worker_args(
-            worker_id, handle.device, address, self.launcher.event_address(), handle.peer_address
-        )
-        handle.process = self.launcher.launch(args)
-        handle.pid = handle.process.pid
+        name = f"{worker_id}-{self.generations[worker_id]}"
+        address = self.launcher.bind(handle.socket, f"worker-{name}")
+        peer_address = self.launcher.peer_address(handle.slot, f"peer-{name}")
+        args = self.worker_args(worker_id, handle.slot, address, self.event_address, peer_address)
         self.handles[worker_id] = handle
-        self._wake_monitor()
+        handle.process = self.launcher.launch(args, handle.slot, lambda: self._exited(handle))
+        handle.pid = handle.process.pid
         return handle
+
+    def replaceable(self, worker_id: int) -> bool:
+        """Whether a dead worker's host is still there to start a replacement on."""
+        return self.launcher.replaceable(self.handles[worker_id].process)
+
+    async def rendezvous_address(self, lead: WorkerHandle) -> str:
+        return await self.launcher.rendezvous_address(lead.process)
 
     def send(self, worker_id: int, command) -> None:
         self.send_to(self.handles[worker_id], command)
@@ -180,12 +152,13 @@ class WorkerPool:
         if self.is_current(handle) and not self.closed:
             handle.socket.send(command_encoder.encode(command), copy=False)
 
-    def broadcast(self, command) -> None:
-        """Sends a command that needs no reply to every live worker."""
+    def broadcast(self, command, node: str | None = None) -> None:
+        """Sends a command that needs no reply to every live worker (of `node`, if given)."""
         if self.closing:
             return
         for handle in self.handles:
-            self.send_to(handle, command)
+            if node is None or handle.node == node:
+                self.send_to(handle, command)
 
     async def _read_events(self) -> None:
         while True:
@@ -198,6 +171,7 @@ class WorkerPool:
                 handle.memory_total_bytes = event.memory_total_bytes
                 handle.memory_used_bytes = event.memory_used_bytes
                 handle.memory_idle_bytes = event.memory_used_bytes
+                handle.peer_address = event.peer_address
                 handle.state = "ready"
                 if not handle.ready.done():
                     handle.ready.set_result(event)
@@ -212,70 +186,40 @@ class WorkerPool:
                     )
             self.on_event(event)
 
-    def _watch_processes(self) -> None:
-        """Monitor thread: wakes the moment a worker process exits."""
-        reader, _ = self._monitor_wakeup
-        # A dead process's sentinel stays ready until the loop marks its worker dead: report it
-        # once. Keyed by the process object (kept alive here), since fd numbers are reused.
-        reported: dict[int, multiprocessing.Process] = {}
-        while not self.closing:
-            watched = {
-                h.process.sentinel: h
-                for h in self.handles
-                if h.process is not None and h.state != "dead" and id(h.process) not in reported
-            }
-            ready = multiprocessing.connection.wait([reader, *watched], timeout=1.0)
-            for item in ready:
-                if item is reader:
-                    reader.recv()
-                elif not self.closing:
-                    process = watched[item].process
-                    # The sentinel fires as the process closes its files, a moment before it
-                    # can be reaped; until then is_alive() is still true.
-                    process.join(timeout=1.0)
-                    if process.exitcode is not None:
-                        reported[id(process)] = process
-                        self.loop.call_soon_threadsafe(self._died, watched[item].id)
+    def _exited(self, handle: WorkerHandle) -> None:
+        """From the launcher's thread: that worker's process is gone."""
+        if not self.closing:
+            self.loop.call_soon_threadsafe(self._died, handle)
 
-    def _wake_monitor(self) -> None:
-        if self._monitor is not None:
-            self._monitor_wakeup[1].send(None)
-
-    def _died(self, worker_id: int) -> None:
-        handle = self.handles[worker_id]
-        if self.closing or handle.state == "dead" or handle.process.is_alive():
+    def _died(self, handle: WorkerHandle) -> None:
+        if self.closing or handle.state == "dead" or self.handles[handle.id] is not handle:
             return
         handle.state = "dead"
         warmed_up = handle.ready.done() and handle.ready.exception() is None
         if not handle.ready.done():
             handle.ready.set_exception(
                 StartupError(
-                    f"worker {worker_id} on {handle.device} exited during its warm-up "
-                    f"(exit code {handle.process.exitcode})"
+                    f"worker {handle.id} on {handle.device} exited during its warm-up "
+                    f"({handle.process.exit_status()})"
                 )
             )
-        self.on_death(worker_id, warmed_up)
+        self.on_death(handle.id, warmed_up)
 
     async def close(self, timeout_s: float = 10.0) -> None:
         if self.closing:
             return
         self.closing = True
-        self._wake_monitor()
-        if self._monitor is not None:
-            self._monitor.join(timeout=2)
-        for handle in self.handles:
-            if handle.process is not None and handle.process.is_alive():
-                with contextlib.suppress(zmq.ZMQError):
-                    handle.socket.send(command_encoder.encode(Shutdown()))
+        live = [h for h in self.handles if h.process is not None and h.process.alive()]
+        for handle in live:
+            with contextlib.suppress(zmq.ZMQError):
+                handle.socket.send(command_encoder.encode(Shutdown()))
         deadline = asyncio.get_running_loop().time() + timeout_s
-        for handle in self.handles:
-            if handle.process is None:
-                continue
-            while handle.process.is_alive() and asyncio.get_running_loop().time() < deadline:
+        for handle in live:
+            while handle.process.alive() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
-            if handle.process.is_alive():
+            if handle.process.alive():
                 handle.process.kill()
-            handle.process.join(timeout=5)
+            await asyncio.to_thread(handle.process.join, 5)
         if self.reader is not None:
             self.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -286,19 +230,5 @@ class WorkerPool:
                 handle.socket.close(linger=0)
         if self.events is not None:
             self.events.close(linger=0)
-        self.context.term()
         self.launcher.close()
-        for end in self._monitor_wakeup:
-            end.close()
-
-
-def run_entry(entry: str, args: WorkerArgs) -> None:
-    """The worker process's target: imports the worker (and torch) in the child only."""
-    import importlib
-
-    module, function = entry.split(":")
-    getattr(importlib.import_module(module), function)(args)
-
-
-def default_num_threads(num_workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
+        self.context.term()

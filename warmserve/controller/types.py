@@ -54,6 +54,7 @@ class WorkerInfo:
     id: int
     pid: int | None
     device: str
+    node: str  # its host: "local", or the Ray node id on a cluster
     state: str  # starting | ready | dead
     models: list[ResidentModel]
     memory_total_bytes: int  # the device's memory

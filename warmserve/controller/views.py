@@ -60,6 +60,7 @@ def worker_info(handle: WorkerHandle, deployments: Deployments, ledger: MemoryLe
         id=handle.id,
         pid=handle.pid,
         device=handle.device,
+        node=handle.node,
         state=handle.state,
         models=[
             ResidentModel(

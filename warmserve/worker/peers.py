@@ -12,15 +12,30 @@ formation and release as well as its steps, which a collective over the group it
 from __future__ import annotations
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
-from warmserve.protocol import PeerMessage, peer_decoder, peer_encoder
+from warmserve.curve import ZAP_DOMAIN, OneKey, as_client, as_server
+from warmserve.protocol import CurveKeys, PeerMessage, peer_decoder, peer_encoder
 
 
 class PeerLinks:
-    def __init__(self, context: zmq.Context, address: str):
+    """`address`: where to bind the inbox, as the launcher made it (a tcp:// one may leave the
+    port to ZeroMQ: `tcp://host:*`); `self.address` is where it is bound, for the others.
+    With `curve` (tcp://), the inbox lets in the workers' key alone and the outboxes present it
+    (warmserve/curve.py): nothing else on the network can inject a step."""
+
+    def __init__(self, context: zmq.Context, address: str, curve: CurveKeys | None = None):
         self.context = context
+        self.curve = curve
+        self.authenticator: ThreadAuthenticator | None = None
         self.inbox = context.socket(zmq.PULL)
+        if curve is not None:
+            self.authenticator = ThreadAuthenticator(context)
+            self.authenticator.start()
+            self.authenticator.configure_curve_callback(ZAP_DOMAIN, OneKey(curve.client_public))
+            as_server(self.inbox, curve.client_secret)
         self.inbox.bind(address)
+        self.address = self.inbox.last_endpoint.decode()
         self.outboxes: dict[str, zmq.Socket] = {}
 
     def send(self, addresses: list[str], message: PeerMessage) -> None:
@@ -32,6 +47,9 @@ class PeerLinks:
             if outbox is None:
                 outbox = self.outboxes[address] = self.context.socket(zmq.PUSH)
                 outbox.setsockopt(zmq.LINGER, 0)
+                if self.curve is not None:
+                    keys = self.curve
+                    as_client(outbox, keys.client_public, keys.client_public, keys.client_secret)
                 outbox.connect(address)
             outbox.send(data, zmq.NOBLOCK)
 
@@ -52,3 +70,5 @@ class PeerLinks:
         for outbox in self.outboxes.values():
             outbox.close()
         self.inbox.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()

@@ -25,6 +25,7 @@ import traceback
 import torch
 import zmq
 
+from warmserve.curve import as_client
 from warmserve.engine.warmup import warm_up
 from warmserve.loader.segment_weights import SegmentWeights
 from warmserve.protocol import (
@@ -69,11 +70,15 @@ def worker_main(args: WorkerArgs) -> None:
         torch.set_num_threads(args.num_threads)
     context = zmq.Context()
     commands = context.socket(zmq.PULL)
-    commands.connect(args.command_address)
     events = context.socket(zmq.PUSH)
     events.setsockopt(zmq.LINGER, 2000)
+    if args.curve is not None:
+        keys = args.curve
+        for sock in (commands, events):
+            as_client(sock, keys.server_public, keys.client_public, keys.client_secret)
+    commands.connect(args.command_address)
     events.connect(args.event_address)
-    peers = PeerLinks(context, args.peer_address)
+    peers = PeerLinks(context, args.peer_address, args.curve)
     try:
         Worker(args, commands, events, peers).run()
     finally:
@@ -140,6 +145,7 @@ class Worker:
                 memory_used_bytes=self.memory_used(),
                 memory_usable_bytes=self.memory.usable(),
                 warmup_seconds=time.perf_counter() - started,
+                peer_address=self.peers.address if self.peers is not None else "",
             )
         )
         while self.turn():
