@@ -122,18 +122,10 @@ class HostWeightStore:
         bytes from the start are in place, so a worker copies to the GPU while the disk is
         still being read (None: no room, as for store_checkpoint)."""
         tensors, jobs, size = _layout(checkpoint)
-        with self._lock:
-            if not self._make_room(size):
-                return None
-            self._counter += 1
-            shm_name = f"warmserve-{self.instance}-{self._counter}"
-        mapping = _create_shm(shm_name, size)
-        ready = _create_shm(ready_name(shm_name), READY_WORD.size)
-        segment = WeightSegment(shm_name=shm_name, size=size, tensors=tensors)
-        with self._lock:
-            self._entries[key] = _Stored(
-                segment, mapping, ready, in_use=1, last_used=time.monotonic()
-            )
+        created = self._create_entry(key, size, tensors)
+        if created is None:
+            return None
+        segment, mapping, ready = created
 
         def fill() -> None:
             try:
@@ -153,7 +145,14 @@ class HostWeightStore:
             size = max((entry.offset + entry.nbytes for entry in tensors), default=0)
             ranks.append(RankShard(cursor, size, tensors))
             cursor = _align(cursor + size)
-        size = cursor or ALIGNMENT
+        created = self._create_entry(key, cursor or ALIGNMENT, [], ranks)
+        return created[0] if created is not None else None
+
+    def _create_entry(
+        self, key: str, size: int, tensors: list[TensorEntry], ranks: list[RankShard] | None = None
+    ) -> tuple[WeightSegment, mmap.mmap, mmap.mmap] | None:
+        """A new segment of `size` bytes under `key`, acquired, with its ready word, after
+        making room; None when there is none."""
         with self._lock:
             if not self._make_room(size):
                 return None
@@ -161,12 +160,12 @@ class HostWeightStore:
             shm_name = f"warmserve-{self.instance}-{self._counter}"
         mapping = _create_shm(shm_name, size)
         ready = _create_shm(ready_name(shm_name), READY_WORD.size)
-        segment = WeightSegment(shm_name=shm_name, size=size, tensors=[], ranks=ranks)
+        segment = WeightSegment(shm_name=shm_name, size=size, tensors=tensors, ranks=ranks or [])
         with self._lock:
             self._entries[key] = _Stored(
                 segment, mapping, ready, in_use=1, last_used=time.monotonic()
             )
-        return segment
+        return segment, mapping, ready
 
     def finish_shards(self, key: str, written: bool) -> None:
         """The ranks have written their spans (or failed to: the segment goes)."""
