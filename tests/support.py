@@ -8,7 +8,10 @@ from pathlib import Path
 
 import torch
 
+from warmserve import SamplingParams
 from warmserve.testing.checkpoints import ensure_checkpoint
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 PROMPTS = [
     "Hello there, how are",
@@ -70,3 +73,11 @@ def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[in
             do_sample=False,
         )
     return out[0, len(prompt_ids) :].tolist()
+
+
+async def generate_ids(controller, name, prompt, params=GREEDY) -> list[int]:
+    """A completion's token ids through `Controller.generate`."""
+    tokens = []
+    async for chunk in controller.generate(name, prompt, params):
+        tokens.extend(chunk.token_ids)
+    return tokens

@@ -8,9 +8,15 @@ import asyncio
 import os
 
 import pytest
-from support import ONE_MODEL_PER_WORKER_GB, PROMPTS, hf_greedy, run_controller
+from support import (
+    GREEDY,
+    ONE_MODEL_PER_WORKER_GB,
+    PROMPTS,
+    generate_ids,
+    hf_greedy,
+    run_controller,
+)
 
-from warmserve import SamplingParams
 from warmserve.controller.errors import (
     CheckpointInvalid,
     InvalidRequest,
@@ -19,15 +25,6 @@ from warmserve.controller.errors import (
     PathForbidden,
 )
 from warmserve.controller.tokenizer import ModelTokenizer
-
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-async def generate_ids(controller, name, prompt, params=GREEDY) -> list[int]:
-    tokens = []
-    async for chunk in controller.generate(name, prompt, params):
-        tokens.extend(chunk.token_ids)
-    return tokens
 
 
 def pids(controller) -> list[int]:

@@ -6,20 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-from support import PROMPTS, hf_greedy, run_controller
+from support import GREEDY, PROMPTS, generate_ids, hf_greedy, run_controller
 
-from warmserve import SamplingParams
 from warmserve.controller.launchers.local import LOCAL_NODE
 from warmserve.controller.tokenizer import ModelTokenizer
-
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-async def generate_ids(controller, name, prompt, params=GREEDY) -> list[int]:
-    tokens = []
-    async for chunk in controller.generate(name, prompt, params):
-        tokens.extend(chunk.token_ids)
-    return tokens
 
 
 async def answers(controller, name) -> list[list[int]]:
