@@ -440,9 +440,7 @@ class Engine:
 
     def capture_next_graph(self) -> int:
         """Captures the smallest decode bucket not captured yet (the worker's idle gaps only)."""
-        if self.weights_ready is not None:  # over already when the worker calls
-            self.weights_ready.synchronize()
-            self.weights_ready = None
+        self._finish_weight_copy()  # over already when the worker calls
         return self.runner.graph_buckets.capture_next()
 
     def capture_overdue_graph(self) -> bool:
@@ -452,11 +450,15 @@ class Engine:
         bucket = buckets.overdue() if buckets is not None else None
         if bucket is None:
             return False
+        self._finish_weight_copy()
+        buckets.capture_bucket(bucket)
+        return True
+
+    def _finish_weight_copy(self) -> None:
+        """A capture must not record the load's copy stream: the copy is waited for first."""
         if self.weights_ready is not None:
             self.weights_ready.synchronize()
             self.weights_ready = None
-        buckets.capture_bucket(bucket)
-        return True
 
     def follow_step(self, inputs: StepInputs) -> None:
         """Non-lead tensor-parallel ranks: one step of the lead's."""
