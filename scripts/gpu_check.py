@@ -315,8 +315,8 @@ def check_greedy_against_transformers(report: dict, root: Path) -> None:
         engine = Engine.from_checkpoint(
             path, device="cuda", dtype="float32", engine_config=EngineConfig(max_num_seqs=8)
         )
-        while engine.can_capture_graph():  # as a worker's idle gaps would before traffic
-            engine.capture_next_graph()
+        while engine.has_idle_work():  # as a worker's idle gaps would before traffic
+            engine.do_idle_work()
         greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
         outputs = _greedy_outputs(engine, prompts, greedy)
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
@@ -375,7 +375,7 @@ def check_graphs_in_idle_gaps(report: dict, root: Path) -> None:
     capture_ms = []
     while True:
         started = time.perf_counter()
-        if not models.capture_graph_in_idle_gap():
+        if not models.work_in_idle_gap():
             break
         torch.cuda.synchronize()
         capture_ms.append(round((time.perf_counter() - started) * 1e3, 1))

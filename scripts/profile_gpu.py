@@ -254,8 +254,8 @@ def decode_kernels(report, shape, family, batch, context=512):
         max_model_len=context + 64,
         engine_config=EngineConfig(max_num_seqs=batch, max_num_batched_tokens=8192),
     )
-    while engine.can_capture_graph():  # as the worker does in its idle gaps
-        engine.capture_next_graph()
+    while engine.has_idle_work():  # as the worker does in its idle gaps
+        engine.do_idle_work()
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     for index in range(batch):
         engine.add_request(f"d{index}", [(index * 7 + j) % 1000 for j in range(context)], params)

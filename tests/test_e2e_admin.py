@@ -47,6 +47,8 @@ def test_model_port_serves_its_model_until_unloaded(server, shared_model):
             assert [model.id for model in own_port.models.list().data] == ["ported"]
             listed = {model["name"]: model for model in http.get("/admin/models").json()}
             assert listed["ported"]["port"] == port
+            # A CPU model has no kernels to warm nor graphs to capture: warm from its load on.
+            assert listed["ported"]["warm_seconds"] >= 0
         finally:
             unloaded = http.delete("/admin/models/ported")
     assert unloaded.status_code == 200

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 import zmq
 
 from warmserve.config import EngineConfig, SamplingParams
+from warmserve.engine.engine import Engine
 from warmserve.engine.graph_buckets import OVERDUE_EAGER_STEPS, GraphBuckets
-from warmserve.protocol import AddRequest, LoadModel, WorkerArgs, command_encoder
+from warmserve.protocol import AddRequest, LoadModel, ModelWarm, WorkerArgs, command_encoder
 from warmserve.worker.worker import Worker
 
 
@@ -109,7 +111,7 @@ def test_graphs_are_captured_in_idle_gaps_only(worker, checkpoint_factory):
     inbox.send(command_encoder.encode(request("b", "b0", 5)))
     worker.turn()  # the request goes first...
     assert len(captures) == 1 and worker.models.busy() == ["b"]
-    while worker.models.graphs_pending():
+    while worker.models.idle_work_pending():
         worker.turn()  # ...and no capture runs until b's stream is over
     assert all(busy == [] for _, _, busy in captures)
     assert [(name, bucket) for name, bucket, _ in captures] == [
@@ -152,3 +154,57 @@ def test_a_model_under_steady_traffic_captures_its_hot_bucket_between_steps(
             assert captures == []
     assert captures == [(4, ["a"])]  # mid-traffic, once, the batch of 3's bucket
     assert engine.graph_buckets.captured == [4]
+
+
+def test_idle_gaps_warm_the_step_kernels_first_then_report_the_model_warm(
+    worker, checkpoint_factory
+):
+    """A model's first idle gap runs its step kernels once (on the scratch block), then its
+    gaps capture graphs; when nothing is left the worker tells the server (ModelWarm), once."""
+    worker, _ = worker
+    sent = []
+    worker.models.send = sent.append
+    path = str(checkpoint_factory("llama"))
+    worker.load(
+        LoadModel(1, "a", "a", path, None, "float32", 128, EngineConfig(max_num_seqs=2), 0, 1, None)
+    )
+    engine = worker.models.resident["a"].engine
+    assert [type(event) for event in sent] == [ModelWarm]  # a CPU model has no idle work
+    worker.models.resident["a"].warm_reported = False  # now give it some, as a GPU would
+    work = []
+    engine.runner.graph_buckets = GraphBuckets(2, lambda bucket: work.append(bucket))
+    engine.runner.step_kernels_warm = False
+    warm = engine.runner.warm_step_kernels
+    engine.runner.warm_step_kernels = lambda: (work.append("kernels"), warm())
+    sent.clear()
+    while worker.models.idle_work_pending():
+        worker.turn()
+    worker.turn()
+    assert work == ["kernels", 1, 2]
+    assert [(type(e), e.deployment) for e in sent] == [(ModelWarm, "a")]
+    assert sent[0].seconds > 0
+
+
+def test_warming_the_step_kernels_leaves_the_streams_untouched(checkpoint_factory):
+    """The warm-up steps write only the scratch block: a stream interrupted by them between
+    every two steps gives the same greedy tokens, and the cache of its blocks is unchanged."""
+    path = checkpoint_factory("llama")
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    def generate(warm_between_steps: bool) -> list[int]:
+        engine = Engine.from_checkpoint(path, dtype="float32", max_model_len=128)
+        engine.add_request(
+            "r", [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], params
+        )
+        tokens = []
+        while engine.has_unfinished_requests():
+            if warm_between_steps and engine.sequences:
+                table = engine.sequences["r"].block_table
+                k_cache = engine.runner.model.attention_layers()[0].k_cache
+                before = k_cache[table].clone()
+                engine.runner.warm_step_kernels()
+                assert torch.equal(k_cache[table], before)
+            tokens += [output.token_id for output in engine.step()]
+        return tokens
+
+    assert generate(True) == generate(False)

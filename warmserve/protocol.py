@@ -279,6 +279,16 @@ class ModelLost(msgspec.Struct, tag=True, frozen=True):
     error: str
 
 
+class ModelWarm(msgspec.Struct, tag=True, frozen=True):
+    """A loaded model's idle-gap work is done (its step kernels compiled, its decode graphs
+    captured): no request of it waits for that work from now on. Sent once per load, at once
+    for a model that has none."""
+
+    worker_id: int
+    deployment: str
+    seconds: float  # from the end of the load
+
+
 class SegmentRegistered(msgspec.Struct, tag=True, frozen=True):
     """A host-store segment is now registered for DMA in this worker: reloads copy at full speed."""
 
@@ -320,6 +330,7 @@ WorkerEvent = (
     | StepOutputs
     | RequestFailed
     | ModelLost
+    | ModelWarm
     | SegmentRegistered
     | MemoryReleased
     | KVUsage

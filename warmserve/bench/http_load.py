@@ -249,3 +249,19 @@ def http_client(url: str) -> httpx.AsyncClient:
     # No pool limit: an open-loop run may hold any number of streams at once.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     return httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits)
+
+
+async def wait_until_warm(client: httpx.AsyncClient, name: str, timeout_s: float = 300.0) -> float:
+    """Waits until the server says that `name`'s idle-gap work is done (its step kernels
+    compiled, its decode graphs captured: `warm_seconds` in /admin/models); returns how long
+    that took after its load. Timing a model before then times that work."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = await client.get("/admin/models")
+        response.raise_for_status()
+        entry = next((m for m in response.json() if m["name"] == name), None)
+        if entry is not None and entry.get("warm_seconds") is not None:
+            return entry["warm_seconds"]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} was not warm {timeout_s:.0f} s after its load: {entry}")
+        await asyncio.sleep(0.05)

@@ -127,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     log = out / f"serve-{model}.log"
-    results["http"] = asyncio.run(http_runs(device, checkpoint, serve_args, log, args, scenarios))
+    served = asyncio.run(http_runs(device, checkpoint, serve_args, log, args, scenarios))
+    results["http"] = served["runs"]
+    results["load"] = {"load": served["load"], "warm_seconds": served["warm_seconds"]}
     # The baselines are for the fixed lengths' concurrency sweep.
     fixed = [
         s
@@ -233,7 +235,10 @@ async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dic
             if response.status_code != 200:
                 raise RuntimeError(f"loading {checkpoint} failed: {response.text}")
             print(f"server {server.url}: loaded {response.json()}", flush=True)
-            return await sweep(scenarios, http_load.http_sender(client), server.cpu_seconds)
+            warm_s = await http_load.wait_until_warm(client, MODEL_NAME)
+            print(f"warm (kernels compiled, graphs captured) {warm_s:.2f} s after the load")
+            figures = await sweep(scenarios, http_load.http_sender(client), server.cpu_seconds)
+            return {"load": response.json(), "warm_seconds": warm_s, "runs": figures}
 
 
 async def python_api_runs(device, checkpoint, args, scenarios) -> dict:
@@ -241,6 +246,8 @@ async def python_api_runs(device, checkpoint, args, scenarios) -> dict:
 
     async with Controller(ServerConfig(device=device, workers=1)) as controller:
         await controller.load(MODEL_NAME, str(checkpoint), max_model_len=args.max_model_len)
+        while controller.model(MODEL_NAME).warm_seconds is None:  # as the HTTP run waits
+            await asyncio.sleep(0.05)
         return await sweep(scenarios, http_load.controller_sender(controller))
 
 
@@ -329,6 +336,12 @@ def render_markdown(results: dict) -> str:
         f"{output_len} out; *sharegpt*: the seeded lognormal mix of "
         "`warmserve/bench/workloads.py`. Streaming `/v1/completions`, greedy, `ignore_eos`. "
         "Latencies in ms as mean / median / p99, defined as in `vllm bench serve`.",
+        "",
+        f"The load took {report.number(results['load']['load']['load_seconds'], 2)} s "
+        f"({results['load']['load']['source']}); the model was warm (its step kernels "
+        f"compiled and decode graphs captured in the worker's idle gaps) "
+        f"{report.number(results['load']['warm_seconds'], 2)} s later, and the runs started "
+        "then.",
         "",
     ]
     rows = []

@@ -273,8 +273,8 @@ def decode_timings(
         params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
         for index, prompt in enumerate(prompts):
             engine.add_request(f"{batch}-{index}", prompt, params)
-        while engine.can_capture_graph():  # as the worker does in its idle gaps
-            engine.capture_next_graph()
+        while engine.has_idle_work():  # as the worker does in its idle gaps
+            engine.do_idle_work()
         while any(seq.num_output_tokens == 0 for seq in engine.sequences.values()):
             engine.step()  # prefills
         for _ in range(3):

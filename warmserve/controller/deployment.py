@@ -43,6 +43,9 @@ class Deployment:
     # Per worker: KV cache its sequences hold beyond that footprint (the worker's last report).
     kv_held_bytes: int = 0
     error: str | None = None
+    # Seconds from the end of its load until its workers had compiled its step kernels and
+    # captured its decode graphs (None until then): a request meanwhile may wait for that work.
+    warm_seconds: float | None = None
     keep_alive: float = -1.0  # seconds idle before an automatic unload; -1 = never
     pinned: bool = False  # never evicted
     evictable: bool = False  # registered models make room for others; explicit loads stay

@@ -14,6 +14,7 @@ from warmserve.protocol import (
     KVUsage,
     MemoryReleased,
     ModelLost,
+    ModelWarm,
     RegisterSegment,
     RequestFailed,
     SegmentRegistered,
@@ -77,6 +78,10 @@ class EventRouter:
                     deployment.kv_held_bytes = kv.held_beyond_footprint_bytes
             self.ledger.measured(event.worker_id, event.memory_free_bytes)
             self.lifecycle.room_changed()  # blocks the caches gave up may be what a load waits for
+        elif isinstance(event, ModelWarm):
+            deployment = self.deployments.by_id(event.deployment)
+            if deployment is not None and deployment.warm_seconds is None:
+                deployment.warm_seconds = event.seconds
         elif isinstance(event, SegmentRegistered):
             self.registered_segments.setdefault(event.shm_name, set()).add(event.worker_id)
         elif isinstance(event, ModelLost):

@@ -29,6 +29,9 @@ class ModelInfo:
     max_model_len: int | None = None
     load_source: str | None = None
     load_seconds: float | None = None
+    # After the load, until the model's step kernels are compiled and its decode graphs
+    # captured in the worker's idle gaps (None until then, and while not loaded).
+    warm_seconds: float | None = None
     last_used: float | None = None  # unix time
     requests_in_flight: int = 0
     requests_queued: int = 0  # waiting for this model's load

@@ -25,6 +25,7 @@ def deployment_info(
         max_model_len=client.max_model_len if client else deployment.requested_max_model_len,
         load_source=deployment.load_source,
         load_seconds=deployment.load_seconds,
+        warm_seconds=deployment.warm_seconds,
         last_used=deployment.last_used,
         requests_in_flight=deployment.in_flight,
         requests_queued=admission.queued(deployment.name),

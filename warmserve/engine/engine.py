@@ -429,19 +429,35 @@ class Engine:
         """Which decode batch sizes replay a CUDA graph (None: this model has no graphs)."""
         return self.runner.graph_buckets
 
-    def can_capture_graph(self) -> bool:
-        """A graph is still to capture and the load's weight copy is over: while it runs, the
-        model's first request may be on its way, and a capture queued behind the copy would
-        hold that request's first token back."""
-        buckets = self.runner.graph_buckets
-        if buckets is None or not buckets.pending:
+    def has_idle_work(self) -> bool:
+        """Work for the worker's idle gaps is left (the step kernels' first run, then decode
+        graphs to capture), and the load's weight copy is over: while it runs, the model's
+        first request may be on its way, and work queued behind the copy would hold that
+        request's first token back."""
+        if self.settled:
             return False
         return self.weights_ready is None or self.weights_ready.query()
 
-    def capture_next_graph(self) -> int:
-        """Captures the smallest decode bucket not captured yet (the worker's idle gaps only)."""
+    def idle_work_priority(self) -> tuple[bool, int]:
+        """Which model's idle work goes first (smaller first): kernels to warm, then the
+        smallest decode bucket still to capture."""
+        return self.runner.step_kernels_warm, self.runner.graph_buckets.next_size or 0
+
+    def do_idle_work(self) -> None:
+        """One piece of idle-gap work: the step kernels' first run, else the smallest decode
+        bucket not captured yet."""
         self._finish_weight_copy()  # over already when the worker calls
-        return self.runner.graph_buckets.capture_next()
+        if not self.runner.step_kernels_warm:
+            self.runner.warm_step_kernels()
+        else:
+            self.runner.graph_buckets.capture_next()
+
+    @property
+    def settled(self) -> bool:
+        """No idle-gap work is left: from now on no request waits for a compile or a capture
+        (also true for a model that has none: on a CPU, or in a tensor-parallel group)."""
+        buckets = self.runner.graph_buckets
+        return buckets is None or (self.runner.step_kernels_warm and not buckets.pending)
 
     def capture_overdue_graph(self) -> bool:
         """Between two steps of a model under steady traffic: captures the bucket of a decode

@@ -28,6 +28,11 @@ from warmserve.layers.parallel import tp_rank, tp_world_size
 from warmserve.layers.sampling import sample
 from warmserve.protocol import StepInputs, TokenLogprobs
 
+# Steps that take every launch variant of an eager step's kernels (sequences' query lengths): one
+# whole prompt (the dense path); a mixed batch whose sequences bring a few queries each; one with
+# a prompt chunk (the prefill kernel's larger query tiles).
+WARM_STEPS = ((8,), (1, 2), (1, 64))
+
 if TYPE_CHECKING:
     from warmserve.engine.kv_region import KVRegion
     from warmserve.engine.structured_output import StructuredOutputs
@@ -82,6 +87,8 @@ class ModelRunner:
             )
             if not self.in_group:
                 self.graph_buckets = self.decode_graphs.buckets
+        # Whether the eager step's kernels have run once (see warm_step_kernels).
+        self.step_kernels_warm = self.graph_buckets is None
 
     def close(self) -> None:
         """Drops the graphs and the model (which point into the cache), then hands the cache's
@@ -92,6 +99,27 @@ class ModelRunner:
             attention.k_cache = attention.v_cache = None
         self.model = None
         self.kv_region.release()
+
+    def warm_step_kernels(self) -> None:
+        """Runs an eager step of each of WARM_STEPS once, every token in the scratch block: the
+        first run of a kernel variant compiles it (most of a second at an 8B shape), which
+        belongs in an idle gap, not in a step with streams waiting on it."""
+        for query_lens in WARM_STEPS:
+            inputs = StepInputs([], [], [], [], [], [])
+            for query_len in query_lens:
+                context_len = max(query_len, 2)  # a decode row has a token before its own
+                blocks = -(-context_len // self.block_size)
+                inputs.input_ids.extend([0] * query_len)
+                inputs.positions.extend(range(context_len - query_len, context_len))
+                inputs.slot_mapping.extend(
+                    SCRATCH_BLOCK * self.block_size + position % self.block_size
+                    for position in range(context_len - query_len, context_len)
+                )
+                inputs.query_lens.append(query_len)
+                inputs.context_lens.append(context_len)
+                inputs.block_tables.append([SCRATCH_BLOCK] * blocks)
+            self._forward(inputs)
+        self.step_kernels_warm = True
 
     def build_inputs(self, seqs: list[Sequence]) -> StepInputs:
         inputs = StepInputs([], [], [], [], [], [])

@@ -40,6 +40,6 @@ def warm_up(device: torch.device, dtype: str) -> None:
     )
     while engine.has_unfinished_requests():
         engine.step()
-    while engine.can_capture_graph():  # on a GPU: the capture path, as a worker's idle gap runs it
-        engine.capture_next_graph()
+    while engine.has_idle_work():  # on a GPU: the capture path, as a worker's idle gap runs it
+        engine.do_idle_work()
     engine.close()

@@ -27,7 +27,18 @@ NUM_STAGES = 2
 NUM_WARPS = None
 
 
-@triton.jit
+# Arguments that change with the batch (see triton_prefill): specialising on them would compile
+# the kernel again for each new combination while the model serves.
+@triton.jit(
+    do_not_specialize=[
+        "block_tables_ptr",
+        "context_lens_ptr",
+        "stride_table_seq",
+        "max_blocks",
+        "blocks_per_split",
+        "splits",
+    ]
+)
 def _partial_kernel(
     q_ptr,  # [seqs, heads, head_dim]
     k_cache_ptr,  # [blocks, block_size, kv_heads, head_dim]
@@ -46,12 +57,12 @@ def _partial_kernel(
     stride_table_seq,
     max_blocks,
     blocks_per_split,
+    splits,
     GROUP: tl.constexpr,  # query heads per kv head
     GROUP_PAD: tl.constexpr,  # GROUP padded to a tensor-core-friendly size
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,  # tokens per iteration (TILE_BLOCKS * BLOCK_SIZE)
-    SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for float32 so results match the reference, else "tf32"
 ):
     seq = tl.program_id(0)
@@ -99,13 +110,13 @@ def _partial_kernel(
         acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
         running_max = new_max
 
-    part = (seq * GROUP * tl.num_programs(1) + heads) * SPLITS + split
+    part = (seq * GROUP * tl.num_programs(1) + heads) * splits + split
     tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None])
     tl.store(part_max_ptr + part, running_max, mask=head_ok)
     tl.store(part_sum_ptr + part, running_sum, mask=head_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _merge_kernel(
     part_out_ptr,
     part_max_ptr,
@@ -114,15 +125,15 @@ def _merge_kernel(
     stride_out_seq,
     stride_out_head,
     heads_total,
+    splits,
     HEAD_DIM: tl.constexpr,
-    SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    splits = tl.arange(0, SPLITS_PAD)
-    split_ok = splits < SPLITS
-    part = (seq * heads_total + head) * SPLITS + splits
+    split_ids = tl.arange(0, SPLITS_PAD)
+    split_ok = split_ids < splits
+    part = (seq * heads_total + head) * splits + split_ids
     maxes = tl.load(part_max_ptr + part, mask=split_ok, other=float("-inf"))
     sums = tl.load(part_sum_ptr + part, mask=split_ok, other=0.0)
     overall = tl.max(maxes, axis=0)
@@ -202,12 +213,12 @@ def paged_decode(
         block_tables.stride(0),
         max_blocks,
         blocks_per_split,
+        splits,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         TILE=tile_blocks * block_size,
-        SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
@@ -221,8 +232,8 @@ def paged_decode(
         out.stride(0),
         out.stride(1),
         heads,
+        splits,
         HEAD_DIM=head_dim,
-        SPLITS=splits,
         SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
     )
     return out

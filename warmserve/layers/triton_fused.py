@@ -149,7 +149,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.jit
+# The slots are a view into the step's metadata at an offset that changes with its token count:
+# specialising on their alignment would compile the kernel again for odd and even counts.
+@triton.jit(do_not_specialize=["slots_ptr"])
 def _prepare_qkv_kernel(
     qkv_ptr,  # [tokens, (heads + 2 * kv_heads) * head_dim]
     cos_ptr,  # [tokens, head_dim] float32

@@ -41,7 +41,19 @@ def _tile_sequence(query_start_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return low - 1
 
 
-@triton.jit
+# Arguments that change from step to step: specialising on them (a value of 1, divisibility by 16,
+# a pointer's alignment) would compile the kernel again for each new combination, seconds of a
+# stalled step each time under traffic.
+@triton.jit(
+    do_not_specialize=[
+        "block_tables_ptr",
+        "context_lens_ptr",
+        "query_start_ptr",
+        "num_seqs",
+        "stride_table_seq",
+        "max_blocks",
+    ]
+)
 def _prefill_kernel(
     q_ptr,  # [tokens, heads, head_dim]
     k_cache_ptr,  # [blocks, block_size, kv_heads, head_dim]

@@ -12,7 +12,7 @@ import gc
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ from warmserve.protocol import (
     LeaveGroup,
     LoadModel,
     ModelLost,
+    ModelWarm,
     RequestFailed,
     RunStep,
     StepOutputs,
@@ -54,6 +55,8 @@ class Resident:
     tp_size: int
     group: DeploymentGroup | None = None
     followers: tuple[str, ...] = ()  # the lead's: the other ranks' peer addresses
+    loaded_at: float = field(default_factory=time.monotonic)
+    warm_reported: bool = False  # ModelWarm sent
 
 
 class ResidentModels:
@@ -126,25 +129,31 @@ class ResidentModels:
 
     # ---- idle gaps ------------------------------------------------------------------------
 
-    def graphs_pending(self) -> bool:
-        return any(
-            model.engine.graph_buckets is not None and model.engine.graph_buckets.pending
-            for model in self.resident.values()
-        )
+    def idle_work_pending(self) -> bool:
+        return any(not model.engine.settled for model in self.resident.values())
 
-    def capture_graph_in_idle_gap(self) -> bool:
-        """For the worker's idle gaps only (no resident model has work): captures one decode
-        graph, the smallest bucket still to capture of any model that can take it now. Returns
-        whether one was captured; a model whose capture fails runs its decodes eagerly."""
-        ready = [model for model in self.resident.values() if model.engine.can_capture_graph()]
+    def work_in_idle_gap(self) -> bool:
+        """For the worker's idle gaps only (no resident model has work): one piece of a model's
+        idle work (kernels to warm, a decode graph to capture), the most urgent of any model
+        that can take it now. Returns whether there was one; a model whose capture fails runs
+        its decodes eagerly."""
+        ready = [model for model in self.resident.values() if model.engine.has_idle_work()]
         if not ready:
             return False
-        model = min(ready, key=lambda model: model.engine.graph_buckets.next_size)
+        model = min(ready, key=lambda model: model.engine.idle_work_priority())
         try:
-            model.engine.capture_next_graph()
+            model.engine.do_idle_work()
         except Exception:
             traceback.print_exc()
         return True
+
+    def report_warm(self) -> None:
+        """Tells the server of each model whose idle work has just ended (ModelWarm)."""
+        for model in self.resident.values():
+            if not model.warm_reported and model.engine.settled:
+                model.warm_reported = True
+                seconds = time.monotonic() - model.loaded_at
+                self.send(ModelWarm(self.worker_id, model.deployment, seconds))
 
     # ---- load and drop --------------------------------------------------------------------
 

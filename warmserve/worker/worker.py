@@ -56,7 +56,8 @@ from warmserve.worker.peers import PeerLinks
 from warmserve.worker.residents import LoadRefused, ResidentModels
 
 IDLE_POLL_MS = 500
-# While a resident model has decode graphs to capture, the loop checks for commands this often.
+# While a resident model has idle work left (see ResidentModels.work_in_idle_gap), the loop checks
+# for commands this often.
 CAPTURE_POLL_MS = 1
 FAIL_WARMUP_ENV = "WARMSERVE_FAIL_WARMUP"
 
@@ -163,7 +164,7 @@ class Worker:
         busy = self.models.busy()
         if busy:
             timeout = 0
-        elif self.models.graphs_pending():
+        elif self.models.idle_work_pending():
             timeout = CAPTURE_POLL_MS
         else:
             timeout = self.idle_poll_ms()
@@ -174,8 +175,8 @@ class Worker:
             return True  # a peer message: handled at the top of the next turn
         if busy:
             self.models.step_next(busy)
-        elif self.models.capture_graph_in_idle_gap():
-            pass  # one bucket at a time: a command that came meanwhile goes first
+        elif self.models.work_in_idle_gap():
+            self.models.report_warm()  # one piece at a time: a command that came goes first
         elif self.release_due is not None and time.monotonic() >= self.release_due:
             self.release_memory()
         elif os.getppid() != self.args.parent_pid:
@@ -358,6 +359,7 @@ class Worker:
             if command.tp_size > 1 and command.segment is not None and not command.segment.ranks
             else [],
         )
+        self.models.report_warm()  # a model without idle work is warm at once
 
     def unload(self, command: UnloadModel | None, deployment: str, together: bool = True) -> None:
         """Drops the model, and replies to `command` (None: the server has not asked yet)."""
