@@ -114,6 +114,38 @@ def test_a_prompt_whose_tokens_are_scored_is_never_chunked():
     assert scored in scheduler.schedule() and scored.num_scheduled_tokens == 7
 
 
+def test_a_step_that_decodes_carries_few_prompt_tokens_one_without_decodes_many():
+    limits = SchedulerLimits(8, 256, 128, max_prefill_tokens_beside_decodes=8)
+    scheduler = Scheduler(limits, BlockManager(64, BLOCK_SIZE), eos_token_ids=[EOS])
+    first, second = make_seq("first", 30), make_seq("second", 30)
+    scheduler.add(first)
+    scheduler.add(second)
+    batch = step(scheduler)  # no stream decodes yet: both prompts whole
+    assert batch == [first, second]
+    assert [seq.num_scheduled_tokens for seq in batch] == [30, 30]
+    third, fourth = make_seq("third", 30), make_seq("fourth", 30)
+    scheduler.add(third)
+    scheduler.add(fourth)
+    batch = step(scheduler)  # two streams decode: 8 prompt tokens beside them
+    assert [(seq.request_id, seq.num_scheduled_tokens) for seq in batch] == [
+        ("first", 1),
+        ("second", 1),
+        ("third", 8),
+    ]
+    batch = step(scheduler)
+    assert [seq.num_scheduled_tokens for seq in batch] == [1, 1, 8]
+    # A scored prompt cannot be chunked: beside decodes it still goes in whole.
+    scored = make_seq("scored", 40, prompt_logprobs=1)
+    scheduler.waiting.appendleft(scored)
+    batch = scheduler.schedule()
+    assert [(seq.request_id, seq.num_scheduled_tokens) for seq in batch] == [
+        ("first", 1),
+        ("second", 1),
+        ("third", 8),
+        ("scored", 40),
+    ]
+
+
 def test_admission_waits_for_free_blocks():
     scheduler = make_scheduler(num_blocks=3)
     first = make_seq("first", 8)  # 2 blocks

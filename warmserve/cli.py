@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"sequences each model runs at once (default {EngineConfig.max_num_seqs})",
     )
     serve.add_argument(
+        "--max-prefill-tokens-beside-decodes",
+        type=_positive_int,
+        default=EngineConfig.max_prefill_tokens_beside_decodes,
+        help="prompt tokens a step may carry while it also decodes running streams: smaller "
+        "keeps their inter-token latency even, larger admits prompts faster (default "
+        f"{EngineConfig.max_prefill_tokens_beside_decodes})",
+    )
+    serve.add_argument(
         "--max-queued-requests",
         type=_non_negative_int,
         default=256,
@@ -270,7 +278,10 @@ def run_serve(args: argparse.Namespace) -> int:
         queue_timeout_s=args.queue_timeout,
         min_residency_s=args.min_residency,
         ray_address=args.ray_address,
-        engine=EngineConfig(max_num_seqs=args.max_num_seqs),
+        engine=EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_prefill_tokens_beside_decodes=args.max_prefill_tokens_beside_decodes,
+        ),
     )
     if args.models:
         try:

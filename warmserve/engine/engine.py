@@ -253,6 +253,7 @@ class Engine:
         limits = SchedulerLimits(
             max_num_seqs=engine_config.max_num_seqs,
             max_num_batched_tokens=engine_config.max_num_batched_tokens,
+            max_prefill_tokens_beside_decodes=engine_config.max_prefill_tokens_beside_decodes,
             max_model_len=limit,
         )
         block_manager = BlockManager(

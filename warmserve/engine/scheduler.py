@@ -3,7 +3,9 @@ prompts into the same batch while the token and sequence budgets allow. Decodes 
 prompt longer than what is left of the step's token budget is prefilled in chunks over several
 steps (chunked prefill), so that no step runs more than `max_num_batched_tokens` tokens and a
 long prompt never holds the running streams (or the other models of the worker) back for long.
-A prompt whose tokens are scored (prompt log-probabilities) is computed whole.
+A step that decodes carries at most `max_prefill_tokens_beside_decodes` prompt tokens: every
+running stream waits for that step, so its prompt share is kept small. A prompt whose tokens are
+scored (prompt log-probabilities) is computed whole.
 
 Pure Python. When the KV cache runs out of free blocks, the block manager first asks for more
 (the cache grows in the worker's KV pool); only when it cannot grow is the newest running
@@ -25,6 +27,7 @@ class SchedulerLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    max_prefill_tokens_beside_decodes: int | None = None  # None: max_num_batched_tokens
 
 
 class Scheduler:
@@ -63,34 +66,44 @@ class Scheduler:
         running.sort(key=lambda seq: seq.num_new_tokens > 1)
         scheduled: list[Sequence] = []
         budget = self.limits.max_num_batched_tokens
+        prompt_budget = budget
+        if any(seq.num_new_tokens == 1 for seq in running):  # the step decodes
+            prompt_budget = self.limits.max_prefill_tokens_beside_decodes or budget
         for seq in running:
-            chunk = self._chunk(seq, budget)
+            chunk = self._chunk(seq, budget, prompt_budget)
             if chunk:
                 seq.num_scheduled_tokens = chunk
                 scheduled.append(seq)
                 budget -= chunk
+                if seq.num_new_tokens > 1:  # a prompt's chunk
+                    prompt_budget -= chunk
         if preempted:
             return scheduled
         while self.waiting and len(self.running) < self.limits.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
-                break
-            if not _chunkable(seq) and seq.num_new_tokens > budget:
+            chunk = self._chunk(seq, budget, prompt_budget)
+            if not chunk or not self.block_manager.can_allocate(seq):
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq)  # prefix-cache hits count as computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            seq.num_scheduled_tokens = self._chunk(seq, budget)
+            # Cached prefix blocks may have shortened what is left to compute.
+            seq.num_scheduled_tokens = self._chunk(seq, budget, prompt_budget)
             scheduled.append(seq)
             budget -= seq.num_scheduled_tokens
+            prompt_budget -= seq.num_scheduled_tokens
         return scheduled
 
     @staticmethod
-    def _chunk(seq: Sequence, budget: int) -> int:
-        if seq.num_new_tokens <= budget:
-            return seq.num_new_tokens
-        return budget if _chunkable(seq) else 0
+    def _chunk(seq: Sequence, budget: int, prompt_budget: int) -> int:
+        """The tokens `seq` may run this step: a decode's one; a prompt's next chunk within
+        both budgets; a scored prompt only whole, within the step's budget (held to the
+        smaller one, it would wait for as long as any stream decodes)."""
+        wanted = seq.num_new_tokens
+        if wanted == 1 or not _chunkable(seq):
+            return wanted if wanted <= budget else 0
+        return max(0, min(wanted, budget, prompt_budget))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
