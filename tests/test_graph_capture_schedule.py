@@ -208,3 +208,31 @@ def test_warming_the_step_kernels_leaves_the_streams_untouched(checkpoint_factor
         return tokens
 
     assert generate(True) == generate(False)
+
+
+def test_a_model_whose_weights_are_still_copying_waits_while_another_has_work(
+    worker, checkpoint_factory
+):
+    """The models share one compute stream, so a model whose load's copy still runs is not
+    stepped while another model has work (its wait for the copy would hold that model's steps
+    back); alone, it is stepped at once (its kernels queue behind the copy)."""
+    worker, _ = worker
+    path = str(checkpoint_factory("llama"))
+    for index, name in enumerate("ab"):
+        worker.load(
+            LoadModel(index, name, name, path, None, "float32", 128, EngineConfig(), 0, 1, None)
+        )
+
+    class CopyRunning:
+        def query(self) -> bool:
+            return False
+
+    stepped = []
+    for name in "ab":
+        engine = worker.models.resident[name].engine
+        engine.step = lambda name=name: stepped.append(name) or []
+    worker.models.resident["b"].engine.weights_ready = CopyRunning()
+    for _ in range(3):
+        worker.models.step_next(["a", "b"])
+    worker.models.step_next(["b"])
+    assert stepped == ["a", "a", "a", "b"]

@@ -426,6 +426,11 @@ class Engine:
         return outputs
 
     @property
+    def weights_copying(self) -> bool:
+        """The load's weight copy is still running (its first step would wait for it)."""
+        return self.weights_ready is not None and not self.weights_ready.query()
+
+    @property
     def graph_buckets(self) -> GraphBuckets | None:
         """Which decode batch sizes replay a CUDA graph (None: this model has no graphs)."""
         return self.runner.graph_buckets
@@ -437,7 +442,7 @@ class Engine:
         request's first token back."""
         if self.settled:
             return False
-        return self.weights_ready is None or self.weights_ready.query()
+        return not self.weights_copying
 
     def idle_work_priority(self) -> tuple[bool, int]:
         """Which model's idle work goes first (smaller first): kernels to warm, then the

@@ -109,7 +109,11 @@ class ResidentModels:
         self.send(RequestFailed(self.worker_id, deployment, request_id, reason))
 
     def step_next(self, busy: list[str]) -> None:
-        key = self.fair_share.pick(busy)
+        # The resident models share one compute stream: a model whose weights are still being
+        # copied would queue its wait for that copy on it, and every other model's step behind
+        # that wait. It waits its turn until the copy is over, unless nothing else has work.
+        ready = [key for key in busy if not self.resident[key].engine.weights_copying]
+        key = self.fair_share.pick(ready or busy)
         model = self.resident[key]
         try:
             model.engine.capture_overdue_graph()
