@@ -156,3 +156,20 @@ def test_fair_share_gives_no_credit_for_idle_time():
         picks.append(key)
         share.charge(key, 0.01)
     assert picks.count("busy") >= 4
+
+
+def test_fair_share_carries_no_debt_across_an_idle_spell():
+    """A model that took a long step (its first, behind its load's copy) and then went idle
+    does not wait, when the others and it wake together, while they make up for that step."""
+    share = FairShare()
+    for key in "abc":
+        share.add(key)
+    share.charge(share.pick(["a"]), 2.0)  # a's first step waited two seconds for its copy
+    for key in "bc":
+        share.charge(share.pick([key]), 0.01)
+    picks = []
+    for _ in range(9):
+        key = share.pick(["a", "b", "c"])
+        picks.append(key)
+        share.charge(key, 0.01)
+    assert picks.count("a") == 3

@@ -5,7 +5,7 @@ rank does the same with its span of a shard segment, which it wrote itself after
 
 On a GPU the copy runs on the worker's copy stream, so that a load never queues the kernels of
 the models already serving on that device behind its copy; the model's first kernel waits for
-the copy's event instead (`Engine.step`).
+the copy instead (`Engine.step`, engine/weight_copy.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from warmserve.engine.skeletons import SKELETONS, Skeleton
+from warmserve.engine.weight_copy import WeightCopy
 from warmserve.layers.parallel import current_group, set_group, tp_world_size
 from warmserve.loader.segment_weights import SegmentWeights
 from warmserve.loader.weight_store import TENSOR_ALIGNMENT
@@ -57,8 +58,8 @@ def store_shard(model: nn.Module, span: SegmentWeights) -> None:
 
 def model_on_arena(
     architecture, config, weights: SegmentWeights, device, dtype, key: tuple, phases: dict
-) -> tuple[Skeleton, torch.cuda.Event | None]:
-    """The model bound to a fresh copy of the segment, and the event its first kernel must wait
+) -> tuple[Skeleton, WeightCopy | None]:
+    """The model bound to a fresh copy of the segment, and the copy its first kernel must wait
     for (None on the CPU, where the copy is done when this returns)."""
     started = time.perf_counter()
     skeleton = SKELETONS.take(key)
@@ -75,10 +76,9 @@ def model_on_arena(
         if device not in _copy_streams:
             _copy_streams[device] = torch.cuda.Stream(device)
         stream = _copy_streams[device]
-        with torch.cuda.stream(stream):
-            weights.copy_into(arena)
-            copied = torch.cuda.Event()
-            copied.record(stream)
+        copied = WeightCopy(
+            stream, lambda: weights.copy_into(arena), in_thread=not weights.asynchronous_copy
+        )
         arena.record_stream(stream)  # freed at unload only once the copy is done
     else:
         weights.copy_into(arena)

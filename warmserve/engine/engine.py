@@ -23,6 +23,7 @@ from warmserve.engine.model_runner import ModelRunner
 from warmserve.engine.scheduler import Scheduler, SchedulerLimits
 from warmserve.engine.sequence import Sequence
 from warmserve.engine.skeletons import SKELETONS, Skeleton
+from warmserve.engine.weight_copy import WeightCopy
 from warmserve.layers import parallel
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_json
 from warmserve.loader.gguf_tokenizer import tokenizer_json
@@ -80,7 +81,7 @@ class Engine:
         # Set when the model's module tree is kept for a reload once it is unloaded.
         self.skeleton_key: tuple | None = None
         self.skeleton: Skeleton | None = None
-        self.weights_ready: torch.cuda.Event | None = None  # a load's copy, still running
+        self.weights_ready: WeightCopy | None = None  # a load's copy, still running
         self.load_phases: dict[str, float] = {}
         # The model's folder or GGUF file (structured output builds its vocabulary from its
         # tokenizer.json, see loader.gguf_tokenizer.tokenizer_json), and the
@@ -399,7 +400,7 @@ class Engine:
         if not seqs:
             return []
         if self.weights_ready is not None:  # the load's copy runs on the copy stream
-            torch.cuda.current_stream(self.runner.device).wait_event(self.weights_ready)
+            self.weights_ready.order_before(torch.cuda.current_stream(self.runner.device))
             self.weights_ready = None
         generators = [self.generators.get(seq.request_id) for seq in seqs]
         sampled = self.runner.execute(
@@ -485,7 +486,7 @@ class Engine:
     def follow_step(self, inputs: StepInputs) -> None:
         """Non-lead tensor-parallel ranks: one step of the lead's."""
         if self.weights_ready is not None:  # the load's copy runs on the copy stream
-            torch.cuda.current_stream(self.runner.device).wait_event(self.weights_ready)
+            self.weights_ready.order_before(torch.cuda.current_stream(self.runner.device))
             self.weights_ready = None
         self.runner.run_followed(inputs)
 

@@ -76,6 +76,12 @@ class SegmentWeights:
         while self._ready_bytes() < self.base + self.size:
             time.sleep(READY_POLL_S)
 
+    @property
+    def asynchronous_copy(self) -> bool:
+        """Whether copy_into only issues its copies (registered memory, every byte read): else
+        it returns once the bytes are on the device."""
+        return self.registered and self._ready_bytes() >= self.base + self.size
+
     def copy_into(self, arena: torch.Tensor) -> None:
         """Copies the bytes this object stands for into `arena` (as many), chasing the disk
         reads of a segment still being filled (a load from disk overlaps its reads and its

@@ -1,9 +1,10 @@
 """Which resident model a worker steps next: the one with the least weighted device time.
 
 Each model keeps a virtual clock that advances by its steps' duration divided by its weight. A
-model that had nothing to do does not bank time: when it becomes busy again its clock starts at
-the earliest clock among the busy ones, so it cannot then hold the device for as long as it was
-idle. Pure Python: tested without devices.
+model that had nothing to do neither banks time nor carries debt: when it becomes busy again its
+clock starts at the earliest clock among the busy ones, so it cannot then hold the device for as
+long as it was idle, nor wait while the others make up for a long step it took before (a first
+step that waited for its load's copy). Pure Python: tested without devices.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class FairShare:
             running = [self._clock[key] for key in self._busy if key in busy]
             floor = min(running, default=min(self._clock[key] for key in busy))
             for key in woken:
-                self._clock[key] = max(self._clock[key], floor)
+                self._clock[key] = floor
         self._busy = set(busy)
         return min(busy, key=lambda key: self._clock[key])
 

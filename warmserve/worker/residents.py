@@ -229,17 +229,23 @@ class ResidentModels:
         if weights is None:
             weights = SegmentWeights(command.segment)
         source = weights.rank_view(command.tp_rank) if command.segment.ranks else weights
+        engine = None
         try:
-            return Engine.create(
+            engine = Engine.create(
                 config,
                 source,
                 eos_token_ids=eos_token_ids(model_dir, config),
                 tokenizer_dir=model_dir,
                 **options,
             )
+            return engine
         finally:
             if transient and command.segment.shm_name not in segments:
-                weights.close()
+                copy = engine.weights_ready if engine is not None else None
+                if copy is not None:  # a copy in a thread still reads the mapping
+                    copy.then(weights.close)
+                else:
+                    weights.close()
 
     def store_shard(self, command: StoreShard) -> None:
         """Writes this rank's parameters of a loaded model into its span of a shard segment."""
