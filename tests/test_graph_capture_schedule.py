@@ -15,7 +15,14 @@ import zmq
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.engine import Engine
 from warmserve.engine.graph_buckets import OVERDUE_EAGER_STEPS, GraphBuckets
-from warmserve.protocol import AddRequest, LoadModel, ModelWarm, WorkerArgs, command_encoder
+from warmserve.protocol import (
+    AddRequest,
+    LoadModel,
+    ModelLost,
+    ModelWarm,
+    WorkerArgs,
+    command_encoder,
+)
 from warmserve.worker.worker import Worker
 
 
@@ -236,3 +243,29 @@ def test_a_model_whose_weights_are_still_copying_waits_while_another_has_work(
         worker.models.step_next(["a", "b"])
     worker.models.step_next(["b"])
     assert stepped == ["a", "a", "a", "b"]
+
+
+def test_a_model_whose_weight_copy_failed_is_reported_lost_in_an_idle_gap(
+    worker, checkpoint_factory
+):
+    """A copy run in a thread (host memory not registered yet) that fails leaves the model
+    without weights: the next idle gap drops it and tells the server (ModelLost), instead of
+    trying its idle work again and again."""
+    worker, _ = worker
+    sent = []
+    worker.models.send = sent.append
+    path = str(checkpoint_factory("llama"))
+    worker.load(LoadModel(1, "a", "a", path, None, "float32", 128, EngineConfig(), 0, 1, None))
+
+    class CopyFailed:
+        error = OSError("reading the checkpoint failed")
+
+        def query(self) -> bool:
+            return True
+
+    worker.models.resident["a"].engine.weights_ready = CopyFailed()
+    sent.clear()
+    worker.models.work_in_idle_gap()
+    assert "a" not in worker.models.resident
+    assert [(type(e), e.deployment) for e in sent] == [(ModelLost, "a")]
+    assert "reading the checkpoint failed" in sent[0].error

@@ -427,6 +427,11 @@ class Engine:
         return outputs
 
     @property
+    def weight_copy_error(self) -> BaseException | None:
+        """Why the load's weight copy failed (in its thread), once it has."""
+        return self.weights_ready.error if self.weights_ready is not None else None
+
+    @property
     def weights_copying(self) -> bool:
         """The load's weight copy is still running (its first step would wait for it)."""
         return self.weights_ready is not None and not self.weights_ready.query()

@@ -23,6 +23,7 @@ class WeightCopy:
         self.error: BaseException | None = None
         self._after: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._issued = not in_thread  # under the lock: the host is done with the source
         self._thread: threading.Thread | None = None
         if in_thread:
             self._thread = threading.Thread(target=self._run, args=(stream, copy), daemon=True)
@@ -42,6 +43,7 @@ class WeightCopy:
             self.error = error
         finally:
             with self._lock:
+                self._issued = True
                 after, self._after = self._after, []
             for callback in after:
                 callback()
@@ -53,7 +55,7 @@ class WeightCopy:
         """Calls `callback` once the host is done with the source (the copy issued): at once
         for an issued copy, when the thread ends for a threaded one."""
         with self._lock:
-            if self._threaded_copy_running():
+            if not self._issued:
                 self._after.append(callback)
                 return
         callback()

@@ -141,6 +141,10 @@ class ResidentModels:
         idle work (kernels to warm, a decode graph to capture), the most urgent of any model
         that can take it now. Returns whether there was one; a model whose capture fails runs
         its decodes eagerly."""
+        for key, model in list(self.resident.items()):
+            error = model.engine.weight_copy_error
+            if error is not None:  # its weights never reached the device: the model is lost
+                self._lost(key, error)
         ready = [model for model in self.resident.values() if model.engine.has_idle_work()]
         if not ready:
             return False
@@ -272,8 +276,8 @@ class ResidentModels:
         except Exception as exc:
             self._lost(message.deployment, exc)
 
-    def _lost(self, deployment: str, exc: Exception) -> None:
-        traceback.print_exc()
+    def _lost(self, deployment: str, exc: BaseException) -> None:
+        traceback.print_exception(exc)
         self.drop(deployment, together=False)
         self.send(ModelLost(self.worker_id, deployment, f"{type(exc).__name__}: {exc}"))
 
