@@ -48,9 +48,6 @@ class WeightCopy:
             for callback in after:
                 callback()
 
-    def _threaded_copy_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def then(self, callback: Callable[[], None]) -> None:
         """Calls `callback` once the host is done with the source (the copy issued): at once
         for an issued copy, when the thread ends for a threaded one."""
@@ -62,7 +59,7 @@ class WeightCopy:
 
     def query(self) -> bool:
         """Whether the copy is over on the device."""
-        return not self._threaded_copy_running() and self.event.query()
+        return self._issued and self.event.query()
 
     def synchronize(self) -> None:
         self._join()
