@@ -335,6 +335,48 @@ def check_answer(response: httpx.Response, allowed: set[int], action: str, recor
 # ---- a worker dies -------------------------------------------------------------------------
 
 
+VICTIM_TOKENS = 500  # with the prompt, nearly the tiny checkpoint's 512 positions
+
+
+def start_both_victim_requests(server, http, results: dict) -> list[threading.Thread]:
+    """A stream and a non-streaming request to the victim, both in flight when this returns.
+    A tiny model may finish a stream before a second client's request arrives on a busy
+    machine, so the pair is started again until the server reports both in flight."""
+    for _attempt in range(5):
+        streaming = threading.Event()
+
+        def stream_from_victim(streaming=streaming) -> None:
+            with server.http() as client:
+                results["stream"] = stream_completion(
+                    client,
+                    long_body("victim", VICTIM_TOKENS),
+                    lambda o: o.events >= 3 and streaming.set(),
+                )
+
+        def whole_from_victim() -> None:
+            with server.http() as client:
+                results["whole"] = client.post(
+                    "/v1/completions", json=long_body("victim", VICTIM_TOKENS)
+                )
+                results["whole_at"] = time.monotonic()
+
+        victims = [
+            threading.Thread(target=stream_from_victim),
+            threading.Thread(target=whole_from_victim),
+        ]
+        victims[0].start()
+        assert streaming.wait(30), "the victim's stream never started"
+        victims[1].start()
+        deadline = time.monotonic() + 10
+        while victims[0].is_alive() and time.monotonic() < deadline:
+            if models_by_name(http)["victim"]["requests_in_flight"] == 2:
+                return victims
+            time.sleep(0.005)
+        for thread in victims:
+            thread.join(timeout=60)
+    raise AssertionError("the two victim requests were never in flight together")
+
+
 def test_worker_killed_mid_request(server, http):
     """SIGKILL a worker while it generates: its requests end with a clear 503 / error event,
     its model is marked failed and loads again, a fresh worker replaces it, and the model on
@@ -363,34 +405,8 @@ def test_worker_killed_mid_request(server, http):
     survivor = threading.Thread(target=keep_using_the_survivor)
     survivor.start()
     try:
-        streaming = threading.Event()
         results: dict[str, object] = {}
-
-        def stream_from_victim() -> None:
-            with server.http() as client:
-                results["stream"] = stream_completion(
-                    client, long_body("victim", 400), lambda o: o.events >= 3 and streaming.set()
-                )
-
-        def whole_from_victim() -> None:
-            with server.http() as client:
-                results["whole"] = client.post("/v1/completions", json=long_body("victim", 400))
-                results["whole_at"] = time.monotonic()
-
-        victims = [
-            threading.Thread(target=stream_from_victim),
-            threading.Thread(target=whole_from_victim),
-        ]
-        victims[0].start()
-        assert streaming.wait(30), "the victim's stream never started"
-        # The whole request too is in flight (not finished, nor still on its way) at the kill.
-        victims[1].start()
-        wait_until(
-            lambda: models_by_name(http)["victim"]["requests_in_flight"] == 2,
-            10,
-            "the second request in flight",
-            interval_s=0.01,
-        )
+        victims = start_both_victim_requests(server, http, results)
         killed_at = time.monotonic()
         os.kill(victim_pid, signal.SIGKILL)
         failed_at = wait_until(
