@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
     from warmserve.api.server import bind_socket
     from warmserve.config import ConfigError
     from warmserve.controller.pool import StartupError
@@ -302,7 +304,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     try:
         with sock, _profiled(os.environ.get(PROFILE_ENV)):
-            asyncio.run(_serve(config, sock, args.log_level))
+            uvloop.run(_serve(config, sock, args.log_level))
     except (StartupError, RegistryError, ConfigError) as exc:
         print(f"warmserve: error: {exc}", file=sys.stderr)
         return 1
