@@ -18,6 +18,7 @@ import torch
 
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.engine import Engine
+from warmserve.engine.engine_build import build_engine, engine_from_checkpoint
 from warmserve.layers.attention import (
     AttentionMetadata,
     paged_decode_reference,
@@ -312,7 +313,7 @@ def check_greedy_against_transformers(report: dict, root: Path) -> None:
             family,
             {"hidden_size": 256, "num_hidden_layers": 4} if family != "qwen3" else "tiny",
         )
-        engine = Engine.from_checkpoint(
+        engine = engine_from_checkpoint(
             path, device="cuda", dtype="float32", engine_config=EngineConfig(max_num_seqs=8)
         )
         while engine.has_idle_work():  # as a worker's idle gaps would before traffic
@@ -401,7 +402,7 @@ def _greedy_from_host_store(path: Path, prompts, greedy) -> dict[str, list[int]]
     store = HostWeightStore(8 * 2**30, f"gpucheck{os.getpid()}")
     weights = SegmentWeights(store.store_checkpoint(str(path), Checkpoint(path)))
     weights.register_for_dma()
-    engine = Engine.create(
+    engine = build_engine(
         json.loads((path / "config.json").read_text()),
         weights,
         device="cuda",

@@ -28,6 +28,7 @@ import torch
 
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.engine import Engine
+from warmserve.engine.engine_build import engine_from_checkpoint
 from warmserve.engine.kv_pool import DeviceReservingPages, KVPool
 from warmserve.engine.kv_region import KVRegion
 from warmserve.layers.attention import attend_one_sequence, gather_kv
@@ -154,7 +155,7 @@ def greedy_through_grow_shrink_swap(root: Path) -> dict:
             run(engine, prompts(index, 1, 500), tag + "c"),
         ]
 
-    fixed = Engine.from_checkpoint(
+    fixed = engine_from_checkpoint(
         checkpoint,
         device=DEVICE,
         dtype="bfloat16",
@@ -175,7 +176,7 @@ def greedy_through_grow_shrink_swap(root: Path) -> dict:
     elastic = EngineConfig(max_num_seqs=32, min_kv_tokens=16)
 
     def load(owner: str) -> Engine:
-        return Engine.from_checkpoint(
+        return engine_from_checkpoint(
             checkpoint,
             device=DEVICE,
             dtype="bfloat16",

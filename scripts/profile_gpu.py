@@ -137,7 +137,7 @@ def copy_bandwidth(report, size=2 * GIB):
 
 def swap_phases(report, root: Path, shape="qwen3-0.6b", family="qwen3", repeats=4):
     from warmserve.config import EngineConfig, SamplingParams
-    from warmserve.engine.engine import Engine, eos_token_ids
+    from warmserve.engine.engine_build import build_engine, eos_token_ids
     from warmserve.engine.warmup import warm_up
     from warmserve.loader.checkpoint import Checkpoint
     from warmserve.loader.segment_weights import SegmentWeights
@@ -178,7 +178,7 @@ def swap_phases(report, root: Path, shape="qwen3-0.6b", family="qwen3", repeats=
             release_cached_gpu_memory()
         unloaded = time.perf_counter()
         free, total = torch.cuda.mem_get_info(device)
-        engine = Engine.create(
+        engine = build_engine(
             json.loads((path / "config.json").read_text()),
             segment_weights,
             device=device,
@@ -242,11 +242,11 @@ def swap_phases(report, root: Path, shape="qwen3-0.6b", family="qwen3", repeats=
 
 def decode_kernels(report, shape, family, batch, context=512):
     from warmserve.config import EngineConfig, SamplingParams
-    from warmserve.engine.engine import Engine
+    from warmserve.engine.engine_build import build_engine
     from warmserve.testing.checkpoints import _model_config
 
     config = _model_config(family, shape, "bfloat16", None, None)
-    engine = Engine.create(
+    engine = build_engine(
         config,
         None,
         device="cuda",

@@ -8,6 +8,7 @@ import torch
 
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.engine import Engine
+from warmserve.engine.engine_build import engine_from_checkpoint
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
@@ -19,7 +20,7 @@ class Completion:
 
 
 def make_engine(path, max_model_len: int = 256, **engine_config) -> Engine:
-    engine = Engine.from_checkpoint(
+    engine = engine_from_checkpoint(
         path,
         engine_config=EngineConfig(**engine_config),
         max_model_len=max_model_len,

@@ -11,8 +11,8 @@ import weakref
 import pytest
 from safetensors.torch import load_file, save_file
 
-from warmserve.engine import engine as engine_module
-from warmserve.engine.engine import Engine
+from warmserve.engine import engine_build as engine_module
+from warmserve.engine.engine_build import engine_from_checkpoint
 from warmserve.loader.checkpoint import CheckpointError
 
 # The last tensor that the loader reaches: a failure there comes after the whole model was built
@@ -31,7 +31,7 @@ def sharded_copy(checkpoint_factory, tmp_path):
 
 
 def load(path):
-    return Engine.from_checkpoint(path, max_model_len=64, dtype="float32")
+    return engine_from_checkpoint(path, max_model_len=64, dtype="float32")
 
 
 def rewrite_tensors(file, change) -> None:

@@ -13,7 +13,7 @@ import torch
 import zmq
 
 from warmserve.config import EngineConfig, SamplingParams
-from warmserve.engine.engine import Engine
+from warmserve.engine.engine_build import engine_from_checkpoint
 from warmserve.engine.graph_buckets import OVERDUE_EAGER_STEPS, GraphBuckets
 from warmserve.protocol import (
     AddRequest,
@@ -199,7 +199,7 @@ def test_warming_the_step_kernels_leaves_the_streams_untouched(checkpoint_factor
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
     def generate(warm_between_steps: bool) -> list[int]:
-        engine = Engine.from_checkpoint(path, dtype="float32", max_model_len=128)
+        engine = engine_from_checkpoint(path, dtype="float32", max_model_len=128)
         engine.add_request(
             "r", [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], params
         )

@@ -10,8 +10,9 @@ from helpers import collect, random_prompts, run_to_completion
 from support import hf_greedy
 
 from warmserve.config import EngineConfig, SamplingParams
-from warmserve.engine.engine import Engine, InsufficientMemory
-from warmserve.engine.kv_pool import HostPages, KVPool
+from warmserve.engine.engine import Engine
+from warmserve.engine.engine_build import engine_from_checkpoint
+from warmserve.engine.kv_pool import HostPages, InsufficientMemory, KVPool
 
 PAGE = 4096  # the tiny llama's block is 2 KiB per layer's K or V: two blocks to a page
 MAX_TOKENS = 12
@@ -26,7 +27,7 @@ def make_pool(usable_bytes: int) -> KVPool:
 
 
 def load(path, pool: KVPool, owner: str) -> Engine:
-    engine = Engine.from_checkpoint(
+    engine = engine_from_checkpoint(
         path,
         engine_config=ENGINE,
         max_model_len=256,

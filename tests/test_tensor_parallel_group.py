@@ -11,7 +11,8 @@ import torch
 from server_process import free_port
 
 from warmserve.config import EngineConfig
-from warmserve.engine.engine import Engine, InsufficientMemory
+from warmserve.engine.engine_build import engine_from_checkpoint
+from warmserve.engine.kv_pool import InsufficientMemory
 from warmserve.engine.tensor_parallel import DeploymentGroup
 
 KIB = 2**10
@@ -27,7 +28,7 @@ def build_rank(rank: int, init_method: str, path: str, kv_budgets: list[int], re
     try:
         for kv_bytes in kv_budgets:
             try:
-                engine = Engine.from_checkpoint(
+                engine = engine_from_checkpoint(
                     path, group=group.group, engine_config=EngineConfig(kv_cache_bytes=kv_bytes)
                 )
             except InsufficientMemory as exc:
@@ -64,7 +65,7 @@ def test_ranks_agree_on_the_kv_cache_and_on_refusing(llama_path):
     rank0, rank1 = run_ranks(llama_path, [[256 * KIB, 256 * KIB], [64 * KIB, 0]])
     assert rank0[0] == rank1[0]
     blocks, _ = rank1[0]
-    alone = Engine.from_checkpoint(llama_path, engine_config=EngineConfig(kv_cache_bytes=64 * KIB))
+    alone = engine_from_checkpoint(llama_path, engine_config=EngineConfig(kv_cache_bytes=64 * KIB))
     # Each rank holds half the KV heads: the smaller budget holds twice one worker's blocks.
     assert blocks == 2 * (alone.kv_region.max_blocks - 1)
     alone.close()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.arena import shard_layout, store_shard
-from warmserve.engine.engine import Engine
+from warmserve.engine.engine_build import build_engine, engine_from_checkpoint
 from warmserve.layers.parallel import TensorParallelGroup, building
 from warmserve.loader.checkpoint import Checkpoint
 from warmserve.loader.segment_weights import SegmentWeights
@@ -184,7 +184,7 @@ def test_reloads_from_the_store_generate_what_checkpoint_loads_do(checkpoint_fac
         return tokens
 
     expected = [
-        generate(Engine.from_checkpoint(path, dtype="float32", engine_config=config))
+        generate(engine_from_checkpoint(path, dtype="float32", engine_config=config))
         for path in paths
     ]
     assert expected[0] != expected[1]
@@ -193,7 +193,7 @@ def test_reloads_from_the_store_generate_what_checkpoint_loads_do(checkpoint_fac
     ]
     try:
         for index in (0, 1, 0):
-            engine = Engine.create(
+            engine = build_engine(
                 json.loads((paths[index] / "config.json").read_text()),
                 segments[index],
                 dtype="float32",

@@ -152,6 +152,8 @@ class ModelSpec:
             raise ConfigError(f"max_model_len must be an integer from 2 to {MAX_MODEL_LEN}")
 
 
+GIB = 2**30
+
 # No model's context is longer; the bound also keeps the figure within a 32-bit message field.
 MAX_MODEL_LEN = 2**31 - 1
 

@@ -20,6 +20,7 @@ import torch
 
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.engine import Engine
+from warmserve.engine.engine_build import engine_from_checkpoint
 from warmserve.testing.checkpoints import build_checkpoint
 
 
@@ -92,7 +93,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         path = build_checkpoint(Path(scratch) / "model", "llama", model_shape(args))
-        engine = Engine.from_checkpoint(
+        engine = engine_from_checkpoint(
             path,
             dtype="float32",
             max_model_len=args.prompt_tokens + args.new_tokens,

@@ -9,13 +9,11 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from warmserve.config import CPU_WORKER_MEMORY_GB, ServerConfig
+from warmserve.config import CPU_WORKER_MEMORY_GB, GIB, ServerConfig
 from warmserve.controller.launchers.base import WorkerSlot
 from warmserve.controller.launchers.local import LOCAL_NODE
 from warmserve.controller.pool import StartupError
 from warmserve.protocol import WorkerArgs
-
-GIB = 2**30
 
 CPU_WORKERS = 2
 

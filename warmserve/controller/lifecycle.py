@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from warmserve.config import ModelSpec, ServerConfig
+from warmserve.config import GIB, ModelSpec, ServerConfig
 from warmserve.controller.catalogue import CheckpointCatalogue, footprint_per_worker
 from warmserve.controller.channel import CommandChannel, load_error
 from warmserve.controller.deployment import Deployment, Deployments, DeploymentState
@@ -48,7 +48,6 @@ from warmserve.loader.checkpoint import Checkpoint
 from warmserve.protocol import CommandDone, LoadModel, RegisterSegment, UnloadModel
 
 log = logging.getLogger("warmserve.controller")
-GIB = 2**30
 # How often a load waiting for room looks again even if nothing signalled (a model's minimum
 # residency running out signals nothing).
 ROOM_POLL_S = 0.1

@@ -25,10 +25,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from warmserve.config import GIB
 from warmserve.controller.deployment import Deployment, DeploymentState
 from warmserve.controller.errors import InvalidRequest
-
-GIB = 2**30
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from warmserve.config import EngineConfig, SamplingParams
-from warmserve.engine.engine import Engine
+from warmserve.engine.engine_build import build_engine
 
 WARMUP_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -23,7 +23,7 @@ WARMUP_CONFIG = {
 
 
 def warm_up(device: torch.device, dtype: str) -> None:
-    engine = Engine.create(
+    engine = build_engine(
         WARMUP_CONFIG,
         None,
         device=device,

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from warmserve.engine.arena import shard_layout, store_shard
-from warmserve.engine.engine import Engine, InsufficientMemory, RequestRejected, eos_token_ids
-from warmserve.engine.kv_pool import KVPool
+from warmserve.engine.engine import Engine, RequestRejected
+from warmserve.engine.engine_build import build_engine, engine_from_checkpoint, eos_token_ids
+from warmserve.engine.kv_pool import InsufficientMemory, KVPool
 from warmserve.engine.tensor_parallel import DeploymentGroup
 from warmserve.loader.checkpoint import CheckpointError, read_model_config
 from warmserve.loader.segment_weights import SegmentWeights
@@ -226,7 +227,7 @@ class ResidentModels:
                 list(followers), RunStep(deployment, inputs)
             )
         if command.segment is None:
-            return Engine.from_checkpoint(command.model_dir, **options)
+            return engine_from_checkpoint(command.model_dir, **options)
         model_dir, config = read_model_config(command.model_dir)
         weights = segments.get(command.segment.shm_name)
         transient = weights is None or not weights.registered
@@ -235,7 +236,7 @@ class ResidentModels:
         source = weights.rank_view(command.tp_rank) if command.segment.ranks else weights
         engine = None
         try:
-            engine = Engine.create(
+            engine = build_engine(
                 config,
                 source,
                 eos_token_ids=eos_token_ids(model_dir, config),

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from warmserve.config import ServerConfig
+from warmserve.config import GIB, ServerConfig
 from warmserve.controller.devices import local_slots
 from warmserve.controller.host_stores import LocalStores
 from warmserve.controller.launchers.base import Launcher
 from warmserve.controller.launchers.local import LocalLauncher
 from warmserve.controller.pool import StartupError
-
-GIB = 2**30
 
 
 def host_stores(config: ServerConfig, instance: str, on_drop: Callable[[str, str], None]):
