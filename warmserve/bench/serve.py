@@ -266,7 +266,12 @@ def comparison(results: dict, concurrency: list[int]) -> list[dict]:
                 "concurrency": clients,
                 "http_output_throughput": http["output_throughput"],
                 "python_api_output_throughput": api["output_throughput"],
-                "http_over_python_api": http["output_throughput"] / api["output_throughput"],
+                # None when no request got through the Python API (nothing to compare with).
+                "http_over_python_api": (
+                    http["output_throughput"] / api["output_throughput"]
+                    if api["output_throughput"]
+                    else None
+                ),
                 "engine_decode_tokens_per_s": results["engine_decode"][clients]["tokens_per_s"],
                 "http_ttft_median_ms": http["ttft_ms"]["median"],
                 "python_api_ttft_median_ms": api["ttft_ms"]["median"],

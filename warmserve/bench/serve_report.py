@@ -18,7 +18,9 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
     if at_64 and "comparison" in results:
         ratio = next(r for r in results["comparison"] if r["concurrency"] == 64)
         ratio = ratio["http_over_python_api"]
-        rows.append(("64 clients: HTTP ≥ 0.9 × the Python API", f"{ratio:.2f}x", ratio >= 0.9))
+        measured = "–" if ratio is None else f"{ratio:.2f}x"
+        met = ratio is not None and ratio >= 0.9
+        rows.append(("64 clients: HTTP ≥ 0.9 × the Python API", measured, met))
     if at_64 and issue_lengths and model in OUTPUT_RATE_TARGETS:
         floor, rate = OUTPUT_RATE_TARGETS[model], at_64["output_throughput"]
         rows.append((f"64 clients: ≥ {floor:,} output tok/s", f"{rate:,.0f}", rate >= floor))
@@ -101,7 +103,7 @@ def render_markdown(results: dict) -> str:
                 row["concurrency"],
                 report.number(row["http_output_throughput"], 0),
                 report.number(row["python_api_output_throughput"], 0),
-                f"{row['http_over_python_api']:.2f}x",
+                report.number(row["http_over_python_api"], 2) + "x",
                 report.number(row["engine_decode_tokens_per_s"], 0),
                 report.number(row["http_ttft_median_ms"]),
                 report.number(row["python_api_ttft_median_ms"]),
