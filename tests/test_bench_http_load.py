@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 
-import httpx
 import pytest
+from aiohttp import web
 
 from warmserve.bench.checkpoints import SPECIAL_TOKENS, word_level_tokenizer
 from warmserve.bench.http_load import (
@@ -22,6 +23,7 @@ from warmserve.bench.http_load import (
     run_clients,
     run_poisson,
     serving_metrics,
+    stream_session,
 )
 from warmserve.bench.workloads import MAX_INPUT_LEN, MAX_TOTAL_LEN, sharegpt_like_lengths
 
@@ -160,18 +162,28 @@ def sse(*events: dict) -> bytes:
 
 
 def send_to(status: int, content: bytes) -> tuple[RequestResult, dict]:
-    """Sends one request to a fake server answering `status` and `content`; returns the result
-    and the request body the server saw."""
+    """Sends one request to a fake server (on a local port) answering `status` and `content`;
+    returns the result and the request body the server saw."""
     seen = {}
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.update(json.loads(request.content))
-        return httpx.Response(status, content=content)
+    async def answer(request: web.Request) -> web.Response:
+        seen.update(await request.json())
+        return web.Response(status=status, body=content)
 
     async def go() -> RequestResult:
-        transport = httpx.MockTransport(answer)
-        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            return await http_sender(client)(BenchRequest("m", [7, 8, 9], 3))
+        app = web.Application()
+        app.router.add_post("/v1/completions", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        await web.SockSite(runner, sock).start()
+        try:
+            async with stream_session(f"http://127.0.0.1:{port}") as session:
+                return await http_sender(session)(BenchRequest("m", [7, 8, 9], 3))
+        finally:
+            await runner.cleanup()
 
     return asyncio.run(go()), seen
 

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -75,9 +76,11 @@ class ChunkClock:
         return self.result
 
 
-def http_sender(client: httpx.AsyncClient) -> Sender:
+def http_sender(session: aiohttp.ClientSession) -> Sender:
     """Streams `/v1/completions` (greedy, `ignore_eos`, the prompt as token ids so its length is
-    exact); the output token count comes from the usage chunk."""
+    exact); the output token count comes from the usage chunk. The client is aiohttp, as in
+    `vllm bench serve`: httpx spends about a millisecond more of the client's time on each
+    request, which a TTFT would count against the server."""
 
     async def send(request: BenchRequest) -> RequestResult:
         result = RequestResult(request)
@@ -94,12 +97,13 @@ def http_sender(client: httpx.AsyncClient) -> Sender:
             body["response_format"] = request.response_format
         clock = ChunkClock(result)
         try:
-            async with client.stream("POST", "/v1/completions", json=body) as response:
-                if response.status_code != 200:
-                    result.status = str(response.status_code)
-                    result.error = (await response.aread()).decode(errors="replace")[:300]
+            async with session.post("/v1/completions", json=body) as response:
+                if response.status != 200:
+                    result.status = str(response.status)
+                    result.error = (await response.read()).decode(errors="replace")[:300]
                     return clock.finish()
-                async for line in response.aiter_lines():
+                async for raw in response.content:
+                    line = raw.decode().strip()
                     if not line.startswith("data:") or line == "data: [DONE]":
                         continue
                     data = json.loads(line[len("data:") :])
@@ -111,7 +115,7 @@ def http_sender(client: httpx.AsyncClient) -> Sender:
                     if "error" in data:
                         result.status = "error: in stream"
                         result.error = str(data["error"])[:300]
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             result.status = f"error: {type(exc).__name__}"
             result.error = str(exc)[:300]
         return clock.finish()
@@ -245,7 +249,16 @@ def prometheus_totals(text: str, names: Sequence[str]) -> dict[str, float]:
     return totals
 
 
+def stream_session(url: str) -> aiohttp.ClientSession:
+    """The session the timed requests go through (see http_sender)."""
+    # No connection limit: an open-loop run may hold any number of streams at once.
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    return aiohttp.ClientSession(url, connector=connector, timeout=timeout)
+
+
 def http_client(url: str) -> httpx.AsyncClient:
+    """For the benchmark's own calls (admin API, metrics), which are not timed."""
     # No pool limit: an open-loop run may hold any number of streams at once.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     return httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits)

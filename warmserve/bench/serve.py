@@ -17,6 +17,7 @@ import asyncio
 import math
 import random
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,11 +201,12 @@ async def sweep(
 ) -> dict:
     """Runs every scenario; with `server_cpu_seconds`, each one's figures also say how much CPU
     time the server process spent on it, and the output tokens it streamed per CPU second: the
-    rate one server process can stream at when its CPU is the limit."""
+    rate one server process can stream at when its CPU is the limit. Each run also says how busy
+    this process (the clients) kept its CPU: near 1, the figures are the client's limit."""
     await send(scenarios[0]["requests"][0])  # warm-up, as vLLM's benchmark sends a test prompt
     figures = {}
     for scenario in scenarios:
-        cpu_before = server_cpu_seconds()
+        cpu_before, client_cpu_before = server_cpu_seconds(), time.process_time()
         if scenario["kind"] == "concurrency":
             run = await http_load.run_clients(scenario["requests"], send, scenario["value"])
         else:
@@ -212,6 +214,8 @@ async def sweep(
                 scenario["requests"], send, scenario["value"], scenario["seed"]
             )
         figures[scenario["name"]] = http_load.serving_metrics(run)
+        client_cpu_s = time.process_time() - client_cpu_before
+        figures[scenario["name"]]["client_cpu_per_s"] = client_cpu_s / run.duration
         cpu_after = server_cpu_seconds()
         if cpu_before is not None and cpu_after is not None and cpu_after > cpu_before:
             entry = figures[scenario["name"]]
@@ -238,7 +242,9 @@ async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dic
             print(f"server {server.url}: loaded {response.json()}", flush=True)
             warm_s = await http_load.wait_until_warm(client, MODEL_NAME)
             print(f"warm (kernels compiled, graphs captured) {warm_s:.2f} s after the load")
-            figures = await sweep(scenarios, http_load.http_sender(client), server.cpu_seconds)
+            async with http_load.stream_session(server.url) as session:
+                send = http_load.http_sender(session)
+                figures = await sweep(scenarios, send, server.cpu_seconds)
             return {"load": response.json(), "warm_seconds": warm_s, "runs": figures}
 
 
@@ -285,7 +291,8 @@ def summary_line(figures: dict) -> str:
         f"{figures['completed']} done, {figures['failed']} failed, "
         f"{figures['output_throughput']:.0f} output tok/s, "
         f"TTFT median {report.number(figures['ttft_ms']['median'])} ms, "
-        f"ITL median {report.number(figures['itl_ms']['median'], 2)} ms"
+        f"ITL median {report.number(figures['itl_ms']['median'], 2)} ms, "
+        f"client process {figures['client_cpu_per_s']:.2f} CPU s per s"
     )
     if "server_output_tokens_per_cpu_s" in figures:
         line += (

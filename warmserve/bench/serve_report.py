@@ -92,6 +92,15 @@ def render_markdown(results: dict) -> str:
             + ", ".join(f"{name} {report.number(rate, 0)}" for name, rate in streamed.items()),
             "",
         ]
+    client = {name: figures.get("client_cpu_per_s") for name, figures in results["http"].items()}
+    if any(load is not None for load in client.values()):
+        lines += [
+            "CPU seconds per second that the benchmark's client process (every client, one "
+            "Python process on aiohttp, as `vllm bench serve`) spent: near 1.0 the client, not "
+            "the server, is the limit: "
+            + ", ".join(f"{name} {report.number(load, 2)}" for name, load in client.items()),
+            "",
+        ]
     if "comparison" in results:
         lines += [
             "Same run, fixed lengths: the Python API (`Controller.generate` in-process, same "

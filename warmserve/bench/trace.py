@@ -162,8 +162,8 @@ def build_trace(names: list[str], popularity: list[float], args) -> list[http_lo
 
 
 async def measure(url: str, names: list[str], trace, weights: dict, h2d_gbps: float, args) -> dict:
-    async with http_load.http_client(url) as client:
-        send = http_load.http_sender(client)
+    async with http_load.http_client(url) as client, http_load.stream_session(url) as session:
+        send = http_load.http_sender(session)
         ideal = {name: await alone(client, send, name, args) for name in names}
         phases = {}
         for phase, description, runner in (
