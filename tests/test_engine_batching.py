@@ -42,6 +42,13 @@ def make_requests() -> dict[str, tuple[list[int], SamplingParams]]:
 REQUESTS = make_requests()
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    """Both ways of stepping: each step resolved at once, or launched before the one before
+    it is resolved (EngineConfig.async_scheduling)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def solo_completions(llama_path) -> dict[str, Completion]:
     engine = make_engine(llama_path)
@@ -60,8 +67,8 @@ def add_all(engine, request_ids=REQUESTS) -> None:
         engine.add_request(request_id, prompt, params)
 
 
-def test_batched_requests_equal_their_solo_runs(llama_path, solo_completions):
-    engine = make_engine(llama_path)
+def test_batched_requests_equal_their_solo_runs(llama_path, solo_completions, async_scheduling):
+    engine = make_engine(llama_path, async_scheduling=async_scheduling)
     steps = record_schedules(engine)
     add_all(engine)
 
@@ -71,14 +78,19 @@ def test_batched_requests_equal_their_solo_runs(llama_path, solo_completions):
     assert_all_blocks_free(engine)
 
 
-def test_preemption_recomputes_without_changing_outputs(llama_path, solo_completions):
+def test_preemption_recomputes_without_changing_outputs(
+    llama_path, solo_completions, async_scheduling
+):
     block_size = 8
     probe = make_engine(llama_path, block_size=block_size)
     bytes_per_block = probe.kv_region.block_bytes
     # Room for the longest request (60 tokens) and little more.
     num_blocks = 10
     engine = make_engine(
-        llama_path, block_size=block_size, kv_cache_bytes=num_blocks * bytes_per_block
+        llama_path,
+        block_size=block_size,
+        kv_cache_bytes=num_blocks * bytes_per_block,
+        async_scheduling=async_scheduling,
     )
     assert engine.scheduler.block_manager.num_free_blocks == num_blocks
     steps = record_schedules(engine)
@@ -98,8 +110,10 @@ def test_preemption_recomputes_without_changing_outputs(llama_path, solo_complet
     assert_all_blocks_free(engine)
 
 
-def test_requests_joining_a_running_batch_equal_their_solo_runs(llama_path, solo_completions):
-    engine = make_engine(llama_path)
+def test_requests_joining_a_running_batch_equal_their_solo_runs(
+    llama_path, solo_completions, async_scheduling
+):
+    engine = make_engine(llama_path, async_scheduling=async_scheduling)
     steps = record_schedules(engine)
     request_ids = list(REQUESTS)
     add_all(engine, request_ids[:8])
@@ -121,13 +135,16 @@ def test_requests_joining_a_running_batch_equal_their_solo_runs(llama_path, solo
     assert_all_blocks_free(engine)
 
 
-def test_max_num_seqs_and_max_num_batched_tokens_are_respected(llama_path, solo_completions):
+def test_max_num_seqs_and_max_num_batched_tokens_are_respected(
+    llama_path, solo_completions, async_scheduling
+):
     max_num_seqs, token_budget = 8, 24
     # Prompts longer than what a step has left are prefilled in chunks: outputs stay the same.
     engine = make_engine(
         llama_path,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=token_budget,
+        async_scheduling=async_scheduling,
     )
     steps = record_schedules(engine)
     add_all(engine)
@@ -153,8 +170,8 @@ def test_max_num_seqs_and_max_num_batched_tokens_are_respected(llama_path, solo_
     assert engine.scheduler.num_preemptions == 0
 
 
-def test_aborting_requests_frees_their_blocks(llama_path, solo_completions):
-    engine = make_engine(llama_path, max_num_seqs=4)
+def test_aborting_requests_frees_their_blocks(llama_path, solo_completions, async_scheduling):
+    engine = make_engine(llama_path, max_num_seqs=4, async_scheduling=async_scheduling)
     request_ids = list(REQUESTS)[:6]
     add_all(engine, request_ids)
     completions: dict[str, Completion] = {}
@@ -180,7 +197,10 @@ def test_aborting_requests_frees_their_blocks(llama_path, solo_completions):
     assert waiting.request_id not in completions
     aborted = completions.pop(running.request_id)
     assert aborted.finish_reason is None
-    assert aborted.token_ids == solo_completions[running.request_id].token_ids[:2]
+    # Two steps ran before the abort; with asynchronous scheduling the second one's tokens were
+    # still on their way, and the abort drops them.
+    tokens_seen = 1 if async_scheduling else 2
+    assert aborted.token_ids == solo_completions[running.request_id].token_ids[:tokens_seen]
     assert completions == {
         request_id: solo_completions[request_id]
         for request_id in request_ids
@@ -189,7 +209,7 @@ def test_aborting_requests_frees_their_blocks(llama_path, solo_completions):
     assert_all_blocks_free(engine)
 
 
-def test_a_cached_prefix_is_reused_and_gives_the_same_output(llama_path):
+def test_a_cached_prefix_is_reused_and_gives_the_same_output(llama_path, async_scheduling):
     # Two full 16-token blocks of shared prefix, then different tails.
     prefix, first_tail, second_tail = random_prompts([32, 8, 5], seed=99)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -199,11 +219,14 @@ def test_a_cached_prefix_is_reused_and_gives_the_same_output(llama_path):
         for name, tail in (("first", first_tail), ("second", second_tail))
     }
 
-    engine = make_engine(llama_path)
+    engine = make_engine(llama_path, async_scheduling=async_scheduling)
     steps = record_schedules(engine)
     engine.add_request("first", prefix + first_tail, params)
     completions: dict[str, Completion] = {}
-    collect(completions, engine.step())
+    # A prompt's blocks are found by their prefix once its step is resolved: with asynchronous
+    # scheduling, one step later.
+    for _ in range(1 + async_scheduling):
+        collect(completions, engine.step())
     # The second request arrives after the first's prompt is in the cache.
     engine.add_request("second", prefix + second_tail, params)
     collect(completions, engine.step())
@@ -217,5 +240,6 @@ def test_a_cached_prefix_is_reused_and_gives_the_same_output(llama_path):
     # Finished, its blocks are free but still cached: the same prompt again computes only the
     # tokens after them.
     assert generate_alone(engine, prefix + first_tail, params) == expected["first"]
-    assert steps[-len(expected["first"].token_ids)][0].num_computed_tokens == 32
+    scheduled = [step for step in steps if step]  # the last call may only resolve
+    assert scheduled[-len(expected["first"].token_ids)][0].num_computed_tokens == 32
     assert_all_blocks_free(engine)

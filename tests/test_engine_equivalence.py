@@ -125,20 +125,24 @@ def test_greedy_batch_matches_transformers(checkpoint_factory, monkeypatch, fami
         pytest.param("mistral", {"sliding_window": 16}, {}, id="mistral-sliding-window"),
     ],
 )
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_mixed_steps_and_chunked_prefill_match_transformers(
-    checkpoint_factory, monkeypatch, family, shape, options
+    checkpoint_factory, monkeypatch, family, shape, options, async_scheduling
 ):
     """Prompts arrive while others decode, under a 24-token step budget: steps mix decode rows
-    with whole prompts and with chunks after a cached prefix, in one attention call."""
+    with whole prompts and with chunks after a cached prefix, in one attention call; with
+    asynchronous scheduling the decode rows take their input tokens on the device."""
     path = checkpoint_factory(family, shape, **options)
     prompts = random_prompts([40, 3, 17, 1, 64, 9], seed=3)
-    engine = make_engine(path, max_model_len=128, max_num_batched_tokens=24)
+    engine = make_engine(
+        path, max_model_len=128, max_num_batched_tokens=24, async_scheduling=async_scheduling
+    )
     step_shapes = []
     real_forward = engine.runner._forward
 
-    def recording_forward(inputs):
+    def recording_forward(inputs, *placeholders):
         step_shapes.append(list(inputs.query_lens))
-        return real_forward(inputs)
+        return real_forward(inputs, *placeholders)
 
     monkeypatch.setattr(engine.runner, "_forward", recording_forward)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

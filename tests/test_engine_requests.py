@@ -13,9 +13,9 @@ from warmserve.engine.engine import RequestRejected
 IM_END, ENDOFTEXT = 2, 0
 
 
-@pytest.fixture(scope="module")
-def engine(llama_path):
-    return make_engine(llama_path, max_model_len=64)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def engine(llama_path, request):
+    return make_engine(llama_path, max_model_len=64, async_scheduling=request.param)
 
 
 @pytest.fixture(scope="module")

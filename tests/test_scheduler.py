@@ -7,11 +7,16 @@ import pytest
 from warmserve.config import SamplingParams
 from warmserve.engine.block_manager import BlockManager
 from warmserve.engine.scheduler import Scheduler, SchedulerLimits
-from warmserve.engine.sequence import Sequence, SequenceStatus
+from warmserve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 BLOCK_SIZE = 4
 EOS = 2
 FILLER = 7  # a token id that ends nothing
+
+
+def finish_step(scheduler: Scheduler, batch, token_ids):
+    """The step launched and resolved at once, as the engine without asynchronous scheduling."""
+    return scheduler.resolve(batch, scheduler.commit(batch), token_ids)
 
 
 def make_scheduler(
@@ -34,7 +39,7 @@ def make_seq(request_id: str, prompt_len: int, **params) -> Sequence:
 def step(scheduler: Scheduler, token_id: int = FILLER) -> list[Sequence]:
     """One engine step with a model that outputs `token_id` for every sequence."""
     batch = scheduler.schedule()
-    scheduler.finish_step(batch, [token_id] * len(batch))
+    finish_step(scheduler, batch, [token_id] * len(batch))
     return batch
 
 
@@ -44,14 +49,14 @@ def test_decodes_and_prefills_share_a_step():
     scheduler.add(first)
     assert scheduler.schedule() == [first]
     assert first.num_new_tokens == 6
-    scheduler.finish_step([first], [FILLER])
+    finish_step(scheduler, [first], [FILLER])
 
     second = make_seq("second", 5)
     scheduler.add(second)
     batch = scheduler.schedule()
     assert batch == [first, second]
     assert (first.num_new_tokens, second.num_new_tokens) == (1, 5)
-    scheduler.finish_step(batch, [FILLER, FILLER])
+    finish_step(scheduler, batch, [FILLER, FILLER])
     assert first.output_token_ids == [FILLER, FILLER]
     assert second.output_token_ids == [FILLER]
     assert first.num_computed_tokens == 7
@@ -78,7 +83,7 @@ def test_a_prompt_beyond_the_token_budget_is_prefilled_in_chunks_in_arrival_orde
     assert batch == [long_first, longer]
     assert (long_first.num_scheduled_tokens, longer.num_scheduled_tokens) == (6, 3)
     assert [seq.samples_this_step for seq in batch] == [True, False]
-    scheduler.finish_step(batch, [FILLER, None])
+    finish_step(scheduler, batch, [FILLER, None])
     assert (long_first.output_token_ids, longer.output_token_ids) == ([FILLER], [])
     assert longer.num_computed_tokens == 3 and list(scheduler.waiting) == [short]
     # The decode goes first (1), then the rest of the chunked prompt (4), then the short one.
@@ -99,7 +104,7 @@ def test_decodes_are_scheduled_before_prompt_chunks():
         batch = scheduler.schedule()
         assert batch == [early, late] and late.num_scheduled_tokens == expected_chunk
         assert early.num_scheduled_tokens == 1
-        scheduler.finish_step(batch, [FILLER, None])
+        finish_step(scheduler, batch, [FILLER, None])
     assert late.num_computed_tokens == 9 and early.num_output_tokens == 4
 
 
@@ -110,7 +115,7 @@ def test_a_prompt_whose_tokens_are_scored_is_never_chunked():
     scheduler.add(scored)
     batch = scheduler.schedule()
     assert scored not in batch  # 6 + 7 > 9: it waits for a step with room for all of it
-    scheduler.finish_step(batch, [FILLER])
+    finish_step(scheduler, batch, [FILLER])
     assert scored in scheduler.schedule() and scored.num_scheduled_tokens == 7
 
 
@@ -177,7 +182,7 @@ def test_the_newest_sequence_is_preempted_when_blocks_run_out_and_recomputed_lat
     assert newer.block_table == []
     assert newer.num_computed_tokens == 0
     assert list(scheduler.waiting) == [newer]
-    scheduler.finish_step(batch, [EOS])  # older finishes and frees its blocks
+    finish_step(scheduler, batch, [EOS])  # older finishes and frees its blocks
 
     # Recomputed with the generated tokens it keeps, all of them: older took the lowest free
     # block for its ninth token, which was newer's prompt block (no longer in the cache).
@@ -253,7 +258,7 @@ def test_finish_step_returns_the_finished_sequences_and_frees_their_blocks():
     scheduler.add(done)
     scheduler.add(going)
     batch = scheduler.schedule()
-    assert scheduler.finish_step(batch, [FILLER, FILLER]) == [done]
+    assert finish_step(scheduler, batch, [FILLER, FILLER]) == [done]
     assert scheduler.running == [going]
     assert scheduler.block_manager.num_free_blocks == 8 - len(going.block_table)
 
@@ -299,3 +304,83 @@ def test_the_cache_grows_before_a_sequence_is_preempted_and_preempts_once_it_can
         step(scheduler)
     # Fourth blocks: no growth left, so the newest sequence is preempted.
     assert scheduler.num_preemptions == 1 and newer.status is SequenceStatus.WAITING
+
+
+# ---- asynchronous scheduling: a step scheduled while the one before is in flight ---------
+
+
+def test_a_step_is_scheduled_while_the_one_before_is_in_flight():
+    scheduler = make_scheduler()
+    first, second = make_seq("first", 6), make_seq("second", 3)
+    scheduler.add(first)
+    scheduler.add(second)
+    prefill = scheduler.schedule()
+    prefill_placeholders = scheduler.commit(prefill)
+    assert prefill_placeholders == [6, 3]
+    assert first.token_ids[-1] == second.token_ids[-1] == PLACEHOLDER
+
+    decode = scheduler.schedule()  # the prefill's tokens are still on their way
+    assert decode == [first, second]
+    assert [seq.num_scheduled_tokens for seq in decode] == [1, 1]
+    decode_placeholders = scheduler.commit(decode)
+    assert decode_placeholders == [7, 4]
+
+    assert scheduler.resolve(prefill, prefill_placeholders, [11, 12]) == []
+    assert scheduler.resolve(decode, decode_placeholders, [13, 14]) == []
+    assert first.output_token_ids == [11, 13] and second.output_token_ids == [12, 14]
+    assert first.num_computed_tokens == 7 and second.num_computed_tokens == 4
+
+
+def test_a_sequence_whose_last_token_is_in_flight_is_not_scheduled_again():
+    scheduler = make_scheduler()
+    seq = make_seq("seq", 5, max_tokens=1)
+    scheduler.add(seq)
+    batch = scheduler.schedule()
+    placeholders = scheduler.commit(batch)
+    assert scheduler.schedule() == []
+    assert scheduler.resolve(batch, placeholders, [FILLER]) == [seq]
+    assert seq.finish_reason == "length" and seq.output_token_ids == [FILLER]
+    assert scheduler.block_manager.num_used_blocks == 0
+
+
+def test_a_token_in_flight_stops_a_sequence_and_the_next_steps_token_is_dropped():
+    scheduler = make_scheduler()
+    seq = make_seq("seq", 5)
+    scheduler.add(seq)
+    first = scheduler.schedule()
+    first_placeholders = scheduler.commit(first)
+    second = scheduler.schedule()
+    second_placeholders = scheduler.commit(second)
+    assert scheduler.resolve(first, first_placeholders, [EOS]) == [seq]
+    assert seq.finish_reason == "stop" and seq.output_token_ids == [EOS]
+    assert scheduler.resolve(second, second_placeholders, [FILLER]) == []
+    assert seq.output_token_ids == [EOS]
+    assert scheduler.block_manager.num_used_blocks == 0
+
+
+def test_a_sequence_preempted_while_its_last_token_is_in_flight_finishes_from_the_queue():
+    scheduler = make_scheduler(num_blocks=2)
+    older, newer = make_seq("older", 4), make_seq("newer", 4, max_tokens=1)
+    scheduler.add(older)
+    scheduler.add(newer)
+    batch = scheduler.schedule()
+    placeholders = scheduler.commit(batch)
+    # The older one's next token needs a block: the newer one gives up its own.
+    assert scheduler.schedule() == [older]
+    assert newer.status is SequenceStatus.WAITING and list(scheduler.waiting) == [newer]
+
+    assert scheduler.resolve(batch, placeholders, [FILLER, FILLER]) == [newer]
+    assert newer.finish_reason == "length" and newer.output_token_ids == [FILLER]
+    assert not scheduler.waiting
+
+
+def test_an_aborted_sequences_token_in_flight_is_dropped():
+    scheduler = make_scheduler()
+    seq = make_seq("seq", 5)
+    scheduler.add(seq)
+    batch = scheduler.schedule()
+    placeholders = scheduler.commit(batch)
+    scheduler.abort("seq")
+    assert scheduler.resolve(batch, placeholders, [FILLER]) == []
+    assert seq.finish_reason == "abort"
+    assert scheduler.block_manager.num_used_blocks == 0

@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"{EngineConfig.max_prefill_tokens_beside_decodes})",
     )
     serve.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="launch each engine step before the host has read the tokens of the one before, "
+        "so that scheduling and input building overlap the GPU's work (as vLLM's flag); "
+        "requests with penalties, logprobs or a grammar still wait for the step before",
+    )
+    serve.add_argument(
         "--max-queued-requests",
         type=_non_negative_int,
         default=256,
@@ -283,6 +290,7 @@ def run_serve(args: argparse.Namespace) -> int:
         engine=EngineConfig(
             max_num_seqs=args.max_num_seqs,
             max_prefill_tokens_beside_decodes=args.max_prefill_tokens_beside_decodes,
+            async_scheduling=args.async_scheduling,
         ),
     )
     if args.models:

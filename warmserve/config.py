@@ -178,6 +178,10 @@ class EngineConfig:
     # 8B shape on an H200), so chunks beside decodes are kept small; a step with no decode takes
     # up to max_num_batched_tokens. (vLLM's chunked prefill defaulted to 512 for the same reason.)
     max_prefill_tokens_beside_decodes: int = 512
+    # Launch each step before the tokens of the one before are on the host, so that the host's
+    # scheduling and input building overlap the device's work (vLLM's --async-scheduling).
+    # Requests with penalties, log-probabilities or a grammar still wait for the step before.
+    async_scheduling: bool = False
     block_size: int = 16
     # A fixed KV cache size; None (the default): the cache is elastic, drawn from the worker's
     # KV pool as the model needs blocks, up to what the other models leave free.

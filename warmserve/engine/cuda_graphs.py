@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from warmserve.engine.graph_buckets import GraphBuckets
+from warmserve.engine.launched_step import fill_placeholders
 from warmserve.layers.attention import AttentionMetadata
 
 
@@ -50,9 +51,10 @@ class DecodeGraphs:
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
-    def run(self, inputs, bucket: int) -> torch.Tensor:
+    def run(self, inputs, bucket: int, fill=None, previous=None) -> torch.Tensor:
         """Logits [batch, vocab] for a decode step (one new token per sequence) from the
-        captured graph of `bucket`."""
+        captured graph of `bucket`; `fill` and `previous`: the input ids that the step before
+        samples on the device (see launched_step.fill_placeholders)."""
         batch = len(inputs.input_ids)
         if self.staged is not None:
             self.staged.synchronize()  # the last step's copy has read the staging buffer
@@ -78,6 +80,7 @@ class DecodeGraphs:
         self.static[:used].copy_(self.staging[:used], non_blocking=True)
         self.staged = torch.cuda.Event()
         self.staged.record()
+        fill_placeholders(self.input_ids, fill, previous)
         self.graphs[bucket].replay()
         return self.logits[bucket][:batch]
 

@@ -12,9 +12,10 @@ from warmserve.config import SamplingParams
 from warmserve.engine.graph_buckets import GraphBuckets
 from warmserve.engine.kv_pool import KVPool
 from warmserve.engine.kv_region import KVRegion
+from warmserve.engine.launched_step import LaunchedStep
 from warmserve.engine.model_runner import ModelRunner
 from warmserve.engine.scheduler import Scheduler
-from warmserve.engine.sequence import Sequence
+from warmserve.engine.sequence import Sequence, SequenceStatus
 from warmserve.engine.skeletons import SKELETONS, Skeleton
 from warmserve.engine.weight_copy import WeightCopy
 from warmserve.loader.gguf_tokenizer import tokenizer_json
@@ -27,6 +28,18 @@ if TYPE_CHECKING:
 
 class RequestRejected(ValueError):
     """A request that this model cannot take (too long, bad token ids, duplicate id)."""
+
+
+def needs_host_tokens(params: SamplingParams) -> bool:
+    """Whether a step of this request needs the tokens of the step before on the host (not
+    only on the device): penalties count them, grammars advance on them, and log-probabilities
+    are read with them."""
+    return (
+        params.penalized
+        or params.logprobs is not None
+        or params.prompt_logprobs is not None
+        or params.structured_output is not None
+    )
 
 
 class Engine:
@@ -55,6 +68,11 @@ class Engine:
         self.tokenizer_dir: Path | None = None
         self.structured_outputs: StructuredOutputs | None = None
         self.failures: list[tuple[str, str]] = []
+        # Asynchronous scheduling (EngineConfig.async_scheduling): the step launched, not yet
+        # resolved; and the requests whose steps need their tokens on the host (see _overlaps).
+        self.async_scheduling = False
+        self.in_flight: LaunchedStep | None = None
+        self.host_token_requests: set[str] = set()
 
     @property
     def kv_region(self) -> KVRegion:
@@ -105,6 +123,8 @@ class Engine:
             generator.manual_seed(params.seed)
             self.generators[request_id] = generator
         self.sequences[request_id] = seq
+        if needs_host_tokens(params):
+            self.host_token_requests.add(request_id)
         if grammars is None:
             self.scheduler.add(seq)
         else:  # joins the scheduler once its grammar is compiled
@@ -130,6 +150,7 @@ class Engine:
 
     def _forget(self, request_id: str) -> Sequence | None:
         self.generators.pop(request_id, None)
+        self.host_token_requests.discard(request_id)
         if self.structured_outputs is not None:
             self.structured_outputs.remove(request_id)
         return self.sequences.pop(request_id, None)
@@ -142,37 +163,77 @@ class Engine:
 
     def has_unfinished_requests(self) -> bool:
         compiling = self.structured_outputs is not None and self.structured_outputs.compiling
-        return self.scheduler.has_unfinished() or bool(compiling)
+        return self.scheduler.has_unfinished() or bool(compiling) or self.in_flight is not None
 
     def step(self) -> list[TokenOutput]:
+        """Schedules and launches a step; returns the tokens of the step that ended. With
+        asynchronous scheduling the step launched now is resolved in the next call, after the
+        one after it is launched: the host schedules and prepares a step while the device runs
+        the one before. A step whose sequences need their tokens on the host first (penalties,
+        log-probabilities, grammars) waits for the step before it to resolve."""
+        outputs: list[TokenOutput] = []
+        if self.in_flight is not None and not self._overlaps():
+            outputs = self._resolve(self.in_flight)
+            self.in_flight = None
         if self.structured_outputs is not None:
             for request_id, error in self.structured_outputs.admit_compiled(self.scheduler):
                 self._forget(request_id)
                 self.failures.append((request_id, error))
         seqs = self.scheduler.schedule()
-        if not seqs:
-            return []
+        launched = self._launch(seqs) if seqs else None
+        previous, self.in_flight = self.in_flight, launched
+        if previous is not None:
+            outputs += self._resolve(previous)
+        if self.in_flight is not None and not self._overlaps():
+            outputs += self._resolve(self.in_flight)
+            self.in_flight = None
+        return outputs
+
+    def _overlaps(self) -> bool:
+        """Whether a step may launch before the one before it is resolved."""
+        return self.async_scheduling and not self.host_token_requests and self.runner.is_alone
+
+    def _launch(self, seqs: list[Sequence]) -> LaunchedStep:
         if self.weights_ready is not None:  # the load's copy runs on the copy stream
             self.weights_ready.order_before(torch.cuda.current_stream(self.runner.device))
             self.weights_ready = None
         generators = [self.generators.get(seq.request_id) for seq in seqs]
-        sampled = self.runner.execute(
-            seqs, generators, self.scheduler.eos_token_ids, self.structured_outputs
+        launched = self.runner.launch(
+            seqs,
+            generators,
+            self.scheduler.eos_token_ids,
+            self.structured_outputs,
+            self.in_flight,
         )
-        sampling = [seq for seq in seqs if seq.samples_this_step]
+        launched.placeholders = self.scheduler.commit(seqs)
+        return launched
+
+    def _resolve(self, launched: LaunchedStep) -> list[TokenOutput]:
+        """Reads a launched step's tokens and hands them to its sequences; returns the outputs
+        of those still running when it launched and not ended since (aborted)."""
+        token_ids = launched.token_ids()
+        sampling = [
+            seq
+            for seq, index in zip(launched.seqs, launched.placeholders, strict=True)
+            if index is not None
+        ]
         if self.structured_outputs is not None:
-            self.structured_outputs.accept(sampling, sampled.token_ids)
-        tokens = iter(sampled.token_ids)
-        self.scheduler.finish_step(
-            seqs, [next(tokens) if seq.samples_this_step else None for seq in seqs]
-        )
+            self.structured_outputs.accept(sampling, token_ids)
+        tokens = iter(token_ids)
+        per_seq = [next(tokens) if index is not None else None for index in launched.placeholders]
+        ended = {seq.request_id for seq in sampling if seq.status is SequenceStatus.FINISHED}
+        self.scheduler.resolve(launched.seqs, launched.placeholders, per_seq)
         outputs = []
-        for seq, token, token_logprobs, prompt_logprobs in zip(
-            sampling, sampled.token_ids, sampled.logprobs, sampled.prompt_logprobs, strict=True
-        ):
+        for row, (seq, token) in enumerate(zip(sampling, token_ids, strict=True)):
+            if seq.request_id in ended:
+                continue
             outputs.append(
                 TokenOutput(
-                    seq.request_id, token, seq.finish_reason, token_logprobs, prompt_logprobs
+                    seq.request_id,
+                    token,
+                    seq.finish_reason,
+                    launched.logprobs[row],
+                    launched.prompt_logprobs[row],
                 )
             )
             if seq.finish_reason is not None:
@@ -259,6 +320,7 @@ class Engine:
             SKELETONS.keep(self.skeleton_key, self.skeleton)
             self.skeleton = None
         self.runner = None
+        self.in_flight = None
         self.sequences.clear()
         self.generators.clear()
         if self.structured_outputs is not None:

@@ -226,6 +226,7 @@ def _build(
     scheduler = Scheduler(limits, block_manager, eos_token_ids)
     engine = Engine(config, runner, scheduler, weights_bytes)
     engine.activation_bytes = memory.activation_bytes
+    engine.async_scheduling = engine_config.async_scheduling
     engine.kv_pool, engine.kv_owner = kv_pool, kv_owner
     engine.owns_kv_pool = owns_kv_pool
     engine.skeleton_key, engine.skeleton = skeleton_key, skeleton

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,7 +20,8 @@ from warmserve.engine.block_manager import SCRATCH_BLOCK
 from warmserve.engine.cuda_graphs import DecodeGraphs
 from warmserve.engine.graph_buckets import GraphBuckets
 from warmserve.engine.kv_pool import InsufficientMemory
-from warmserve.engine.sequence import Sequence
+from warmserve.engine.launched_step import LaunchedStep, fill_placeholders
+from warmserve.engine.sequence import PLACEHOLDER, Sequence
 from warmserve.layers.attention import AttentionMetadata
 from warmserve.layers.logits_processors import process_logits
 from warmserve.layers.parallel import tp_rank, tp_world_size
@@ -36,13 +36,6 @@ WARM_STEPS = ((8,), (1, 2), (1, 64))
 if TYPE_CHECKING:
     from warmserve.engine.kv_region import KVRegion
     from warmserve.engine.structured_output import StructuredOutputs
-
-
-@dataclass
-class SampledTokens:
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs | None]  # per sequence, when it asks
-    prompt_logprobs: list[list[TokenLogprobs] | None]  # per sequence, in its first prefill
 
 
 class ModelRunner:
@@ -87,6 +80,9 @@ class ModelRunner:
             )
             if not self.in_group:
                 self.graph_buckets = self.decode_graphs.buckets
+        # Not a rank of a tensor-parallel group: the host may launch a step before it has read
+        # the tokens of the one before (the other ranks would need them on their host).
+        self.is_alone = send_step is None and not self.in_group
         # Whether the eager step's kernels have run once (see warm_step_kernels).
         self.step_kernels_warm = self.graph_buckets is None
 
@@ -139,17 +135,19 @@ class ModelRunner:
         inputs.prompt_rows = logprobs.prompt_rows(seqs, inputs.query_lens)
         return inputs
 
-    def execute(
+    def launch(
         self,
         seqs: list[Sequence],
         generators: list[torch.Generator | None],
         eos_token_ids: frozenset[int] = frozenset(),
         structured_outputs: StructuredOutputs | None = None,
-    ) -> SampledTokens:
-        """Lead rank: runs one step for `seqs`; returns a sampled token for each sequence whose
+        previous: LaunchedStep | None = None,
+    ) -> LaunchedStep:
+        """Lead rank: launches one step for `seqs` and samples a token for each sequence whose
         step reaches its last token (not for a prompt chunk that only fills the cache), in
-        `seqs`' order, and the log-probabilities those sequences ask for. The constrained
-        sequences' token masks are filled while the forward runs."""
+        `seqs`' order, with the log-probabilities those sequences ask for. A sequence whose last
+        token is still a placeholder of `previous` (launched, not resolved) takes it on the
+        device. The constrained sequences' token masks are filled while the forward runs."""
         sampling = [index for index, seq in enumerate(seqs) if seq.samples_this_step]
         sampled_seqs = [seqs[index] for index in sampling]
         masks = None
@@ -159,9 +157,10 @@ class ModelRunner:
         if self.send_step is not None:
             inputs.kv_blocks = self.kv_region.num_blocks
             self.send_step(inputs)
-        logits, prompt_hidden = self._run(inputs)
+        fill = self._placeholder_fill(seqs, inputs, previous)
+        logits, prompt_hidden = self._run(inputs, fill, previous)
         if not sampling:  # every sequence ran a prompt chunk
-            return SampledTokens([], [], [])
+            return LaunchedStep(seqs, None)
         if len(sampling) < len(seqs):
             rows = torch.tensor(sampling, dtype=torch.long, device=logits.device)
             logits = logits.index_select(0, rows)
@@ -182,25 +181,51 @@ class ModelRunner:
                 prompt_logprobs = logprobs.prompt_logprobs(
                     seqs, self.model.compute_logits, prompt_hidden
                 )
-        return SampledTokens(
-            tokens.tolist(),
-            logprobs.sampled_logprobs(logits, tokens, params),
-            [prompt_logprobs[index] for index in sampling],
+        launched = LaunchedStep(
+            seqs,
+            tokens,
+            rows={seq.request_id: row for row, seq in enumerate(sampled_seqs)},
+            logprobs=logprobs.sampled_logprobs(logits, tokens, params),
+            prompt_logprobs=[prompt_logprobs[index] for index in sampling],
         )
+        launched.start_copy()
+        return launched
+
+    def _placeholder_fill(
+        self, seqs: list[Sequence], inputs: StepInputs, previous: LaunchedStep | None
+    ) -> torch.Tensor | None:
+        """[2, n] on the device: the rows of the step's input ids that are placeholders of
+        `previous`, and the rows of its sampled tokens that hold them (None: there are none)."""
+        targets, sources = [], []
+        end = 0
+        for seq, query_len in zip(seqs, inputs.query_lens, strict=True):
+            end += query_len
+            # A placeholder is a sequence's last token, and its step's input ends there.
+            if seq.token_ids[-1] == PLACEHOLDER and seq.samples_this_step:
+                targets.append(end - 1)
+                sources.append(previous.rows[seq.request_id])
+        if not targets:
+            return None
+        staged = torch.tensor([targets, sources], dtype=torch.long)
+        if self.device.type == "cuda":
+            staged = staged.pin_memory()  # asynchronous: see _forward
+        return staged.to(self.device, non_blocking=True)
 
     def run_followed(self, inputs: StepInputs) -> None:
         """Other ranks: one step of the lead's, the same collectives in the same order, after
         mapping as many cache blocks as the lead has."""
         if self.kv_region.grow_to(inputs.kv_blocks) < inputs.kv_blocks:
             raise InsufficientMemory("this rank's KV pool cannot match the lead's cache")
-        _, prompt_hidden = self._run(inputs)
+        _, prompt_hidden = self._run(inputs, None, None)
         if prompt_hidden is not None:  # its logits are gathered across the ranks
             with torch.inference_mode():
                 logprobs.score_prompt_rows(self.model.compute_logits, prompt_hidden, None, 0)
 
-    def _run(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run(
+        self, inputs: StepInputs, fill: torch.Tensor | None, previous: LaunchedStep | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every rank takes the same path for the same inputs (graphs or eager), so their
-        collectives pair up."""
+        collectives pair up. `fill`: see _placeholder_fill."""
         bucket, batch = None, len(inputs.query_lens)
         decode = all(n == 1 for n in inputs.query_lens)
         if decode and self.in_group and self.decode_graphs is not None:
@@ -213,12 +238,17 @@ class ModelRunner:
             if bucket is None:
                 self.graph_buckets.note_eager(batch)
         if bucket is not None and self.decode_graphs is not None:
-            return self.decode_graphs.run(inputs, bucket), None
+            return self.decode_graphs.run(inputs, bucket, fill, previous), None
         # A prefill or mixed step, or a decode batch whose graph is not captured yet.
-        return self._forward(inputs)
+        return self._forward(inputs, fill, previous)
 
     @torch.inference_mode()
-    def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(
+        self,
+        inputs: StepInputs,
+        fill: torch.Tensor | None = None,
+        previous: LaunchedStep | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logits of each sequence's last token, and the hidden states of the prompt rows
         (None when there are none)."""
         seqs, tokens = len(inputs.query_lens), len(inputs.input_ids)
@@ -246,6 +276,7 @@ class ModelRunner:
         input_ids, positions, slots, context_lens, last, query_start = on_device[:vectors].split(
             [tokens, tokens, tokens, seqs, seqs, seqs + 1]
         )
+        fill_placeholders(input_ids, fill, previous)
         meta = AttentionMetadata(
             slot_mapping=slots,
             query_lens=inputs.query_lens,

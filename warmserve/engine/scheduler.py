@@ -7,6 +7,12 @@ A step that decodes carries at most `max_prefill_tokens_beside_decodes` prompt t
 running stream waits for that step, so its prompt share is kept small. A prompt whose tokens are
 scored (prompt log-probabilities) is computed whole.
 
+A step is committed when it is launched (its tokens count as computed, and each sequence it
+samples for holds a placeholder for the token to come) and resolved once its tokens are known.
+Resolved at once, that is the classic loop; with asynchronous scheduling the engine schedules
+and launches the next step before it resolves this one, so a running sequence has at most one
+placeholder when it is scheduled (the next step's input comes from the device).
+
 Pure Python. When the KV cache runs out of free blocks, the block manager first asks for more
 (the cache grows in the worker's KV pool); only when it cannot grow is the newest running
 sequence preempted: its blocks are freed and it goes back to the front of the queue, to be
@@ -19,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from warmserve.engine.block_manager import BlockManager
-from warmserve.engine.sequence import Sequence, SequenceStatus
+from warmserve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if self._last_token_pending(seq):
+                continue  # the step in flight samples its last token
             while not self.block_manager.can_append(seq):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -113,39 +121,78 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def finish_step(
-        self, scheduled: list[Sequence], new_token_ids: list[int | None]
-    ) -> list[Sequence]:
-        """Appends each sampling sequence's token (None for a prompt chunk that samples none);
-        returns those that finished (blocks freed)."""
-        finished = []
-        for seq, token_id in zip(scheduled, new_token_ids, strict=True):
+    def commit(self, scheduled: list[Sequence]) -> list[int | None]:
+        """At launch: the scheduled tokens count as computed, and each sequence whose step
+        samples gets a placeholder for its token. Returns each one's placeholder index (None for
+        a prompt chunk that samples nothing), for resolve."""
+        placeholders: list[int | None] = []
+        for seq in scheduled:
+            samples = seq.samples_this_step
             seq.num_computed_tokens += seq.num_scheduled_tokens
-            self.block_manager.register_full_blocks(seq)
-            if seq.num_computed_tokens < len(seq):
+            if samples:
+                seq.token_ids.append(PLACEHOLDER)
+                placeholders.append(len(seq.token_ids) - 1)
+            else:
+                placeholders.append(None)
+        return placeholders
+
+    def resolve(
+        self,
+        launched: list[Sequence],
+        placeholders: list[int | None],
+        new_token_ids: list[int | None],
+    ) -> list[Sequence]:
+        """Once a committed step's tokens are known: each sampling sequence's placeholder takes
+        its token (None for a prompt chunk); returns those that finished (blocks freed). A
+        sequence ended meanwhile (aborted, or finished by the step before) is skipped; one
+        preempted meanwhile (waiting, to be recomputed) still takes its token."""
+        finished = []
+        for seq, index, token_id in zip(launched, placeholders, new_token_ids, strict=True):
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            if index is not None:
+                seq.token_ids[index] = token_id
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.register_full_blocks(seq)
+            if index is None:
                 continue  # a chunk of its prompt: the rest comes in the next steps
-            seq.token_ids.append(token_id)
-            reason = self._finish_reason(seq, token_id)
+            reason = self._finish_reason(seq, token_id, index + 1)
             if reason is not None:
+                del seq.token_ids[index + 1 :]  # the next step's placeholder, if it ran
                 self._finish(seq, reason)
                 finished.append(seq)
         return finished
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+    def _last_token_pending(self, seq: Sequence) -> bool:
+        """Whether the token the step in flight samples for `seq` is its last one (its
+        max_tokens or the context reached): then no further step may run it."""
+        if not seq.token_ids or seq.token_ids[-1] != PLACEHOLDER:
+            return False
+        return (
+            seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.limits.max_model_len
+        )
+
+    def _finish_reason(self, seq: Sequence, token_id: int, length: int) -> str | None:
+        """Why `seq` ends with `token_id`, which makes it `length` tokens long (a placeholder
+        of a later step may follow it), or None."""
         params = seq.params
         if seq.grammar_done or token_id in params.stop_token_ids:
             return "stop"
         if not params.ignore_eos and token_id in self.eos_token_ids:
             return "stop"
-        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.limits.max_model_len:
+        num_output_tokens = length - seq.num_prompt_tokens
+        if num_output_tokens >= params.max_tokens or length >= self.limits.max_model_len:
             return "length"
         return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        else:  # preempted while its last step was in flight: it holds no blocks
+            self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.running.remove(seq)
-        self.block_manager.free(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
         for seq in self.running:

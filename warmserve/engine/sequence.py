@@ -8,6 +8,8 @@ import itertools
 from warmserve.config import SamplingParams
 
 _arrival = itertools.count()
+# The token of a step launched but not resolved yet (see engine/scheduler.py): never a real id.
+PLACEHOLDER = -1
 
 
 class SequenceStatus(enum.Enum):

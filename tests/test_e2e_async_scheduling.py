@@ -1,0 +1,82 @@
+"""`warmserve serve --async-scheduling` through HTTP: concurrent greedy streams, some of them
+asking for log-probabilities (their steps wait for the step before), answer what transformers
+generates for each prompt alone."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from helpers import random_prompts
+from server_process import DEFAULT_REGISTRY, SHARED_MODEL, serving
+from streams import stream_completion
+from tokenizers import Tokenizer
+
+pytestmark = pytest.mark.slow
+
+CLIENTS = 32
+
+
+@pytest.fixture(scope="module")
+def server(model_root, tmp_path_factory):
+    with serving(
+        model_root,
+        tmp_path_factory.mktemp("async-scheduling"),
+        registry=DEFAULT_REGISTRY,
+        extra_args=("--async-scheduling", "--workers", "1"),
+    ) as running:
+        yield running
+
+
+def transformers_greedy(checkpoint, prompts: list[list[int]], max_tokens: list[int]):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # the requests ignore EOS
+    continuations = []
+    for prompt, new_tokens in zip(prompts, max_tokens, strict=True):
+        input_ids = torch.tensor([prompt])
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+            )
+        continuations.append(output[0, len(prompt) :].tolist())
+    return continuations
+
+
+def test_concurrent_greedy_streams_equal_transformers(server):
+    checkpoint = server.model_root / SHARED_MODEL
+    with server.http() as http:
+        response = http.post("/admin/models", json={"name": "m", "path": SHARED_MODEL})
+        assert response.status_code == 200, response.text
+    prompts = random_prompts([2 + 3 * index for index in range(CLIENTS)], seed=41)
+    max_tokens = [4 + index % 13 for index in range(CLIENTS)]
+
+    def ask(index: int):
+        body = {
+            "model": "m",
+            "prompt": prompts[index],
+            "max_tokens": max_tokens[index],
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        if index % 8 == 3:
+            body["logprobs"] = 2
+        with server.http() as http:
+            if index % 2:
+                return stream_completion(http, body).text
+            response = http.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        texts = list(pool.map(ask, range(CLIENTS)))
+
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    expected = transformers_greedy(checkpoint, prompts, max_tokens)
+    for index, (text, token_ids) in enumerate(zip(texts, expected, strict=True)):
+        assert text == tokenizer.decode(token_ids, skip_special_tokens=True), index
