@@ -206,6 +206,7 @@ class Engine:
             self.in_flight,
         )
         launched.placeholders = self.scheduler.commit(seqs)
+        launched.queued(copy_tokens=self._overlaps())
         return launched
 
     def _resolve(self, launched: LaunchedStep) -> list[TokenOutput]:
@@ -311,6 +312,9 @@ class Engine:
 
     def close(self) -> None:
         """Frees the weights and hands the KV cache's pages back to the pool."""
+        if self.in_flight is not None:  # its kernels still read the weights and the cache
+            self.in_flight.wait()
+            self.in_flight = None
         self.runner.close()
         if self.kv_pool is not None:
             self.kv_pool.drop_claim(self.kv_owner)
@@ -320,7 +324,6 @@ class Engine:
             SKELETONS.keep(self.skeleton_key, self.skeleton)
             self.skeleton = None
         self.runner = None
-        self.in_flight = None
         self.sequences.clear()
         self.generators.clear()
         if self.structured_outputs is not None:

@@ -1,9 +1,9 @@
 """A step launched on the device whose sampled tokens the host has not read yet.
 
-Its tokens start for a pinned host buffer as soon as the step is queued, behind an event, so
-that the host can read them once this step ends without waiting for the steps queued after it
-(reading the device tensor itself would). The next step's inputs take these tokens on the
-device (`fill_placeholders`), before the host has seen them.
+With asynchronous scheduling its tokens start for a pinned host buffer as soon as the step is
+queued, behind an event, so that the host can read them once this step ends without waiting
+for the steps queued after it (reading the device tensor itself would). The next step's inputs
+take these tokens on the device (`fill_placeholders`), before the host has seen them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from warmserve.protocol import TokenLogprobs
 @dataclass
 class LaunchedStep:
     seqs: list[Sequence]
+    device: torch.device
     # One sampled token per sequence whose step reaches its last token, in `seqs`' order.
     tokens: torch.Tensor | None
     # For each sampling sequence, its row in `tokens`.
@@ -29,25 +30,33 @@ class LaunchedStep:
     # Each sequence's placeholder index in its token ids (the scheduler's commit), or None.
     placeholders: list[int | None] = field(default_factory=list)
     _host: torch.Tensor | None = None
-    _copied: torch.cuda.Event | None = None
+    _done: torch.cuda.Event | None = None
 
-    def start_copy(self) -> None:
-        """Queues the copy of the tokens to the host behind everything the step launched."""
-        if self.tokens is None or self.tokens.device.type != "cuda":
+    def queued(self, copy_tokens: bool) -> None:
+        """Once everything the step launches is queued: on a GPU, marks where the step ends,
+        and with `copy_tokens` queues the copy of its tokens to the host before that mark."""
+        if self.device.type != "cuda":
             return
-        self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-        self._host.copy_(self.tokens, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+        if copy_tokens and self.tokens is not None:
+            self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self._host.copy_(self.tokens, non_blocking=True)
+        self._done = torch.cuda.Event()
+        self._done.record()
 
     def token_ids(self) -> list[int]:
-        """The sampled tokens (waits for this step, not for the steps after it)."""
+        """The sampled tokens (with the copy queued: waits for this step, not for the steps
+        queued after it, as reading the device tensor would)."""
         if self.tokens is None:
             return []
-        if self._copied is None:
+        if self._host is None:
             return self.tokens.tolist()
-        self._copied.synchronize()
+        self._done.synchronize()
         return self._host.tolist()
+
+    def wait(self) -> None:
+        """Returns once the device has run the step (its model's memory may go then)."""
+        if self._done is not None:
+            self._done.synchronize()
 
 
 def fill_placeholders(input_ids: torch.Tensor, fill: torch.Tensor | None, previous) -> None:

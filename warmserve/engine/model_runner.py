@@ -160,7 +160,7 @@ class ModelRunner:
         fill = self._placeholder_fill(seqs, inputs, previous)
         logits, prompt_hidden = self._run(inputs, fill, previous)
         if not sampling:  # every sequence ran a prompt chunk
-            return LaunchedStep(seqs, None)
+            return LaunchedStep(seqs, self.device, None)
         if len(sampling) < len(seqs):
             rows = torch.tensor(sampling, dtype=torch.long, device=logits.device)
             logits = logits.index_select(0, rows)
@@ -183,12 +183,12 @@ class ModelRunner:
                 )
         launched = LaunchedStep(
             seqs,
+            self.device,
             tokens,
             rows={seq.request_id: row for row, seq in enumerate(sampled_seqs)},
             logprobs=logprobs.sampled_logprobs(logits, tokens, params),
             prompt_logprobs=[prompt_logprobs[index] for index in sampling],
         )
-        launched.start_copy()
         return launched
 
     def _placeholder_fill(
