@@ -94,6 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "stops (python -m pstats PATH): where its CPU time goes",
     )
     parser.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="the server with --async-scheduling, and the Python API and the engine alone with "
+        "the same engine setting",
+    )
+    parser.add_argument(
         "--json-schema",
         action="store_true",
         help="also run each fixed-length concurrency with every request's output constrained "
@@ -115,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = bench_checkpoint(Path(args.checkpoints), args.shape, dtype)
         model = args.shape
     serve_args = [*options.quick_serve_args(args), *args.serve_arg]
+    if args.async_scheduling:
+        serve_args.append("--async-scheduling")
     config = model_config(checkpoint)
     context_len = args.max_model_len or config["max_position_embeddings"]
     scenarios = build_scenarios(args, context_len)
@@ -141,7 +149,12 @@ def run(args: argparse.Namespace) -> int:
     if fixed:
         results["python_api"] = asyncio.run(python_api_runs(device, checkpoint, args, fixed))
         results["engine_decode"] = decode_timings(
-            checkpoint, device, tuple(args.concurrency), args.input_len, args.decode_steps
+            checkpoint,
+            device,
+            tuple(args.concurrency),
+            args.input_len,
+            args.decode_steps,
+            async_scheduling=args.async_scheduling,
         )
         results["comparison"] = comparison(results, args.concurrency)
     results["device"] = options.device_name(device)  # after the runs: see device_name
@@ -250,8 +263,10 @@ async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dic
 
 async def python_api_runs(device, checkpoint, args, scenarios) -> dict:
     from warmserve import Controller, ServerConfig
+    from warmserve.config import EngineConfig
 
-    async with Controller(ServerConfig(device=device, workers=1)) as controller:
+    engine = EngineConfig(async_scheduling=args.async_scheduling)
+    async with Controller(ServerConfig(device=device, workers=1, engine=engine)) as controller:
         await controller.load(MODEL_NAME, str(checkpoint), max_model_len=args.max_model_len)
         while controller.model(MODEL_NAME).warm_seconds is None:  # as the HTTP run waits
             await asyncio.sleep(0.05)

@@ -251,6 +251,7 @@ def decode_timings(
     context: int,
     steps: int,
     hbm_gbps: float | None = None,
+    async_scheduling: bool = False,
 ) -> dict:
     """Median step time of a full decode batch per batch size; with `hbm_gbps`, also the time
     the step's bytes (weights + KV cache read) take at that bandwidth."""
@@ -262,7 +263,11 @@ def decode_timings(
         device=device,
         max_model_len=max_len,
         # Room for every sequence's whole context: the step time of a full batch is measured.
-        engine_config=EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=8192),
+        engine_config=EngineConfig(
+            max_num_seqs=max(batches),
+            max_num_batched_tokens=8192,
+            async_scheduling=async_scheduling,
+        ),
     )
     kv_per_token = engine.kv_region.block_bytes // engine.scheduler.block_manager.block_size
     generator = torch.Generator().manual_seed(0)
