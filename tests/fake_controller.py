@@ -19,6 +19,8 @@ from warmserve.controller.errors import (
     NoCapacity,
     PathForbidden,
 )
+from warmserve.controller.events import ENGINE_STEP_BUCKETS
+from warmserve.controller.histograms import Histograms
 from warmserve.controller.types import (
     GenerationChunk,
     LoadResult,
@@ -84,6 +86,7 @@ class FakeController:
             for i in range(workers)
         ]
         self.queue_stats = QueueStats()
+        self.step_stats = Histograms(ENGINE_STEP_BUCKETS)
         self._models: dict[str, ModelInfo] = {}
         self._listeners = []
         self.loads_seen = 0

@@ -85,7 +85,13 @@ def test_metrics_parse_and_move(server, shared_model):
     ok = {"model": shared_model, "route": "/v1/completions", "status": "200"}
     assert delta("warmserve_requests_total", **ok) == 1
     assert delta("warmserve_prompt_tokens_total", model=shared_model) > 0
-    assert 1 <= delta("warmserve_generation_tokens_total", model=shared_model) <= 4
+    generated = delta("warmserve_generation_tokens_total", model=shared_model)
+    assert 1 <= generated <= 4
+    # One prefill, then a decode step per further token (eager: a CPU has no CUDA graphs).
+    steps = "warmserve_engine_step_seconds_count"
+    assert delta(steps, model=shared_model, kind="prefill") == 1
+    assert delta(steps, model=shared_model, kind="decode-eager") == generated - 1
+    assert delta("warmserve_engine_step_seconds_sum", model=shared_model, kind="prefill") > 0
     assert delta("warmserve_time_to_first_token_seconds_count", model=shared_model) == 1
     source = loaded.json()["source"]
     assert delta("warmserve_model_load_seconds_count", source=source) == 1

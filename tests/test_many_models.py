@@ -93,7 +93,7 @@ def test_requests_for_models_that_do_not_fit_together_queue_and_are_all_answered
         assert output == expected(checkpoints, name, prompt), (name, prompt)
     # Each model's queued requests went together: one load each, no swap per request.
     assert counters["auto_loads"] == 3 and counters["evictions"] == 2
-    assert sum(sum(counts) for counts in stats.wait_counts.values()) == len(jobs)
+    assert sum(sum(counts) for counts in stats.waits.counts.values()) == len(jobs)
 
 
 def test_a_full_queue_is_refused_at_once(checkpoints, tmp_path):

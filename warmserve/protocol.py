@@ -259,6 +259,10 @@ class StepOutputs(msgspec.Struct, tag=True, frozen=True):
     worker_id: int
     deployment: str
     outputs: list[TokenOutput]
+    # The step the worker ran for them: its kind (engine/model_runner.STEP_KINDS) and how long
+    # the engine's step call took on the host.
+    step_kind: str = ""
+    step_seconds: float = 0.0
 
 
 class RequestFailed(msgspec.Struct, tag=True, frozen=True):

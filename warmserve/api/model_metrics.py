@@ -1,13 +1,13 @@
 """Per-model placement figures, read from the controller at scrape time: what each resident model
 takes on each worker and its KV cache there, each worker's free and usable memory and KV pool,
-each model's admission queue (its length now and how long requests waited in it) and how often
-it was evicted."""
+each model's admission queue (its length now and how long requests waited in it), how often
+it was evicted, and how long its engine steps take."""
 
 from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from warmserve.controller.admission import QUEUE_WAIT_BUCKETS
+from warmserve.controller.histograms import Histograms
 
 
 class ModelCollector:
@@ -69,18 +69,31 @@ class ModelCollector:
             evictions.add_metric([model.name], model.evictions)
         yield from (resident, free, usable, kv_mapped, kv_used, pool_free, queued, evictions)
         yield self._queue_waits()
+        yield self._step_times()
 
     def _queue_waits(self) -> HistogramMetricFamily:
-        stats = self.controller.queue_stats
         waits = HistogramMetricFamily(
             "warmserve_queue_wait_seconds",
             "How long requests waited for their model to be loaded",
             labels=["model"],
         )
-        for name, counts in stats.wait_counts.items():
-            cumulative, buckets = 0, []
-            for bound, count in zip((*QUEUE_WAIT_BUCKETS, float("inf")), counts, strict=True):
-                cumulative += count
-                buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
-            waits.add_metric([name], buckets, stats.wait_sums[name])
-        return waits
+        return add_histograms(waits, self.controller.queue_stats.waits)
+
+    def _step_times(self) -> HistogramMetricFamily:
+        steps = HistogramMetricFamily(
+            "warmserve_engine_step_seconds",
+            "Host time of a model's engine steps that yielded tokens, by kind: decode-graph "
+            "(a captured CUDA graph), decode-eager, mixed (decodes beside prompt tokens), prefill",
+            labels=["model", "kind"],
+        )
+        return add_histograms(steps, self.controller.step_stats)
+
+
+def add_histograms(family: HistogramMetricFamily, histograms: Histograms) -> HistogramMetricFamily:
+    for labels, counts in histograms.counts.items():
+        cumulative, buckets = 0, []
+        for bound, count in zip((*histograms.bounds, float("inf")), counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+        family.add_metric(list(labels), buckets, histograms.sums[labels])
+    return family

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 REQUEST_TIMEOUT_S = 600.0
 
@@ -247,6 +248,32 @@ def prometheus_totals(text: str, names: Sequence[str]) -> dict[str, float]:
         if name in totals:
             totals[name] += float(value)
     return totals
+
+
+def engine_step_totals(text: str) -> dict[str, tuple[float, float]]:
+    """Per step kind: (steps, seconds) of `warmserve_engine_step_seconds`, over every model."""
+    totals: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "warmserve_engine_step_seconds":
+            continue
+        for sample in family.samples:
+            field = {"_count": 0, "_sum": 1}.get(sample.name.removeprefix(family.name))
+            if field is not None:
+                totals.setdefault(sample.labels["kind"], [0.0, 0.0])[field] += sample.value
+    return {kind: (steps, seconds) for kind, (steps, seconds) in totals.items()}
+
+
+def step_deltas(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, dict]:
+    """Per step kind, the steps run between two engine_step_totals and their mean time."""
+    deltas = {}
+    for kind, (steps, seconds) in after.items():
+        steps_before, seconds_before = before.get(kind, (0.0, 0.0))
+        if steps > steps_before:
+            count = steps - steps_before
+            deltas[kind] = {"steps": count, "mean_ms": (seconds - seconds_before) / count * 1e3}
+    return deltas
 
 
 def stream_session(url: str) -> aiohttp.ClientSession:

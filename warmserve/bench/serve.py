@@ -18,7 +18,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from warmserve.bench import http_load, options, report
@@ -207,19 +207,27 @@ def build_scenarios(args: argparse.Namespace, context_len: int) -> list[dict]:
     return scenarios
 
 
+async def no_step_totals() -> dict[str, tuple[float, float]]:
+    return {}
+
+
 async def sweep(
     scenarios: list[dict],
     send: http_load.Sender,
     server_cpu_seconds: Callable[[], float | None] = lambda: None,
+    step_totals: Callable[[], Awaitable[dict[str, tuple[float, float]]]] = no_step_totals,
 ) -> dict:
     """Runs every scenario; with `server_cpu_seconds`, each one's figures also say how much CPU
     time the server process spent on it, and the output tokens it streamed per CPU second: the
     rate one server process can stream at when its CPU is the limit. Each run also says how busy
-    this process (the clients) kept its CPU: near 1, the figures are the client's limit."""
+    this process (the clients) kept its CPU: near 1, the figures are the client's limit; and,
+    with `step_totals` (the server's /metrics), how many engine steps of each kind ran and their
+    mean time."""
     await send(scenarios[0]["requests"][0])  # warm-up, as vLLM's benchmark sends a test prompt
     figures = {}
     for scenario in scenarios:
         cpu_before, client_cpu_before = server_cpu_seconds(), time.process_time()
+        steps_before = await step_totals()
         if scenario["kind"] == "concurrency":
             run = await http_load.run_clients(scenario["requests"], send, scenario["value"])
         else:
@@ -229,6 +237,9 @@ async def sweep(
         figures[scenario["name"]] = http_load.serving_metrics(run)
         client_cpu_s = time.process_time() - client_cpu_before
         figures[scenario["name"]]["client_cpu_per_s"] = client_cpu_s / run.duration
+        steps = http_load.step_deltas(steps_before, await step_totals())
+        if steps:
+            figures[scenario["name"]]["engine_steps"] = steps
         cpu_after = server_cpu_seconds()
         if cpu_before is not None and cpu_after is not None and cpu_after > cpu_before:
             entry = figures[scenario["name"]]
@@ -255,9 +266,15 @@ async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dic
             print(f"server {server.url}: loaded {response.json()}", flush=True)
             warm_s = await http_load.wait_until_warm(client, MODEL_NAME)
             print(f"warm (kernels compiled, graphs captured) {warm_s:.2f} s after the load")
+
+            async def step_totals() -> dict[str, tuple[float, float]]:
+                response = await client.get("/metrics")
+                response.raise_for_status()
+                return http_load.engine_step_totals(response.text)
+
             async with http_load.stream_session(server.url) as session:
                 send = http_load.http_sender(session)
-                figures = await sweep(scenarios, send, server.cpu_seconds)
+                figures = await sweep(scenarios, send, server.cpu_seconds, step_totals)
             return {"load": response.json(), "warm_seconds": warm_s, "runs": figures}
 
 

@@ -92,6 +92,25 @@ def render_markdown(results: dict) -> str:
             + ", ".join(f"{name} {report.number(rate, 0)}" for name, rate in streamed.items()),
             "",
         ]
+    steps = {
+        name: figures["engine_steps"]
+        for name, figures in results["http"].items()
+        if figures.get("engine_steps")
+    }
+    if steps:
+        lines += [
+            "Engine steps that yielded tokens, by kind, with their mean host time per step call "
+            "(`warmserve_engine_step_seconds` in /metrics): "
+            + "; ".join(
+                f"{name}: "
+                + ", ".join(
+                    f"{kind} {entry['steps']:,.0f} × {entry['mean_ms']:.2f} ms"
+                    for kind, entry in sorted(kinds.items())
+                )
+                for name, kinds in steps.items()
+            ),
+            "",
+        ]
     client = {name: figures.get("client_cpu_per_s") for name, figures in results["http"].items()}
     if any(load is not None for load in client.values()):
         lines += [

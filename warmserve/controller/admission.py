@@ -25,6 +25,7 @@ from warmserve.controller.errors import (
     Overloaded,
     QueueTimeout,
 )
+from warmserve.controller.histograms import Histograms
 
 log = logging.getLogger("warmserve.controller")
 # How often a request for a model that yields its memory to a waiting load looks again.
@@ -38,18 +39,11 @@ class QueueStats:
 
     def __init__(self) -> None:
         self.waiting: dict[str, int] = {}
-        self.wait_counts: dict[str, list[int]] = {}  # per bucket, the last one +Inf
-        self.wait_sums: dict[str, float] = {}
+        self.waits = Histograms(QUEUE_WAIT_BUCKETS)  # labels: (model,)
         self.refused: dict[str, dict[str, int]] = {}  # model -> error code -> count
 
     def observe_wait(self, name: str, seconds: float) -> None:
-        counts = self.wait_counts.setdefault(name, [0] * (len(QUEUE_WAIT_BUCKETS) + 1))
-        index = next(
-            (i for i, bound in enumerate(QUEUE_WAIT_BUCKETS) if seconds <= bound),
-            len(QUEUE_WAIT_BUCKETS),
-        )
-        counts[index] += 1
-        self.wait_sums[name] = self.wait_sums.get(name, 0.0) + seconds
+        self.waits.observe((name,), seconds)
 
     def refuse(self, name: str, code: str) -> None:
         by_code = self.refused.setdefault(name, {})

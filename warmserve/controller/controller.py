@@ -31,7 +31,8 @@ from warmserve.controller.errors import (
     ModelNotFound,
     ModelUnavailable,
 )
-from warmserve.controller.events import EventRouter
+from warmserve.controller.events import ENGINE_STEP_BUCKETS, EventRouter
+from warmserve.controller.histograms import Histograms
 from warmserve.controller.launchers.choice import host_stores, make_launcher
 from warmserve.controller.lifecycle import Lifecycle
 from warmserve.controller.memory import MemoryLedger
@@ -107,8 +108,15 @@ class Controller:
             self._notify,
             self.counters,
         )
+        self.step_stats = Histograms(ENGINE_STEP_BUCKETS)
         self.events = EventRouter(
-            self.pool, self.channel, self.ledger, self.deployments, self.lifecycle, self.stores
+            self.pool,
+            self.channel,
+            self.ledger,
+            self.deployments,
+            self.lifecycle,
+            self.stores,
+            self.step_stats,
         )
         log.info(
             "instance %s: shared memory /dev/shm/warmserve-%s-*, %s",

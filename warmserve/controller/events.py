@@ -1,10 +1,12 @@
 """Routes what workers report to whoever it concerns: replies to the command channel, tokens and
-failures to the deployment they name, memory figures to the ledger."""
+failures to the deployment they name, memory figures to the ledger, step times to the step
+histograms."""
 
 from __future__ import annotations
 
 from warmserve.controller.channel import CommandChannel
 from warmserve.controller.deployment import Deployments
+from warmserve.controller.histograms import Histograms
 from warmserve.controller.host_stores import LocalStores
 from warmserve.controller.lifecycle import Lifecycle
 from warmserve.controller.memory import MemoryLedger
@@ -22,6 +24,10 @@ from warmserve.protocol import (
     WorkerReady,
 )
 
+# Upper bounds (seconds) of the engine-step histogram's buckets: a small model's decode graph
+# takes about a millisecond, a long prefill of a large one hundreds.
+ENGINE_STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 1.0)
+
 
 class EventRouter:
     def __init__(
@@ -32,6 +38,7 @@ class EventRouter:
         deployments: Deployments,
         lifecycle: Lifecycle,
         stores: LocalStores,
+        step_stats: Histograms,
     ):
         self.pool = pool
         self.channel = channel
@@ -39,6 +46,7 @@ class EventRouter:
         self.deployments = deployments
         self.lifecycle = lifecycle
         self.stores = stores
+        self.step_stats = step_stats  # labels: (model, step kind)
         # shm name -> workers that registered that host-store segment for DMA
         self.registered_segments: dict[str, set[int]] = {}
 
@@ -48,6 +56,8 @@ class EventRouter:
             if deployment is not None and deployment.client is not None:
                 for output in event.outputs:
                     deployment.client.deliver(output)
+            if deployment is not None and event.step_kind:
+                self.step_stats.observe((deployment.name, event.step_kind), event.step_seconds)
         elif isinstance(event, CommandDone):
             self.pool.handles[event.worker_id].memory_used_bytes = event.memory_used_bytes
             self.ledger.measured(event.worker_id, event.memory_free_bytes)

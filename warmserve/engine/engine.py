@@ -73,6 +73,7 @@ class Engine:
         self.async_scheduling = False
         self.in_flight: LaunchedStep | None = None
         self.host_token_requests: set[str] = set()
+        self.last_step_kind: str | None = None  # of model_runner.STEP_KINDS; None: none launched
 
     @property
     def kv_region(self) -> KVRegion:
@@ -181,6 +182,7 @@ class Engine:
                 self.failures.append((request_id, error))
         seqs = self.scheduler.schedule()
         launched = self._launch(seqs) if seqs else None
+        self.last_step_kind = self.runner.last_step_kind if launched is not None else None
         previous, self.in_flight = self.in_flight, launched
         if previous is not None:
             outputs += self._resolve(previous)

@@ -33,6 +33,10 @@ from warmserve.protocol import StepInputs, TokenLogprobs
 # a prompt chunk (the prefill kernel's larger query tiles).
 WARM_STEPS = ((8,), (1, 2), (1, 64))
 
+# What a step ran: a decode batch from its captured graph or eagerly, decodes beside prompt
+# tokens, or prompt tokens alone.
+STEP_KINDS = ("decode-graph", "decode-eager", "mixed", "prefill")
+
 if TYPE_CHECKING:
     from warmserve.engine.kv_region import KVRegion
     from warmserve.engine.structured_output import StructuredOutputs
@@ -83,6 +87,7 @@ class ModelRunner:
         # Not a rank of a tensor-parallel group: the host may launch a step before it has read
         # the tokens of the one before (the other ranks would need them on their host).
         self.is_alone = send_step is None and not self.in_group
+        self.last_step_kind: str | None = None  # of STEP_KINDS: the last step _run ran
         # Whether the eager step's kernels have run once (see warm_step_kernels).
         self.step_kernels_warm = self.graph_buckets is None
 
@@ -238,8 +243,13 @@ class ModelRunner:
             if bucket is None:
                 self.graph_buckets.note_eager(batch)
         if bucket is not None and self.decode_graphs is not None:
+            self.last_step_kind = "decode-graph"
             return self.decode_graphs.run(inputs, bucket, fill, previous), None
         # A prefill or mixed step, or a decode batch whose graph is not captured yet.
+        if decode:
+            self.last_step_kind = "decode-eager"
+        else:
+            self.last_step_kind = "mixed" if 1 in inputs.query_lens else "prefill"
         return self._forward(inputs, fill, previous)
 
     @torch.inference_mode()

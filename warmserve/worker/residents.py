@@ -126,9 +126,11 @@ class ResidentModels:
         except Exception as exc:  # a dead peer or a fault in the model: the model is lost
             self._lost(key, exc)
             return
-        self.fair_share.charge(key, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.fair_share.charge(key, elapsed)
         if outputs:  # the engine's outputs are the protocol's TokenOutputs
-            self.send(StepOutputs(self.worker_id, key, outputs))
+            kind = model.engine.last_step_kind or ""
+            self.send(StepOutputs(self.worker_id, key, outputs, kind, elapsed))
         for request_id, error in model.engine.take_failures():
             self.send(RequestFailed(self.worker_id, key, request_id, error, invalid_request=True))
 
