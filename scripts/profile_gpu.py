@@ -243,9 +243,9 @@ def swap_phases(report, root: Path, shape="qwen3-0.6b", family="qwen3", repeats=
 def decode_kernels(report, shape, family, batch, context=512):
     from warmserve.config import EngineConfig, SamplingParams
     from warmserve.engine.engine_build import build_engine
-    from warmserve.testing.checkpoints import _model_config
+    from warmserve.testing.model_configs import checkpoint_config
 
-    config = _model_config(family, shape, "bfloat16", None, None)
+    config = checkpoint_config(family, shape, "bfloat16", None, None)
     engine = build_engine(
         config,
         None,

@@ -7,10 +7,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from helpers import random_prompts
 from server_process import DEFAULT_REGISTRY, SHARED_MODEL, serving
 from streams import stream_completion
+from support import hf_greedy
 from tokenizers import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -27,25 +27,6 @@ def server(model_root, tmp_path_factory):
         extra_args=("--async-scheduling", "--workers", "1"),
     ) as running:
         yield running
-
-
-def transformers_greedy(checkpoint, prompts: list[list[int]], max_tokens: list[int]):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    model.generation_config.eos_token_id = None  # the requests ignore EOS
-    continuations = []
-    for prompt, new_tokens in zip(prompts, max_tokens, strict=True):
-        input_ids = torch.tensor([prompt])
-        with torch.no_grad():
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-            )
-        continuations.append(output[0, len(prompt) :].tolist())
-    return continuations
 
 
 def test_concurrent_greedy_streams_equal_transformers(server):
@@ -77,6 +58,6 @@ def test_concurrent_greedy_streams_equal_transformers(server):
         texts = list(pool.map(ask, range(CLIENTS)))
 
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    expected = transformers_greedy(checkpoint, prompts, max_tokens)
-    for index, (text, token_ids) in enumerate(zip(texts, expected, strict=True)):
-        assert text == tokenizer.decode(token_ids, skip_special_tokens=True), index
+    for index, text in enumerate(texts):
+        expected = hf_greedy(checkpoint, prompts[index], max_tokens[index])
+        assert text == tokenizer.decode(expected, skip_special_tokens=True), index

@@ -13,15 +13,9 @@ from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from warmserve.testing.checkpoints import (
-    FAMILIES,
-    SHAPES,
-    _model_config,
-    _tensor_specs,
-    build_checkpoint,
-    build_tokenizer,
-    ensure_checkpoint,
-)
+from warmserve.testing.checkpoints import _tensor_specs, build_checkpoint, ensure_checkpoint
+from warmserve.testing.model_configs import FAMILIES, SHAPES, checkpoint_config
+from warmserve.testing.tokenizer_files import build_tokenizer
 
 OPT_POST_NORM = {"do_layer_norm_before": False}
 # OPT-350m: post-norm, and embeddings narrower than the hidden size, with project_in/out.
@@ -118,7 +112,7 @@ def test_config_is_what_transformers_writes(checkpoint, variant, tmp_path):
 )
 def test_every_preset_has_the_state_dict_transformers_expects(shape, family):
     # Checked on the meta device: the real shapes are too big to build in a test.
-    config = _model_config(family, shape, "bfloat16", None, None)
+    config = checkpoint_config(family, shape, "bfloat16", None, None)
     arguments = copy.deepcopy(config)
     transformers_config = AutoConfig.for_model(arguments.pop("model_type"), **arguments)
     with torch.device("meta"):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models
 
-from warmserve.testing.checkpoints import SHAPES, ensure_checkpoint
+from warmserve.testing.checkpoints import ensure_checkpoint
+from warmserve.testing.model_configs import SHAPES
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # The tiny presets exist for every family; a benchmark names which one it means.
