@@ -27,6 +27,7 @@ from warmserve.bench import http_load, options, report, trace_swaps
 from warmserve.bench.server_process import BenchServer
 from warmserve.bench.trace_report import render_markdown, targets
 from warmserve.bench.workloads import random_prompt
+from warmserve.config import ServerConfig
 
 FULL = {  # issue 15's trace: four models, 36 GB together in bf16
     "models": ["qwen3-0.6b", "llama-3.2-1b", "llama-3.1-8b", "llama-3.1-8b"],
@@ -81,6 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-alive", help="of every registered model (default 5m)")
     parser.add_argument("--worker-memory-gb", type=float, help="passed to `warmserve serve`")
     parser.add_argument("--gpu-memory-utilization", type=float, help="passed to `warmserve serve`")
+    parser.add_argument(
+        "--min-residency",
+        type=float,
+        default=ServerConfig.min_residency_s,
+        help="passed to `warmserve serve`; each timed swap starts this long after the load "
+        f"before it, so that no eviction it needs waits for it (default "
+        f"{ServerConfig.min_residency_s:g})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         serve_args += ["--worker-memory-gb", str(args.worker_memory_gb)]
     if args.gpu_memory_utilization is not None:
         serve_args += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    serve_args += ["--min-residency", str(args.min_residency)]
     serve_args += args.serve_arg
     results: dict = {
         "command": "warmserve bench trace " + " ".join(sys.argv[3:]),

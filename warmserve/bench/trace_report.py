@@ -101,15 +101,29 @@ def render_markdown(results: dict) -> str:
             swap["load_source"] or "–",
             report.number(swap["floor_s"] * 1e3, 1),
             f"{report.number(swap['swap_s'] * 1e3, 1)} ({swap['swap_s'] / swap['floor_s']:.2f}x)",
+            report.number(swap["load_seconds"] * 1e3 if swap["load_seconds"] else None, 1),
         ]
         for name, swap in results["swaps"].items()
     ]
     lines += [
-        f"Swaps: each model unloaded, then asked for a completion; the swap is that request's "
-        f"TTFT. Copy floor: the weights over {results['h2d_gbps']:.1f} GB/s (pinned host to "
-        "device, measured before the server started).",
+        "Swaps: each model unloaded, then asked for a completion (`--min-residency` after the "
+        "load before, so that an eviction it needs is not held back); the swap is that "
+        f"request's TTFT. Copy floor: the weights over {results['h2d_gbps']:.1f} GB/s (pinned host to "
+        "device, measured before the server started). *Load answered*: the server's "
+        "`load_seconds` for that load (it answers once the weight copy is issued; the first "
+        "step waits for the copy).",
         "",
-        report.table(["model", "GiB", "loaded from", "copy floor ms", "swap ms (x floor)"], rows),
+        report.table(
+            [
+                "model",
+                "GiB",
+                "loaded from",
+                "copy floor ms",
+                "swap ms (x floor)",
+                "load answered ms",
+            ],
+            rows,
+        ),
         "",
     ]
     beside = results["load_beside_stream"]

@@ -51,6 +51,9 @@ async def measure_swaps(client, send, names, weights: dict, h2d_gbps: float, arg
     swaps = {}
     for name in names:
         await unload_if_resident(client, name)
+        # The model the last swap loaded may have to go for this one: past its minimum
+        # residency, the swap times the unload and the load, not the policy's wait.
+        await asyncio.sleep(args.min_residency)
         result = await send(
             http_load.BenchRequest(name, random_prompt(rng, args.input_len), args.output_len)
         )
