@@ -14,11 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from warmserve.api import create_app
 from warmserve.api.limits import MAX_BODY_BYTES
-from warmserve.api.openai_schemas import (
-    CHAT_DEFAULT_MAX_TOKENS,
-    COMPLETION_DEFAULT_MAX_TOKENS,
-    CompletionChoice,
-)
+from warmserve.api.openai_responses import CompletionChoice
+from warmserve.api.openai_schemas import CHAT_DEFAULT_MAX_TOKENS, COMPLETION_DEFAULT_MAX_TOKENS
 from warmserve.api.sse import sse_event
 from warmserve.config import ServerConfig
 

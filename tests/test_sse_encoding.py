@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from warmserve.api.openai_schemas import (
+from warmserve.api.openai_responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
     Completion,

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 import anyio
 
 from warmserve.api.generation import Generation
-from warmserve.api.openai_schemas import SEED_MAX, SEED_MIN, Usage
+from warmserve.api.openai_responses import Usage
+from warmserve.api.openai_schemas import SEED_MAX, SEED_MIN
 from warmserve.config import SamplingParams
 from warmserve.controller.engine_client import GenerationChunk, TokenLogprob
 

@@ -14,21 +14,23 @@ from warmserve.api import model_lookup
 from warmserve.api.choices import Choices
 from warmserve.api.generation import Generation
 from warmserve.api.logprobs import chat_logprobs, completion_logprobs
-from warmserve.api.openai_schemas import (
-    CHAT_DEFAULT_MAX_TOKENS,
-    COMPLETION_DEFAULT_MAX_TOKENS,
+from warmserve.api.openai_responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     Completion,
     CompletionChoice,
-    CompletionRequest,
     ModelCard,
     ModelList,
     Usage,
+)
+from warmserve.api.openai_schemas import (
+    CHAT_DEFAULT_MAX_TOKENS,
+    COMPLETION_DEFAULT_MAX_TOKENS,
+    ChatCompletionRequest,
+    CompletionRequest,
 )
 from warmserve.api.services import Services
 from warmserve.api.sse import TextChunkEvents, sse_response
