@@ -1,6 +1,6 @@
-"""`warmserve serve --async-scheduling` through HTTP: concurrent greedy streams, some of them
-asking for log-probabilities (their steps wait for the step before), answer what transformers
-generates for each prompt alone."""
+"""`warmserve serve --async-scheduling` through HTTP: concurrent greedy streams to two models on
+one worker, some of them asking for log-probabilities (their steps wait for the step before),
+answer what transformers generates for each prompt alone."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import random_prompts
-from server_process import DEFAULT_REGISTRY, SHARED_MODEL, serving
+from server_process import DEFAULT_REGISTRY, serving
 from streams import stream_completion
 from support import hf_greedy
 from tokenizers import Tokenizer
@@ -29,17 +29,20 @@ def server(model_root, tmp_path_factory):
         yield running
 
 
-def test_concurrent_greedy_streams_equal_transformers(server):
-    checkpoint = server.model_root / SHARED_MODEL
+def test_concurrent_greedy_streams_on_two_models_equal_transformers(server):
+    """Two models on the one worker, both stepping with steps in flight on the same device."""
+    models = {"m-llama": "tiny-llama", "m-qwen3": "tiny-qwen3"}
     with server.http() as http:
-        response = http.post("/admin/models", json={"name": "m", "path": SHARED_MODEL})
-        assert response.status_code == 200, response.text
+        for name, path in models.items():
+            response = http.post("/admin/models", json={"name": name, "path": path})
+            assert response.status_code == 200, response.text
     prompts = random_prompts([2 + 3 * index for index in range(CLIENTS)], seed=41)
     max_tokens = [4 + index % 13 for index in range(CLIENTS)]
+    model_of = [list(models)[index % 2] for index in range(CLIENTS)]
 
     def ask(index: int):
         body = {
-            "model": "m",
+            "model": model_of[index],
             "prompt": prompts[index],
             "max_tokens": max_tokens[index],
             "temperature": 0,
@@ -48,7 +51,7 @@ def test_concurrent_greedy_streams_equal_transformers(server):
         if index % 8 == 3:
             body["logprobs"] = 2
         with server.http() as http:
-            if index % 2:
+            if index % 4 < 2:
                 return stream_completion(http, body).text
             response = http.post("/v1/completions", json=body)
             assert response.status_code == 200, response.text
@@ -57,7 +60,8 @@ def test_concurrent_greedy_streams_equal_transformers(server):
     with ThreadPoolExecutor(CLIENTS) as pool:
         texts = list(pool.map(ask, range(CLIENTS)))
 
-    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     for index, text in enumerate(texts):
+        checkpoint = server.model_root / models[model_of[index]]
+        tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
         expected = hf_greedy(checkpoint, prompts[index], max_tokens[index])
         assert text == tokenizer.decode(expected, skip_special_tokens=True), index
