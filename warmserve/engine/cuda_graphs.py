@@ -110,6 +110,15 @@ class DecodeGraphs:
         stream.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
+            # The warm-up runs for real: with the last replay's rows still in the buffer it
+            # would write keys and values into slots that other sequences may hold by now (a
+            # block freed and handed out again, or cached as a prefix). Every row points at the
+            # scratch block instead; the next step copies its rows in whole from `staging`.
+            self.input_ids.zero_()
+            self.positions.zero_()
+            self.slot_mapping.fill_(self.scratch_block * self.block_size)
+            self.context_lens.fill_(1)
+            self.block_tables.fill_(self.scratch_block)
             self._forward(bucket)  # warm-up outside the graph, as capture requires
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
