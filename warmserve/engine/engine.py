@@ -172,10 +172,7 @@ class Engine:
         one after it is launched: the host schedules and prepares a step while the device runs
         the one before. A step whose sequences need their tokens on the host first (penalties,
         log-probabilities, grammars) waits for the step before it to resolve."""
-        outputs: list[TokenOutput] = []
-        if self.in_flight is not None and not self._overlaps():
-            outputs = self._resolve(self.in_flight)
-            self.in_flight = None
+        outputs = [] if self._overlaps() else self.resolve_in_flight()
         if self.structured_outputs is not None:
             for request_id, error in self.structured_outputs.admit_compiled(self.scheduler):
                 self._forget(request_id)
@@ -186,9 +183,17 @@ class Engine:
         previous, self.in_flight = self.in_flight, launched
         if previous is not None:
             outputs += self._resolve(previous)
-        if self.in_flight is not None and not self._overlaps():
-            outputs += self._resolve(self.in_flight)
-            self.in_flight = None
+        if not self._overlaps():
+            outputs += self.resolve_in_flight()
+        return outputs
+
+    def resolve_in_flight(self) -> list[TokenOutput]:
+        """The tokens of the step in flight, now: the worker calls it when another model steps
+        next, whose step would otherwise hold these tokens back."""
+        if self.in_flight is None:
+            return []
+        outputs = self._resolve(self.in_flight)
+        self.in_flight = None
         return outputs
 
     def _overlaps(self) -> bool:

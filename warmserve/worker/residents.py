@@ -123,6 +123,8 @@ class ResidentModels:
         started = time.perf_counter()
         try:
             outputs = model.engine.step()
+            if len(busy) > 1:  # another model's step comes next: this one's tokens go now
+                outputs += model.engine.resolve_in_flight()
         except Exception as exc:  # a dead peer or a fault in the model: the model is lost
             self._lost(key, exc)
             return
