@@ -17,6 +17,3 @@ class Histograms:
         counts = self.counts.setdefault(labels, [0] * (len(self.bounds) + 1))
         counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sums[labels] = self.sums.get(labels, 0.0) + value
-
-    def count(self, labels: tuple[str, ...]) -> int:
-        return sum(self.counts.get(labels, ()))

@@ -186,7 +186,7 @@ class ModelRunner:
                 prompt_logprobs = logprobs.prompt_logprobs(
                     seqs, self.model.compute_logits, prompt_hidden
                 )
-        launched = LaunchedStep(
+        return LaunchedStep(
             seqs,
             self.device,
             tokens,
@@ -194,7 +194,6 @@ class ModelRunner:
             logprobs=logprobs.sampled_logprobs(logits, tokens, params),
             prompt_logprobs=[prompt_logprobs[index] for index in sampling],
         )
-        return launched
 
     def _placeholder_fill(
         self, seqs: list[Sequence], inputs: StepInputs, previous: LaunchedStep | None

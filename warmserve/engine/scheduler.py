@@ -166,11 +166,7 @@ class Scheduler:
     def _last_token_pending(self, seq: Sequence) -> bool:
         """Whether the token the step in flight samples for `seq` is its last one (its
         max_tokens or the context reached): then no further step may run it."""
-        if not seq.token_ids or seq.token_ids[-1] != PLACEHOLDER:
-            return False
-        return (
-            seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.limits.max_model_len
-        )
+        return seq.token_ids[-1] == PLACEHOLDER and self._full_length(seq, len(seq))
 
     def _finish_reason(self, seq: Sequence, token_id: int, length: int) -> str | None:
         """Why `seq` ends with `token_id`, which makes it `length` tokens long (a placeholder
@@ -180,10 +176,15 @@ class Scheduler:
             return "stop"
         if not params.ignore_eos and token_id in self.eos_token_ids:
             return "stop"
-        num_output_tokens = length - seq.num_prompt_tokens
-        if num_output_tokens >= params.max_tokens or length >= self.limits.max_model_len:
+        if self._full_length(seq, length):
             return "length"
         return None
+
+    def _full_length(self, seq: Sequence, length: int) -> bool:
+        """Whether `seq`, `length` tokens long, has all the tokens it may have: its max_tokens
+        generated, or the context full."""
+        num_output_tokens = length - seq.num_prompt_tokens
+        return num_output_tokens >= seq.params.max_tokens or length >= self.limits.max_model_len
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status is SequenceStatus.RUNNING:
