@@ -386,6 +386,40 @@ def check_graphs_in_idle_gaps(report: dict, root: Path) -> None:
     models.drop_all()
 
 
+def check_async_scheduling(report: dict, root: Path) -> None:
+    """Asynchronous scheduling (decode inputs gathered on the device from the step before, tokens
+    resolved a step late) against the synchronous loop, on decode graphs and in eager steps,
+    with prompts that finish at different steps and arrive while others decode."""
+    path = build_checkpoint(root / "async", "llama", {"hidden_size": 256, "num_hidden_layers": 4})
+    prompts = [[5, 9, 200, 31], list(range(40, 140)), [7], list(range(300, 317)), [3, 4]]
+    outputs = {}
+    for async_scheduling, graphs in itertools.product((False, True), (False, True)):
+        config = EngineConfig(max_num_seqs=8, async_scheduling=async_scheduling)
+        engine = engine_from_checkpoint(path, device="cuda", dtype="float32", engine_config=config)
+        while graphs and engine.has_idle_work():
+            engine.do_idle_work()
+        finished: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+        for index, prompt in enumerate(prompts[:3]):
+            params = SamplingParams(max_tokens=6 + 5 * index, temperature=0.0, ignore_eos=True)
+            engine.add_request(str(index), prompt, params)
+        steps = 0
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                finished[output.request_id].append(output.token_id)
+            steps += 1
+            if steps == 3:  # late arrivals: a prefill among in-flight decodes
+                for index in (3, 4):
+                    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+                    engine.add_request(str(index), prompts[index], params)
+        engine.close()
+        outputs[(async_scheduling, graphs)] = finished
+    for graphs in (False, True):
+        label = "graphs" if graphs else "eager"
+        report[f"async scheduling greedy equals synchronous ({label})"] = (
+            outputs[(True, graphs)] == outputs[(False, graphs)]
+        )
+
+
 def _greedy_outputs(engine: Engine, prompts, greedy) -> dict[str, list[int]]:
     for index, prompt in enumerate(prompts):
         engine.add_request(str(index), prompt, greedy)
@@ -432,6 +466,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         check_greedy_against_transformers(report, Path(root))
         check_graphs_in_idle_gaps(report, Path(root))
+        check_async_scheduling(report, Path(root))
     for key, value in report.items():
         print(f"{key:60s} {value}")
     if args.out:

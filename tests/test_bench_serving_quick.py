@@ -80,6 +80,11 @@ def test_bench_serve_quick_reports_every_run_without_failures(tmp_path):
     assert set(results["engine_decode"]) == {"1", "4"}  # JSON keys are strings
     assert [row["concurrency"] for row in results["comparison"]] == [1, 4]
     assert "## `warmserve bench serve`: tiny" in markdown
+    # The greedy outputs of 4 concurrent streams equal those of the same requests sent alone.
+    consistency = results["greedy_consistency"]
+    assert (consistency["concurrent_streams"], consistency["compared"]) == (4, 4)
+    assert consistency["equal"] == 4 and consistency["agreeing_prefix"] == [1.0] * 4
+    assert "greedy output alone = under 4 concurrent streams" in markdown
     # The server process's own CPU time per run (a run too short for the clock's ticks has none)
     streamed = [f for f in results["http"].values() if "server_output_tokens_per_cpu_s" in f]
     assert streamed and all(f["server_output_tokens_per_cpu_s"] > 0 for f in streamed)

@@ -46,6 +46,7 @@ class RequestResult:
     output_tokens: int = 0
     chunks: int = 0
     itl: list[float] = field(default_factory=list)
+    text: str = ""  # the streamed output (HTTP), for comparing greedy runs
     error: str = ""
 
     @property
@@ -110,6 +111,7 @@ def http_sender(session: aiohttp.ClientSession) -> Sender:
                     data = json.loads(line[len("data:") :])
                     if data.get("choices"):
                         clock.chunk()
+                        result.text += data["choices"][0].get("text") or ""
                     # Usage may ride on a chunk with choices (vLLM's continuous usage stats).
                     if data.get("usage"):
                         result.output_tokens = data["usage"]["completion_tokens"]

@@ -28,6 +28,7 @@ from warmserve.bench.workloads import fixed_lengths, random_prompt, sharegpt_lik
 from warmserve.cli import PROFILE_ENV
 
 MODEL_NAME = "bench"
+SEQUENTIAL_CHECKS = 8  # requests of the greedy consistency check sent alone too
 MIXES = ("fixed", "sharegpt")
 # A schema no output of the benchmark's length can complete (a string of at least 100,000
 # characters): every constrained request runs its full length, as the unconstrained ones do.
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     log = out / f"serve-{model}.log"
     served = asyncio.run(http_runs(device, checkpoint, serve_args, log, args, scenarios))
     results["http"] = served["runs"]
+    results["greedy_consistency"] = served["greedy_consistency"]
     results["load"] = {"load": served["load"], "warm_seconds": served["warm_seconds"]}
     # The baselines are for the fixed lengths' concurrency sweep.
     fixed = [
@@ -275,7 +277,46 @@ async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dic
             async with http_load.stream_session(server.url) as session:
                 send = http_load.http_sender(session)
                 figures = await sweep(scenarios, send, server.cpu_seconds, step_totals)
-            return {"load": response.json(), "warm_seconds": warm_s, "runs": figures}
+                consistency = await greedy_consistency(scenarios, send)
+            return {
+                "load": response.json(),
+                "warm_seconds": warm_s,
+                "runs": figures,
+                "greedy_consistency": consistency,
+            }
+
+
+async def greedy_consistency(scenarios: list[dict], send: http_load.Sender) -> dict | None:
+    """The first requests of the largest fixed-length concurrency run sent one at a time, then
+    as many as it has clients at once: a batch must not change a request's greedy output (one
+    sequence's rows computed differently beside others, a slot shared by two sequences)."""
+    runs = [s for s in scenarios if s["kind"] == "concurrency" and s["mix"] == "fixed"]
+    runs = [s for s in runs if not s.get("structured")]
+    if not runs:
+        return None
+    largest = max(runs, key=lambda scenario: scenario["value"])
+    requests = largest["requests"][: largest["value"]]
+    alone = [await send(request) for request in requests[:SEQUENTIAL_CHECKS]]
+    together = await http_load.run_clients(requests, send, len(requests))
+    batched = {id(result.request): result for result in together.results}
+    equal, agreeing = 0, []
+    for result in alone:
+        other = batched[id(result.request)].text
+        equal += result.ok and result.text != "" and result.text == other
+        # How much of the output agrees before the first difference: a slot or row mix-up
+        # differs from the first token on; rounding in another batch shape flips a near tie
+        # somewhere along the way.
+        common = next(
+            (i for i, (a, b) in enumerate(zip(result.text, other, strict=False)) if a != b),
+            min(len(result.text), len(other)),
+        )
+        agreeing.append(round(common / max(len(result.text), 1), 3))
+    return {
+        "concurrent_streams": len(requests),
+        "compared": len(alone),
+        "equal": equal,
+        "agreeing_prefix": agreeing,
+    }
 
 
 async def python_api_runs(device, checkpoint, args, scenarios) -> dict:

@@ -36,6 +36,16 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
     if at_64 and constrained:
         cost = 1 - constrained["output_throughput"] / at_64["output_throughput"]
         rows.append(("64 clients: json_schema mask costs ≤ 10 %", f"{cost:.1%}", cost <= 0.10))
+    consistency = results.get("greedy_consistency")
+    if consistency:
+        rows.append(
+            (
+                f"greedy output alone = under {consistency['concurrent_streams']} concurrent "
+                "streams",
+                f"{consistency['equal']}/{consistency['compared']} equal",
+                consistency["equal"] == consistency["compared"],
+            )
+        )
     for name, figures in http.items():
         itl = figures["itl_ms"]
         if " concurrency " in name and itl["median"]:
