@@ -336,6 +336,9 @@ def check_greedy_against_transformers(report: dict, root: Path) -> None:
             f"{equal}/{len(prompts)}"
         )
         report[f"graphs captured {family}"] = engine.graph_buckets.captured
+        report[f"prompt-step graphs captured {family}"] = (
+            engine.runner.mixed_graphs.buckets.captured
+        )
         engine.close()
         report[f"host-store load (stacked views of one arena) equal {family}"] = (
             _greedy_from_host_store(path, prompts, greedy) == outputs
@@ -388,11 +391,11 @@ def check_graphs_in_idle_gaps(report: dict, root: Path) -> None:
 
 def check_async_scheduling(report: dict, root: Path) -> None:
     """Asynchronous scheduling (decode inputs gathered on the device from the step before, tokens
-    resolved a step late) against the synchronous loop, on decode graphs and in eager steps,
-    with prompts that finish at different steps and arrive while others decode."""
+    resolved a step late) and the graphs of decode and prompt steps, each against synchronous
+    eager steps, with prompts that finish at different steps and arrive while others decode."""
     path = build_checkpoint(root / "async", "llama", {"hidden_size": 256, "num_hidden_layers": 4})
     prompts = [[5, 9, 200, 31], list(range(40, 140)), [7], list(range(300, 317)), [3, 4]]
-    outputs = {}
+    outputs, kinds = {}, {}
     for async_scheduling, graphs in itertools.product((False, True), (False, True)):
         config = EngineConfig(max_num_seqs=8, async_scheduling=async_scheduling)
         engine = engine_from_checkpoint(path, device="cuda", dtype="float32", engine_config=config)
@@ -402,10 +405,11 @@ def check_async_scheduling(report: dict, root: Path) -> None:
         for index, prompt in enumerate(prompts[:3]):
             params = SamplingParams(max_tokens=6 + 5 * index, temperature=0.0, ignore_eos=True)
             engine.add_request(str(index), prompt, params)
-        steps = 0
+        steps, ran = 0, set()
         while engine.has_unfinished_requests():
             for output in engine.step():
                 finished[output.request_id].append(output.token_id)
+            ran.add(engine.runner.last_step_kind)
             steps += 1
             if steps == 3:  # late arrivals: a prefill among in-flight decodes
                 for index in (3, 4):
@@ -413,10 +417,14 @@ def check_async_scheduling(report: dict, root: Path) -> None:
                     engine.add_request(str(index), prompts[index], params)
         engine.close()
         outputs[(async_scheduling, graphs)] = finished
+        kinds[(async_scheduling, graphs)] = sorted(ran)
+    eager = outputs[(False, False)]
+    report["graphs (decode and prompt steps) greedy equals eager"] = outputs[(False, True)] == eager
+    report["step kinds with graphs"] = kinds[(False, True)]
     for graphs in (False, True):
         label = "graphs" if graphs else "eager"
-        report[f"async scheduling greedy equals synchronous ({label})"] = (
-            outputs[(True, graphs)] == outputs[(False, graphs)]
+        report[f"async scheduling greedy equals synchronous eager ({label})"] = (
+            outputs[(True, graphs)] == eager
         )
 
 

@@ -15,6 +15,7 @@ import zmq
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.engine_build import engine_from_checkpoint
 from warmserve.engine.graph_buckets import OVERDUE_EAGER_STEPS, GraphBuckets
+from warmserve.engine.mixed_graphs import MixedGraphs
 from warmserve.protocol import (
     AddRequest,
     LoadModel,
@@ -167,7 +168,8 @@ def test_idle_gaps_warm_the_step_kernels_first_then_report_the_model_warm(
     worker, checkpoint_factory
 ):
     """A model's first idle gap runs its step kernels once (on the scratch block), then its
-    gaps capture graphs; when nothing is left the worker tells the server (ModelWarm), once."""
+    gaps capture graphs, decode graphs before those of steps with prompt tokens; when nothing
+    is left the worker tells the server (ModelWarm), once."""
     worker, _ = worker
     sent = []
     worker.models.send = sent.append
@@ -180,6 +182,8 @@ def test_idle_gaps_warm_the_step_kernels_first_then_report_the_model_warm(
     worker.models.resident["a"].warm_reported = False  # now give it some, as a GPU would
     work = []
     engine.runner.graph_buckets = GraphBuckets(2, lambda bucket: work.append(bucket))
+    engine.runner.mixed_graphs = MixedGraphs(None, torch.device("cpu"), 2, 64, 8, 16, 0, None)
+    engine.runner.mixed_graphs.buckets.capture = lambda tokens: work.append(f"{tokens} tokens")
     engine.runner.step_kernels_warm = False
     warm = engine.runner.warm_step_kernels
     engine.runner.warm_step_kernels = lambda: (work.append("kernels"), warm())
@@ -187,7 +191,7 @@ def test_idle_gaps_warm_the_step_kernels_first_then_report_the_model_warm(
     while worker.models.idle_work_pending():
         worker.turn()
     worker.turn()
-    assert work == ["kernels", 1, 2]
+    assert work == ["kernels", 1, 2, "32 tokens", "64 tokens"]
     assert [(type(e), e.deployment) for e in sent] == [(ModelWarm, "a")]
     assert sent[0].seconds > 0
 

@@ -197,3 +197,27 @@ def test_a_claim_releases_idle_pages_first(llama_path, fixed_bytes, prompts):
     idle = len(pool.idle)
     assert idle > 0 and pool.claim("weights", pool.usable_bytes - 4 * PAGE)
     assert len(pool.idle) == 4  # the rest went back to the driver
+
+
+def test_a_load_takes_its_minimum_but_maps_one_row_and_the_rest_in_an_idle_gap(
+    llama_path, fixed_bytes, prompts, references
+):
+    """Mapping is the driver's slow part (a swap's first token would wait for it): a load takes
+    the pages of the cache it always keeps (no other model can have them) and maps the first
+    row; the cache grows into the rest, or an idle gap maps them."""
+    pool = make_pool(fixed_bytes + 2**20)
+    engine = load(llama_path, pool, "m")
+    region = engine.kv_region
+    assert region.data_rows == 1 and region.unmapped_rows
+    assert pool.mapped_pages * PAGE == region.mapped_bytes == region.min_bytes
+    assert not engine.settled and engine.has_idle_work()
+    engine.do_idle_work()
+    assert not region.unmapped_rows and region.data_rows == len(region.row_pages) > 1
+    assert engine.scheduler.block_manager.num_blocks == region.num_blocks
+    assert pool.mapped_pages * PAGE == region.min_bytes  # mapping took nothing more
+    add(engine, prompts, "r")
+    assert tokens(run_to_completion(engine), "r", len(prompts)) == references
+    engine.close()
+    unmapped = load(llama_path, pool, "n")  # closed before its idle gap: every page goes back
+    unmapped.close()
+    assert pool.mapped_pages == 0

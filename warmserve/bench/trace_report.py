@@ -15,7 +15,9 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
         refused = phases[phase]["failed"]
         rows.append((f"{phases[phase]['description']}: 0 refused", str(refused), refused == 0))
     ratio = phases["sequential"]["latency_over_ideal"]
-    if ratio is not None:
+    # The target is for models that all fit: a trace that must evict swaps by design, and its
+    # ratio (in the phase table) measures the swaps.
+    if ratio is not None and not phases["sequential"].get("evictions"):
         rows.append(("sequential: ≤ 1.1 × all-resident ideal", f"{ratio:.2f}x", ratio <= 1.1))
     swaps = results["swaps"]
     worst = max(swaps.values(), key=lambda swap: swap["swap_s"] / swap["floor_s"])

@@ -85,6 +85,10 @@ class BlockManager:
             self.num_blocks = max(self.num_blocks, self.grow(missing))
         return self.num_free_blocks >= count
 
+    def add_blocks(self, num_blocks: int) -> None:
+        """The cache has `num_blocks` blocks now: more were mapped outside `grow`."""
+        self.num_blocks = max(self.num_blocks, num_blocks)
+
     def can_allocate(self, seq: Sequence) -> bool:
         return self.ensure_free(seq.num_blocks(self.block_size))
 

@@ -264,45 +264,62 @@ class Engine:
         return self.runner.graph_buckets
 
     def has_idle_work(self) -> bool:
-        """Work for the worker's idle gaps is left (the step kernels' first run, then decode
-        graphs to capture), and the load's weight copy is over: while it runs, the model's
-        first request may be on its way, and work queued behind the copy would hold that
-        request's first token back."""
+        """Work for the worker's idle gaps is left (the step kernels' first run, then graphs
+        to capture), and the load's weight copy is over: while it runs, the model's first
+        request may be on its way, and work queued behind the copy would hold that request's
+        first token back."""
         if self.settled:
             return False
         return not self.weights_copying
 
-    def idle_work_priority(self) -> tuple[bool, int]:
-        """Which model's idle work goes first (smaller first): kernels to warm, then the
-        smallest decode bucket still to capture."""
-        return self.runner.step_kernels_warm, self.runner.graph_buckets.next_size or 0
+    def _graph_schedules(self) -> list[GraphBuckets]:
+        """Decode graphs first, then those of steps with prompt tokens."""
+        mixed = self.runner.mixed_graphs
+        schedules = [self.runner.graph_buckets, mixed.buckets if mixed is not None else None]
+        return [buckets for buckets in schedules if buckets is not None]
+
+    def idle_work_priority(self) -> tuple[bool, bool, int, int]:
+        """Which model's idle work goes first (smaller first): KV pages to map, kernels to
+        warm, then decode graphs before prompt-step graphs, the smallest bucket first."""
+        unmapped = self.runner.kv_region.unmapped_rows
+        pending = [buckets for buckets in self._graph_schedules() if buckets.pending]
+        if unmapped or not pending:
+            return not unmapped, self.runner.step_kernels_warm, 0, 0
+        schedule = self._graph_schedules().index(pending[0])
+        return True, self.runner.step_kernels_warm, schedule, pending[0].next_size
 
     def do_idle_work(self) -> None:
-        """One piece of idle-gap work: the step kernels' first run, else the smallest decode
-        bucket not captured yet."""
+        """One piece of idle-gap work: the KV pages the load took, mapped; the step kernels'
+        first run; else the smallest bucket not captured yet (decode graphs first)."""
         self._finish_weight_copy()  # over already when the worker calls
-        if not self.runner.step_kernels_warm:
+        if self.runner.kv_region.unmapped_rows:
+            self.runner.kv_region.map_taken_rows()
+        elif not self.runner.step_kernels_warm:
             self.runner.warm_step_kernels()
         else:
-            self.runner.graph_buckets.capture_next()
+            next(b for b in self._graph_schedules() if b.pending).capture_next()
 
     @property
     def settled(self) -> bool:
         """No idle-gap work is left: from now on no request waits for a compile or a capture
         (also true for a model that has none: on a CPU, or in a tensor-parallel group)."""
-        buckets = self.runner.graph_buckets
-        return buckets is None or (self.runner.step_kernels_warm and not buckets.pending)
+        if self.runner.kv_region.unmapped_rows:
+            return False
+        schedules = self._graph_schedules()
+        if not schedules:
+            return True
+        return self.runner.step_kernels_warm and not any(b.pending for b in schedules)
 
     def capture_overdue_graph(self) -> bool:
-        """Between two steps of a model under steady traffic: captures the bucket of a decode
-        batch size that ran eagerly too often to wait for an idle gap (see graph_buckets)."""
-        buckets = self.runner.graph_buckets
-        bucket = buckets.overdue() if buckets is not None else None
-        if bucket is None:
-            return False
-        self._finish_weight_copy()
-        buckets.capture_bucket(bucket)
-        return True
+        """Between two steps of a model under steady traffic: captures the bucket of a step
+        size that ran eagerly too often to wait for an idle gap (see graph_buckets)."""
+        for buckets in self._graph_schedules():
+            bucket = buckets.overdue()
+            if bucket is not None:
+                self._finish_weight_copy()
+                buckets.capture_bucket(bucket)
+                return True
+        return False
 
     def _finish_weight_copy(self) -> None:
         """A capture must not record the load's copy stream: the copy is waited for first."""

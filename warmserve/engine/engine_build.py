@@ -203,7 +203,14 @@ def _build(
             device=device,
         )
         runner = ModelRunner(
-            model, device, block_size, region, engine_config.max_num_seqs, limit, send_step
+            model,
+            device,
+            block_size,
+            region,
+            engine_config.max_num_seqs,
+            limit,
+            send_step,
+            engine_config.max_num_batched_tokens,
         )
     except BaseException:
         if region is not None:

@@ -1,6 +1,8 @@
-"""Which decode batch sizes have a CUDA graph, and which to capture next.
+"""Which step sizes have a CUDA graph, and which to capture next: decode batch sizes
+(engine/cuda_graphs.py), or the token counts of steps that carry prompt tokens
+(engine/mixed_graphs.py).
 
-A model's decode graphs are captured one bucket at a time, smallest first, in the worker's idle
+A model's graphs are captured one bucket at a time, smallest first, in the worker's idle
 gaps (worker/residents.py), never on a swap's first-token path; until its bucket is captured a
 decode batch runs eagerly. A model under steady traffic has no idle gap: once a batch size has
 run eagerly `OVERDUE_EAGER_STEPS` times, its bucket is captured between two steps (one
@@ -18,18 +20,21 @@ OVERDUE_EAGER_STEPS = 32
 
 
 class GraphBuckets:
-    def __init__(self, max_seqs: int, capture: Callable[[int], None]):
-        self.sizes = [size for size in BUCKETS if size < max_seqs] + [max_seqs]
+    def __init__(
+        self, max_size: int, capture: Callable[[int], None], sizes: tuple[int, ...] = BUCKETS
+    ):
+        """Buckets of `sizes` below `max_size`, and `max_size` itself."""
+        self.sizes = [size for size in sizes if size < max_size] + [max_size]
         self.capture = capture
         self.captured: list[int] = []  # in capture order
         self.eager_steps: dict[int, int] = {}  # by bucket not captured yet
 
     def bucket(self, batch: int) -> int | None:
-        """The smallest bucket that holds `batch` sequences."""
+        """The smallest bucket that holds `batch` (sequences, or tokens)."""
         return next((size for size in self.sizes if size >= batch), None)
 
     def replayable(self, batch: int) -> int | None:
-        """The bucket to replay for `batch` sequences, None until it is captured."""
+        """The bucket to replay for `batch`, None until it is captured."""
         bucket = self.bucket(batch)
         return bucket if bucket in self.captured else None
 
@@ -42,7 +47,7 @@ class GraphBuckets:
         return next((size for size in self.sizes if size not in self.captured), None)
 
     def note_eager(self, batch: int) -> None:
-        """A decode step of `batch` sequences ran eagerly, its bucket not captured yet."""
+        """A step of size `batch` ran eagerly, its bucket not captured yet."""
         bucket = self.bucket(batch)
         if bucket is not None:
             self.eager_steps[bucket] = self.eager_steps.get(bucket, 0) + 1

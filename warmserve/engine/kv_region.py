@@ -7,6 +7,11 @@ reservation, so kernels see the same tensors as with one allocation, at one addr
 model's whole residency (CUDA graphs stay valid). Page row r is page r of every layer's K and V
 range: growing maps the next rows (blocks at the end of every range), shrinking unmaps the last
 ones; the first row is always mapped (it holds the scratch block, see engine.py).
+
+A load takes the pages of the cache the model always keeps (`min_blocks`) from the pool at once,
+so they are its own, but maps only the first row: mapping costs the driver some 40 us a page,
+about 10 ms for 4,096 tokens of a 28-layer model, which a swap's first token would wait for. The
+rest are mapped when the cache grows into them or in the worker's next idle gap.
 """
 
 from __future__ import annotations
@@ -52,17 +57,21 @@ class KVRegion:
         self.range_bytes = self.num_rows * page
         self.block_manager: BlockManager | None = None
         self.reservation = pool.pages.reserve(self.num_ranges * self.range_bytes)
-        self.row_pages: dict[int, list[int]] = {}  # row -> its page in every range
-        self.data_rows = 0  # rows [0, data_rows) are mapped
+        # row -> its page in every range: rows [0, data_rows) mapped, the rest up to
+        # len(row_pages) taken at load and not mapped yet.
+        self.row_pages: dict[int, list[int]] = {}
+        self.data_rows = 0
         self.layer_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         pool.regions.append(self)
-        if self.grow_to(self.min_blocks) < self.min_blocks:
+        if not self._take_rows(range(0, self._rows_for(self.min_blocks))):
             free = pool.free_bytes or 0
             self.release()
             raise InsufficientMemory(
                 f"the KV pool has {free / 2**20:.0f} MiB free; the model needs at least "
                 f"{self.min_blocks * self.block_bytes / 2**20:.0f} MiB of KV cache"
             )
+        self._map_rows(range(0, 1))
+        self.data_rows = 1
         # The views come after the first pages are mapped (see DeviceReservation.tensor).
         flat = self.reservation.tensor.view(dtype)
         elements_per_range = self.range_bytes // dtype.itemsize
@@ -85,7 +94,13 @@ class KVRegion:
 
     @property
     def mapped_bytes(self) -> int:
+        """The bytes of the pool's pages that the region holds, mapped or not yet."""
         return len(self.row_pages) * self.num_ranges * self.pool.page_bytes
+
+    @property
+    def unmapped_rows(self) -> bool:
+        """Rows taken at load are not mapped yet (see map_taken_rows)."""
+        return len(self.row_pages) > self.data_rows
 
     @property
     def used_bytes(self) -> int:
@@ -116,28 +131,41 @@ class KVRegion:
 
     def grow_to(self, blocks: int) -> int:
         target = self._rows_for(min(blocks, self.max_blocks))
-        if target > self.data_rows and self._map_rows(range(self.data_rows, target)):
+        taken = min(target, len(self.row_pages))
+        if taken > self.data_rows:  # pages taken at load come first
+            self._map_rows(range(self.data_rows, taken))
+            self.data_rows = taken
+        if target > self.data_rows and self._take_rows(range(self.data_rows, target)):
+            self._map_rows(range(self.data_rows, target))
             self.data_rows = target
         return self.num_blocks
 
-    def _map_rows(self, rows: range) -> bool:
+    def map_taken_rows(self) -> None:
+        """For an idle gap: maps the rows taken at load, and tells the block manager."""
+        self.grow_to(len(self.row_pages) * self.pool.page_bytes // self.range_block_bytes)
+        if self.block_manager is not None:
+            self.block_manager.add_blocks(self.num_blocks)
+
+    def _take_rows(self, rows: range) -> bool:
         if not rows:
             return True
         handles = self.pool.take(len(rows) * self.num_ranges, self)
         if handles is None:
             return False
-        page = self.pool.page_bytes
         for index, row in enumerate(rows):
             self.row_pages[row] = handles[index * self.num_ranges : (index + 1) * self.num_ranges]
+        return True
+
+    def _map_rows(self, rows: range) -> None:
+        page = self.pool.page_bytes
         for range_index in range(self.num_ranges):
             self.reservation.map(
                 range_index * self.range_bytes + rows.start * page,
                 [self.row_pages[row][range_index] for row in rows],
             )
-        return True
 
     def reclaimable_pages(self) -> int:
-        return (self.data_rows - self._keep_rows()) * self.num_ranges
+        return max(0, self.data_rows - self._keep_rows()) * self.num_ranges
 
     def _keep_rows(self) -> int:
         in_use = self.block_manager.blocks_in_use_end() if self.block_manager else self.num_blocks
@@ -183,6 +211,9 @@ class KVRegion:
         if self.data_rows:
             self._unmap_rows(range(0, self.data_rows))
             self.data_rows = 0
+        if self.row_pages:  # taken at load, never mapped
+            self.pool.give_back([handle for pages in self.row_pages.values() for handle in pages])
+            self.row_pages.clear()
         self.reservation.free()
         if self in self.pool.regions:
             self.pool.regions.remove(self)

@@ -21,6 +21,7 @@ from warmserve.engine.cuda_graphs import DecodeGraphs
 from warmserve.engine.graph_buckets import GraphBuckets
 from warmserve.engine.kv_pool import InsufficientMemory
 from warmserve.engine.launched_step import LaunchedStep, fill_placeholders
+from warmserve.engine.mixed_graphs import MixedGraphs
 from warmserve.engine.sequence import PLACEHOLDER, Sequence
 from warmserve.layers.attention import AttentionMetadata
 from warmserve.layers.logits_processors import process_logits
@@ -34,8 +35,15 @@ from warmserve.protocol import StepInputs, TokenLogprobs
 WARM_STEPS = ((8,), (1, 2), (1, 64))
 
 # What a step ran: a decode batch from its captured graph or eagerly, decodes beside prompt
-# tokens, or prompt tokens alone.
-STEP_KINDS = ("decode-graph", "decode-eager", "mixed", "prefill")
+# tokens, or prompt tokens alone (each from a graph or eagerly).
+STEP_KINDS = (
+    "decode-graph",
+    "decode-eager",
+    "mixed-graph",
+    "mixed",
+    "prefill-graph",
+    "prefill",
+)
 
 if TYPE_CHECKING:
     from warmserve.engine.kv_region import KVRegion
@@ -52,9 +60,11 @@ class ModelRunner:
         max_num_seqs: int,
         max_model_len: int,
         send_step: Callable[[StepInputs], None] | None = None,
+        max_num_batched_tokens: int = 0,
     ):
         """`send_step`: the lead rank of a tensor-parallel model hands each step's inputs to
-        the other ranks with it."""
+        the other ranks with it. `max_num_batched_tokens`: the most tokens a step carries (the
+        largest prompt-step graph)."""
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -73,6 +83,9 @@ class ModelRunner:
         # idle gaps; the ranks of a group capture a bucket together, in the step that first
         # needs it (their graphs hold the group's collectives, so no rank may capture alone).
         self.graph_buckets: GraphBuckets | None = None
+        # Steps with prompt tokens from graphs too: a lone model's only, captured after its
+        # decode graphs (a group's ranks would have to capture each bucket together).
+        self.mixed_graphs: MixedGraphs | None = None
         if device.type == "cuda":
             self.decode_graphs = DecodeGraphs(
                 model,
@@ -84,6 +97,16 @@ class ModelRunner:
             )
             if not self.in_group:
                 self.graph_buckets = self.decode_graphs.buckets
+                self.mixed_graphs = MixedGraphs(
+                    model,
+                    device,
+                    max_num_seqs,
+                    max_num_batched_tokens or max_model_len,
+                    -(-max_model_len // block_size),
+                    block_size,
+                    SCRATCH_BLOCK,
+                    self.decode_graphs,
+                )
         # Not a rank of a tensor-parallel group: the host may launch a step before it has read
         # the tokens of the one before (the other ranks would need them on their host).
         self.is_alone = send_step is None and not self.in_group
@@ -96,6 +119,7 @@ class ModelRunner:
         pages back to the pool."""
         self.decode_graphs = None
         self.graph_buckets = None
+        self.mixed_graphs = None
         for attention in self.model.attention_layers():
             attention.k_cache = attention.v_cache = None
         self.model = None
@@ -244,11 +268,18 @@ class ModelRunner:
         if bucket is not None and self.decode_graphs is not None:
             self.last_step_kind = "decode-graph"
             return self.decode_graphs.run(inputs, bucket, fill, previous), None
-        # A prefill or mixed step, or a decode batch whose graph is not captured yet.
-        if decode:
+        if decode:  # its graph is not captured yet
             self.last_step_kind = "decode-eager"
-        else:
-            self.last_step_kind = "mixed" if 1 in inputs.query_lens else "prefill"
+            return self._forward(inputs, fill, previous)
+        kind = "mixed" if 1 in inputs.query_lens else "prefill"
+        if self.mixed_graphs is not None:
+            bucket = self.mixed_graphs.fits(inputs)
+            if bucket is not None:
+                self.last_step_kind = f"{kind}-graph"
+                return self.mixed_graphs.run(inputs, bucket, fill, previous), None
+            if not inputs.prompt_rows:
+                self.mixed_graphs.buckets.note_eager(len(inputs.input_ids))
+        self.last_step_kind = kind
         return self._forward(inputs, fill, previous)
 
     @torch.inference_mode()

@@ -31,6 +31,9 @@ class AttentionMetadata:
     # [seqs + 1] where each sequence's queries start among the step's tokens (cu_seqlens), the
     # last entry the token count: the GPU prefill kernel finds its sequence with it.
     query_start: torch.Tensor | None = None
+    # A captured graph's step (engine/mixed_graphs.py): sequences and tokens padded, host
+    # lengths unknown at capture, so it takes the paged kernel whatever it holds.
+    padded: bool = False
 
 
 def write_kv(
@@ -100,7 +103,8 @@ def paged_prefill(
     positions, and a sequence may bring a whole prompt, a chunk after cached tokens, or one
     decode token. With a sliding window, each query sees only the last `sliding_window`
     positions (its own included)."""
-    if len(meta.query_lens) == 1 and meta.query_lens[0] == meta.context_lens_host[0]:
+    whole_prompt = len(meta.query_lens) == 1 and not meta.padded
+    if whole_prompt and meta.query_lens[0] == meta.context_lens_host[0]:
         # One whole prompt (a first token): this step's keys are its whole context, and the
         # fused dense kernels (flash on GPU) are the fastest way through it.
         return attend_one_sequence(q, k, v, scale, sliding_window)
