@@ -112,6 +112,9 @@ def test_bench_trace_quick_counts_refusals_and_loads(tmp_path):
     assert sequential["failed"] == 0, sequential["first_errors"]
     assert sequential["latency_over_ideal"] > 0
     assert set(sequential["ttft_ms"]) == DISTRIBUTION
+    # Its models do not fit together: the all-resident ratio is no target for it.
+    assert sequential["evictions"] > 0
+    assert not any(row["target"].startswith("sequential") for row in results["targets"])
     # Every model swapped in once more after an unload, set against its weights' copy floor.
     assert set(results["swaps"]) == {"m0-tiny", "m1-tiny-opt"}
     for swap in results["swaps"].values():
