@@ -82,8 +82,9 @@ class ModelCollector:
     def _step_times(self) -> HistogramMetricFamily:
         steps = HistogramMetricFamily(
             "warmserve_engine_step_seconds",
-            "Host time of a model's engine steps that yielded tokens, by kind: decode-graph "
-            "(a captured CUDA graph), decode-eager, mixed (decodes beside prompt tokens), prefill",
+            "Host time of a model's engine steps that yielded tokens, by kind: decode, mixed "
+            "(decodes beside prompt tokens) or prefill, each from a captured CUDA graph (-graph) "
+            "or eager",
             labels=["model", "kind"],
         )
         return add_histograms(steps, self.controller.step_stats)
