@@ -120,7 +120,7 @@ def test_a_prompt_whose_tokens_are_scored_is_never_chunked():
 
 
 def test_a_step_that_decodes_carries_few_prompt_tokens_one_without_decodes_many():
-    limits = SchedulerLimits(8, 256, 128, max_prefill_tokens_beside_decodes=8)
+    limits = SchedulerLimits(8, 256, 128, prefill_tokens_beside_decodes=8)
     scheduler = Scheduler(limits, BlockManager(64, BLOCK_SIZE), eos_token_ids=[EOS])
     first, second = make_seq("first", 30), make_seq("second", 30)
     scheduler.add(first)
@@ -148,6 +148,22 @@ def test_a_step_that_decodes_carries_few_prompt_tokens_one_without_decodes_many(
         ("second", 1),
         ("third", 8),
         ("scored", 40),
+    ]
+
+
+def test_the_prompt_budget_beside_decodes_is_the_engines_to_set():
+    limits = SchedulerLimits(8, 256, 128, prefill_tokens_beside_decodes=8)
+    scheduler = Scheduler(limits, BlockManager(64, BLOCK_SIZE), eos_token_ids=[EOS])
+    assert scheduler.prompt_budget == 8
+    first, second = make_seq("first", 30), make_seq("second", 30)
+    scheduler.add(first)
+    step(scheduler)
+    scheduler.add(second)
+    scheduler.prompt_budget = 12  # as the engine sets it from its step times
+    batch = step(scheduler)
+    assert [(seq.request_id, seq.num_scheduled_tokens) for seq in batch] == [
+        ("first", 1),
+        ("second", 12),
     ]
 
 

@@ -89,12 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"sequences each model runs at once (default {EngineConfig.max_num_seqs})",
     )
     serve.add_argument(
-        "--max-prefill-tokens-beside-decodes",
+        "--prefill-tokens-beside-decodes",
         type=_positive_int,
-        default=EngineConfig.max_prefill_tokens_beside_decodes,
-        help="prompt tokens a step may carry while it also decodes running streams: smaller "
-        "keeps their inter-token latency even, larger admits prompts faster (default "
-        f"{EngineConfig.max_prefill_tokens_beside_decodes})",
+        default=EngineConfig.prefill_tokens_beside_decodes,
+        help="prompt tokens a step may carry while it also decodes running streams, at least: "
+        "smaller keeps their inter-token latency even, larger admits prompts faster (default "
+        f"{EngineConfig.prefill_tokens_beside_decodes})",
+    )
+    serve.add_argument(
+        "--prompt-step-time-ratio",
+        type=_time_ratio,
+        default=EngineConfig.prompt_step_time_ratio,
+        help="once a model has run steps, a step that decodes carries more prompt tokens while "
+        "it stays within this many decode steps' time, as measured; 0: never more than "
+        f"--prefill-tokens-beside-decodes (default {EngineConfig.prompt_step_time_ratio})",
     )
     serve.add_argument(
         "--async-scheduling",
@@ -237,6 +245,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _time_ratio(text: str) -> float:
+    value = float(text)
+    if not (value == 0 or 1 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be 0 or a number of at least 1, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -289,7 +304,8 @@ def run_serve(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         engine=EngineConfig(
             max_num_seqs=args.max_num_seqs,
-            max_prefill_tokens_beside_decodes=args.max_prefill_tokens_beside_decodes,
+            prefill_tokens_beside_decodes=args.prefill_tokens_beside_decodes,
+            prompt_step_time_ratio=args.prompt_step_time_ratio,
             async_scheduling=args.async_scheduling,
         ),
     )

@@ -177,7 +177,11 @@ class EngineConfig:
     # lengthens that step's inter-token gap for every stream (about 2.3 ms per 100 tokens at an
     # 8B shape on an H200), so chunks beside decodes are kept small; a step with no decode takes
     # up to max_num_batched_tokens. (vLLM's chunked prefill defaulted to 512 for the same reason.)
-    max_prefill_tokens_beside_decodes: int = 512
+    # Once the model has run steps, more while such a step stays within prompt_step_time_ratio
+    # decode steps' time (engine/prompt_budget.py; 0: never more): a small model's prompt
+    # chunks cost its streams little, and fewer, larger ones admit prompts in fewer steps.
+    prefill_tokens_beside_decodes: int = 512
+    prompt_step_time_ratio: float = 2.5
     # Launch each step before the tokens of the one before are on the host, so that the host's
     # scheduling and input building overlap the device's work (vLLM's --async-scheduling).
     # Requests with penalties, log-probabilities or a grammar still wait for the step before.

@@ -3,6 +3,7 @@ worker that holds the model (the lead rank with tensor parallelism). engine_buil
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from warmserve.engine.kv_pool import KVPool
 from warmserve.engine.kv_region import KVRegion
 from warmserve.engine.launched_step import LaunchedStep
 from warmserve.engine.model_runner import ModelRunner
+from warmserve.engine.prompt_budget import PromptBudget
 from warmserve.engine.scheduler import Scheduler
 from warmserve.engine.sequence import Sequence, SequenceStatus
 from warmserve.engine.skeletons import SKELETONS, Skeleton
@@ -74,6 +76,9 @@ class Engine:
         self.in_flight: LaunchedStep | None = None
         self.host_token_requests: set[str] = set()
         self.last_step_kind: str | None = None  # of model_runner.STEP_KINDS; None: none launched
+        # How many prompt tokens a step that decodes may carry (the scheduler's prompt_budget),
+        # from the times of the synchronous steps.
+        self.prompt_budget = PromptBudget(scheduler.prompt_budget, scheduler.prompt_budget, 0)
 
     @property
     def kv_region(self) -> KVRegion:
@@ -177,6 +182,7 @@ class Engine:
             for request_id, error in self.structured_outputs.admit_compiled(self.scheduler):
                 self._forget(request_id)
                 self.failures.append((request_id, error))
+        started = time.perf_counter()
         seqs = self.scheduler.schedule()
         launched = self._launch(seqs) if seqs else None
         self.last_step_kind = self.runner.last_step_kind if launched is not None else None
@@ -185,7 +191,15 @@ class Engine:
             outputs += self._resolve(previous)
         if not self._overlaps():
             outputs += self.resolve_in_flight()
+            if previous is None and seqs:  # this step's own time: nothing overlapped it
+                self._time_prompt_budget(seqs, time.perf_counter() - started)
         return outputs
+
+    def _time_prompt_budget(self, seqs: list[Sequence], seconds: float) -> None:
+        prompt_tokens = sum(n for seq in seqs if (n := seq.num_scheduled_tokens) > 1)
+        decodes = sum(seq.num_scheduled_tokens == 1 for seq in seqs)
+        self.prompt_budget.observe(seconds, prompt_tokens, decodes)
+        self.scheduler.prompt_budget = self.prompt_budget.tokens
 
     def resolve_in_flight(self) -> list[TokenOutput]:
         """The tokens of the step in flight, now: the worker calls it when another model steps

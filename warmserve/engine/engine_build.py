@@ -20,6 +20,7 @@ from warmserve.engine.engine import Engine
 from warmserve.engine.kv_pool import InsufficientMemory, KVPool
 from warmserve.engine.kv_region import KVRegion
 from warmserve.engine.model_runner import ModelRunner
+from warmserve.engine.prompt_budget import PromptBudget
 from warmserve.engine.scheduler import Scheduler, SchedulerLimits
 from warmserve.layers import parallel
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_json
@@ -220,7 +221,7 @@ def _build(
     limits = SchedulerLimits(
         max_num_seqs=engine_config.max_num_seqs,
         max_num_batched_tokens=engine_config.max_num_batched_tokens,
-        max_prefill_tokens_beside_decodes=engine_config.max_prefill_tokens_beside_decodes,
+        prefill_tokens_beside_decodes=engine_config.prefill_tokens_beside_decodes,
         max_model_len=limit,
     )
     block_manager = BlockManager(
@@ -234,6 +235,15 @@ def _build(
     engine = Engine(config, runner, scheduler, weights_bytes)
     engine.activation_bytes = memory.activation_bytes
     engine.async_scheduling = engine_config.async_scheduling
+    # A budget that keeps such steps within the largest prompt-step graph: past it they would
+    # run eagerly, several times slower for a small model.
+    ceiling = engine_config.max_num_batched_tokens
+    if runner.mixed_graphs is not None:
+        graphed = runner.mixed_graphs.buckets.sizes[-1] - engine_config.max_num_seqs
+        ceiling = max(scheduler.prompt_budget, min(ceiling, graphed))
+    engine.prompt_budget = PromptBudget(
+        scheduler.prompt_budget, ceiling, engine_config.prompt_step_time_ratio
+    )
     engine.kv_pool, engine.kv_owner = kv_pool, kv_owner
     engine.owns_kv_pool = owns_kv_pool
     engine.skeleton_key, engine.skeleton = skeleton_key, skeleton

@@ -27,7 +27,7 @@ from warmserve.layers.attention import AttentionMetadata
 from warmserve.protocol import StepInputs
 
 # Token counts of the captured steps. A chunk beside decodes is at most
-# max_prefill_tokens_beside_decodes (512) plus a token per decode; longer prefill-only steps run
+# prefill_tokens_beside_decodes (512) plus a token per decode; longer prefill-only steps run
 # eagerly, GPU-bound enough that a launch per kernel costs little, and a larger bucket would keep
 # more activation memory in the graphs' pool.
 TOKEN_BUCKETS = (32, 64, 128, 256, 384, 512, 640, 768, 1024)

@@ -3,9 +3,10 @@ prompts into the same batch while the token and sequence budgets allow. Decodes 
 prompt longer than what is left of the step's token budget is prefilled in chunks over several
 steps (chunked prefill), so that no step runs more than `max_num_batched_tokens` tokens and a
 long prompt never holds the running streams (or the other models of the worker) back for long.
-A step that decodes carries at most `max_prefill_tokens_beside_decodes` prompt tokens: every
-running stream waits for that step, so its prompt share is kept small. A prompt whose tokens are
-scored (prompt log-probabilities) is computed whole.
+A step that decodes carries at most `prompt_budget` prompt tokens (the engine sets it from the
+step times it measures, engine/prompt_budget.py): every running stream waits for that step, so
+its prompt share is kept small. A prompt whose tokens are scored (prompt log-probabilities) is
+computed whole.
 
 A step is committed when it is launched (its tokens count as computed, and each sequence it
 samples for holds a placeholder for the token to come) and resolved once its tokens are known.
@@ -33,7 +34,8 @@ class SchedulerLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
-    max_prefill_tokens_beside_decodes: int | None = None  # None: max_num_batched_tokens
+    # The prompt tokens a step that decodes carries at first; None: max_num_batched_tokens.
+    prefill_tokens_beside_decodes: int | None = None
 
 
 class Scheduler:
@@ -44,6 +46,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prompt_budget = limits.prefill_tokens_beside_decodes or limits.max_num_batched_tokens
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -76,7 +79,7 @@ class Scheduler:
         budget = self.limits.max_num_batched_tokens
         prompt_budget = budget
         if any(seq.num_new_tokens == 1 for seq in running):  # the step decodes
-            prompt_budget = self.limits.max_prefill_tokens_beside_decodes or budget
+            prompt_budget = self.prompt_budget
         for seq in running:
             chunk = self._chunk(seq, budget, prompt_budget)
             if chunk:
