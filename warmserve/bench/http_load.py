@@ -239,29 +239,31 @@ def serving_metrics(run: LoadRun) -> dict:
     }
 
 
+def _samples(text: str):
+    """Every sample of a Prometheus text exposition, with its family's name."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            yield family.name, sample
+
+
 def prometheus_totals(text: str, names: Sequence[str]) -> dict[str, float]:
-    """The sum over label sets of each named metric in a Prometheus text exposition."""
+    """The sum over label sets of each named sample (as the exposition spells it)."""
     totals = dict.fromkeys(names, 0.0)
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        metric, _, value = line.rpartition(" ")
-        name = metric.split("{", 1)[0]
-        if name in totals:
-            totals[name] += float(value)
+    for _, sample in _samples(text):
+        if sample.name in totals:
+            totals[sample.name] += sample.value
     return totals
 
 
 def engine_step_totals(text: str) -> dict[str, tuple[float, float]]:
     """Per step kind: (steps, seconds) of `warmserve_engine_step_seconds`, over every model."""
     totals: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "warmserve_engine_step_seconds":
+    for family, sample in _samples(text):
+        if family != "warmserve_engine_step_seconds":
             continue
-        for sample in family.samples:
-            field = {"_count": 0, "_sum": 1}.get(sample.name.removeprefix(family.name))
-            if field is not None:
-                totals.setdefault(sample.labels["kind"], [0.0, 0.0])[field] += sample.value
+        field = {"_count": 0, "_sum": 1}.get(sample.name.removeprefix(family))
+        if field is not None:
+            totals.setdefault(sample.labels["kind"], [0.0, 0.0])[field] += sample.value
     return {kind: (steps, seconds) for kind, (steps, seconds) in totals.items()}
 
 
