@@ -102,29 +102,43 @@ class DecodeGraphs:
         if self.staging is None:  # pinning costs time: not at load, with the first capture
             self.staging = torch.zeros_like(self.static, device="cpu").pin_memory()
             self.staging[4 * self.size :] = self.scratch_block
-        # Captured by hand rather than with torch.cuda.graph, which synchronizes the device and
-        # empties the allocator's cache first: that would stall every other model this worker
-        # is serving. Thread-local capture leaves the worker's DMA-registration thread free.
-        current = torch.cuda.current_stream(self.device)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(current)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            # The warm-up runs for real: with the last replay's rows still in the buffer it
-            # would write keys and values into slots that other sequences may hold by now (a
-            # block freed and handed out again, or cached as a prefix). Every row points at the
-            # scratch block instead; the next step copies its rows in whole from `staging`.
+
+        def point_at_scratch() -> None:
+            # With the last replay's rows still in the buffer, the warm-up would write keys and
+            # values into slots that other sequences may hold by now (a block freed and handed
+            # out again, or cached as a prefix). The next step copies its rows in whole from
+            # `staging`.
             self.input_ids.zero_()
             self.positions.zero_()
             self.slot_mapping.fill_(self.scratch_block * self.block_size)
             self.context_lens.fill_(1)
             self.block_tables.fill_(self.scratch_block)
-            self._forward(bucket)  # warm-up outside the graph, as capture requires
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-            try:
-                self.logits[bucket] = self._forward(bucket)
-            finally:
-                graph.capture_end()
-        current.wait_stream(stream)
+
+        graph, self.logits[bucket] = capture_graph(
+            self.device, self.pool, point_at_scratch, lambda: self._forward(bucket)
+        )
         self.pool = graph.pool()
         self.graphs[bucket] = graph
+
+
+def capture_graph(device: torch.device, pool, point_at_scratch, forward):
+    """Captures `forward` into a CUDA graph that allocates from `pool`; returns the graph and
+    what `forward` returned while captured. Captured by hand rather than with torch.cuda.graph,
+    which synchronizes the device and empties the allocator's cache first: that would stall
+    every other model this worker is serving. Thread-local capture leaves the worker's
+    DMA-registration thread free. The warm-up that capture requires runs for real, after
+    `point_at_scratch` has pointed every row of the inputs at the KV cache's scratch block."""
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(current)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        point_at_scratch()
+        forward()
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            captured = forward()
+        finally:
+            graph.capture_end()
+    current.wait_stream(stream)
+    return graph, captured

@@ -21,6 +21,7 @@ import itertools
 import numpy as np
 import torch
 
+from warmserve.engine.cuda_graphs import capture_graph
 from warmserve.engine.graph_buckets import GraphBuckets
 from warmserve.engine.launched_step import fill_placeholders
 from warmserve.layers.attention import AttentionMetadata
@@ -147,25 +148,17 @@ class MixedGraphs:
     def _capture(self, bucket: int) -> None:
         if self.staging is None:  # pinning costs time: not at load, with the first capture
             self.staging = torch.zeros_like(self.static, device="cpu").pin_memory()
-        current = torch.cuda.current_stream(self.device)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(current)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            # The warm-up runs for real (as in DecodeGraphs._capture): no sequence, every token
-            # written into the scratch block.
+
+        def point_at_scratch() -> None:  # no sequence; every token into the scratch block
             self.input_ids.zero_()
             self.positions.zero_()
             self.slot_mapping.fill_(self.scratch_slot)
             self.context_lens.fill_(1)
             self.last_rows.zero_()
             self.query_start.zero_()
-            self._forward(bucket)
-            graph.capture_begin(pool=self.pool_owner.pool, capture_error_mode="thread_local")
-            try:
-                self._forward(bucket)
-            finally:
-                graph.capture_end()
-        current.wait_stream(stream)
+
+        graph, _ = capture_graph(
+            self.device, self.pool_owner.pool, point_at_scratch, lambda: self._forward(bucket)
+        )
         self.pool_owner.pool = graph.pool()
         self.graphs[bucket] = graph
