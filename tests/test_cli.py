@@ -37,6 +37,16 @@ def test_log_level_is_checked():
         build_parser().parse_args(["serve", "--log-level", "chatty"])
 
 
+def test_the_prompt_step_time_ratio_is_zero_or_at_least_one():
+    parse = build_parser().parse_args
+    assert parse(["serve"]).prompt_step_time_ratio == 2.5
+    assert parse(["serve", "--prompt-step-time-ratio", "0"]).prompt_step_time_ratio == 0
+    assert parse(["serve", "--prompt-step-time-ratio", "1.5"]).prompt_step_time_ratio == 1.5
+    for bad in ("0.5", "-1", "inf"):
+        with pytest.raises(SystemExit):
+            parse(["serve", "--prompt-step-time-ratio", bad])
+
+
 def test_a_bad_registry_entry_stops_serve_before_it_starts(tmp_path):
     (tmp_path / "root").mkdir()
     registry = tmp_path / "models.yaml"
