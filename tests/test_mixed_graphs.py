@@ -1,15 +1,17 @@
 """Steps with prompt tokens replayed from CUDA graphs (engine/mixed_graphs.py): the graph itself
 is scripts/gpu_check.py's to check (greedy output equal to transformers and to eager steps);
-here, on the CPU, how a step is padded up to its bucket, and which steps get one."""
+here, on the CPU, how a step is padded up to its bucket, that the padded forward (what a graph
+captures) gives each sequence the eager step's logits, and which steps get a graph."""
 
 from __future__ import annotations
 
 import torch
 
+from warmserve.config import EngineConfig, SamplingParams
+from warmserve.engine.block_manager import SCRATCH_BLOCK
+from warmserve.engine.engine_build import engine_from_checkpoint
 from warmserve.engine.mixed_graphs import TOKEN_BUCKETS, MixedGraphs
 from warmserve.protocol import StepInputs
-
-SCRATCH_BLOCK = 0
 
 
 def mixed_graphs(max_tokens: int = 64) -> MixedGraphs:
@@ -84,3 +86,54 @@ def test_steps_that_score_prompt_rows_or_exceed_the_buckets_run_eagerly():
     long = dict(positions=list(range(65)), slot_mapping=list(range(65)), query_lens=[65])
     too_long = StepInputs(input_ids=[1] * 65, block_tables=[[1] * 17], context_lens=[65], **long)
     assert graphs.fits(too_long) is None
+
+
+def padded_and_eager_logits(engine, bucket: int):
+    """The logits of the engine's next step run eagerly, and padded to `bucket` tokens and
+    `max_num_seqs` sequences as its graph would run it (the captured forward, called directly:
+    the CPU has no graphs)."""
+    runner = engine.runner
+    seqs = engine.scheduler.schedule()
+    inputs = runner.build_inputs(seqs)
+    eager, _ = runner._forward(inputs)
+    graphs = MixedGraphs(
+        runner.model,
+        torch.device("cpu"),
+        engine.scheduler.limits.max_num_seqs,
+        64,
+        -(-engine.max_model_len // runner.block_size),
+        runner.block_size,
+        SCRATCH_BLOCK,
+        None,
+    )
+    graphs.staging = torch.zeros_like(graphs.static)
+    used = graphs.stage(inputs, bucket)
+    graphs.static[:used] = graphs.staging[:used]  # the step's copy to the device
+    graphs._forward(bucket)
+    return inputs, eager, graphs.logits[: len(seqs)]
+
+
+def test_a_padded_step_gives_each_sequence_the_logits_of_the_eager_step(checkpoint_factory):
+    """A prompt chunk beside two decodes, padded to 64 tokens and 4 sequences: the padding
+    tokens (written into the scratch block) and the padding sequences (no queries) change no
+    real row; likewise a lone prompt, which eagerly takes the dense path."""
+    engine = engine_from_checkpoint(
+        checkpoint_factory("llama"),
+        dtype="float32",
+        engine_config=EngineConfig(max_num_seqs=4),
+        max_model_len=128,
+    )
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.add_request("alone", list(range(30, 50)), greedy)
+    inputs, eager, padded = padded_and_eager_logits(engine, 32)
+    assert inputs.query_lens == [20]
+    torch.testing.assert_close(padded, eager)
+    engine.step()
+    engine.add_request("second", [5, 6, 7], greedy)
+    engine.step()
+    engine.add_request("chunk", list(range(60, 85)), greedy)  # beside two decodes
+    inputs, eager, padded = padded_and_eager_logits(engine, 64)
+    assert sorted(inputs.query_lens) == [1, 1, 25]
+    torch.testing.assert_close(padded, eager)
+    assert padded.argmax(-1).tolist() == eager.argmax(-1).tolist()
+    engine.close()

@@ -136,6 +136,14 @@ def paged_prefill_reference(
     """The oracle for paged_prefill: every key and value read back through the block tables.
     The decode rows of a mixed step (one query each, usually most of its sequences) go through
     the batched decode reference together; each prompt or prompt chunk attends on its own."""
+    if meta.padded:  # a graph's step: its lengths are on the device only
+        starts = meta.query_start.tolist()
+        meta = replace(
+            meta,
+            query_lens=[end - start for start, end in itertools.pairwise(starts)],
+            context_lens_host=meta.context_lens.tolist(),
+            padded=False,
+        )
     out = torch.empty_like(q)
     ends = list(itertools.accumulate(meta.query_lens))
     singles = [i for i, query_len in enumerate(meta.query_lens) if query_len == 1]
@@ -157,7 +165,7 @@ def paged_prefill_reference(
             q.index_select(0, rows), k_cache, v_cache, decode_meta, scale, sliding_window
         )
     for i, query_len in enumerate(meta.query_lens):
-        if query_len == 1:
+        if query_len <= 1:  # a decode row (above), or a padding sequence with no queries
             continue
         context_len, end = meta.context_lens_host[i], ends[i]
         keys = gather_kv(k_cache, meta.block_tables[i], context_len)
