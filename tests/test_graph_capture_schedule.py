@@ -1,8 +1,9 @@
-"""Decode graphs are captured in a worker's idle gaps: never while a resident model has work,
-never by a load, one bucket per gap, smallest first; until its bucket is captured a decode batch
-runs eagerly. The capture is a CUDA operation, so here the schedule runs with a recording capture
-(GraphBuckets is device-free) in a real Worker loop with real engines and real sockets; the
-capture itself is scripts/gpu_check.py's to check."""
+"""A worker's idle-gap work. Decode graphs are captured in its idle gaps: never while a resident
+model has work, never by a load, one bucket per gap, smallest first; until its bucket is
+captured a decode batch runs eagerly; an unloaded model's cache range is unmapped there too.
+The capture is a CUDA operation, so here the schedule runs with a recording capture (GraphBuckets
+is device-free) in a real Worker loop with real engines and real sockets; the capture itself is
+scripts/gpu_check.py's to check."""
 
 from __future__ import annotations
 
@@ -273,3 +274,20 @@ def test_a_model_whose_weight_copy_failed_is_reported_lost_in_an_idle_gap(
     assert "a" not in worker.models.resident
     assert [(type(e), e.deployment) for e in sent] == [(ModelLost, "a")]
     assert "reading the checkpoint failed" in sent[0].error
+
+
+def test_an_unloaded_models_cache_range_is_unmapped_in_the_next_idle_gap(
+    worker, checkpoint_factory
+):
+    """An unload hands the cache's pages back to the pool at once; the range is unmapped when
+    the worker next has nothing to do (engine/kv_pool.py: unmapping is an eviction's slow part)."""
+    worker, _ = worker
+    worker.kv.start()
+    path = str(checkpoint_factory("llama"))
+    worker.load(
+        LoadModel(1, "a", "a", path, None, "float32", 128, EngineConfig(max_num_seqs=2), 0, 1, None)
+    )
+    worker.unload(None, "a")
+    assert worker.kv.retiring and worker.kv.pool.mapped_pages == 0
+    worker.turn()
+    assert not worker.kv.retiring

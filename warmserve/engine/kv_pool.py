@@ -10,6 +10,12 @@ that must grow takes the unused tails of the other regions (never a block a sequ
 On a GPU with virtual memory management the pages are real (`cuda_vmm.DevicePages`); elsewhere
 (CPU workers, CI) `HostPages` keeps the same accounting over an anonymous mapping that the OS
 commits lazily, and an unmapped page's memory is handed back with madvise.
+
+A region that goes (its model unloaded or evicted) hands its pages back at once but stays mapped
+until the worker's next idle gap: unmapping costs the driver about 10 ms a GiB, which an
+eviction would add to the first token of the model it makes room for. A page may be mapped at
+two addresses at once (CUDA's virtual aliasing), so the next model maps it meanwhile; and no
+page goes back to the driver while a retired range still maps it.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ class Reservation(Protocol):
 
 class Pages(Protocol):
     page_bytes: int
+    # Whether a page may be mapped in a new range while a retired one still maps it.
+    aliases: bool
 
     def create(self) -> int | None: ...
 
@@ -82,6 +90,8 @@ class HostReservation:
 
 class HostPages:
     """Page accounting without a device: a page is a number."""
+
+    aliases = True  # each range has its own memory; a page number is accounting only
 
     def __init__(self, page_bytes: int = HOST_PAGE_BYTES):
         self.page_bytes = page_bytes
@@ -125,6 +135,8 @@ class DeviceReservation:
 
 
 class DeviceReservingPages(cuda_vmm.DevicePages):
+    aliases = True
+
     def reserve(self, nbytes: int) -> DeviceReservation:
         return DeviceReservation(self, nbytes)
 
@@ -141,6 +153,8 @@ class AllocatedReservation(HostReservation):
 
 
 class AllocatingPages(HostPages):
+    aliases = False  # a retired range keeps its whole allocation: it goes at once
+
     def __init__(self, device: torch.device):
         super().__init__()
         self.device = device
@@ -180,6 +194,8 @@ class KVPool:
         self.idle: list[int] = []
         self.mapped_pages = 0
         self.regions: list[KVRegion] = []
+        # Ranges of regions that went, still mapped: (reservation, [(offset, pages)]).
+        self.retiring: list[tuple[Reservation, list[tuple[int, int]]]] = []
 
     @classmethod
     def for_device(
@@ -235,7 +251,10 @@ class KVPool:
         return self.total_pages <= limit
 
     def _release_idle(self, count: int) -> None:
-        for _ in range(max(0, min(count, len(self.idle)))):
+        count = max(0, min(count, len(self.idle)))
+        if count and self.retiring:  # a page still mapped there would keep its memory
+            self.finish_retired()
+        for _ in range(count):
             self.pages.release(self.idle.pop())
 
     def _reclaim(self, count: int, requester: KVRegion | None) -> None:
@@ -279,3 +298,23 @@ class KVPool:
 
     def release_all_idle(self) -> None:
         self._release_idle(len(self.idle))
+
+    # ---- regions that went ----------------------------------------------------------------
+
+    def retire(
+        self, reservation: Reservation, spans: list[tuple[int, int]], handles: list[int]
+    ) -> None:
+        """A region's range that no kernel reads any more, mapped at `spans` ((offset, pages)
+        each): its pages are the pool's again at once; the range is unmapped and freed in the
+        worker's next idle gap (finish_retired), or before a page goes back to the driver."""
+        self.retiring.append((reservation, spans))
+        if not self.pages.aliases:
+            self.finish_retired()
+        self.give_back(handles)
+
+    def finish_retired(self) -> None:
+        while self.retiring:
+            reservation, spans = self.retiring.pop()
+            for offset, num_pages in spans:
+                reservation.unmap(offset, num_pages)
+            reservation.free()

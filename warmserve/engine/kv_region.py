@@ -205,15 +205,16 @@ class KVRegion:
             torch.cuda.current_stream(self.device).synchronize()
 
     def release(self) -> None:
-        """Hands every page back to the pool (not to the driver) and frees the reservation."""
+        """Hands every page back to the pool (not to the driver); the range is unmapped and
+        freed later (KVPool.retire)."""
         self._synchronize()
         self.layer_caches = []
-        if self.data_rows:
-            self._unmap_rows(range(0, self.data_rows))
-            self.data_rows = 0
-        if self.row_pages:  # taken at load, never mapped
-            self.pool.give_back([handle for pages in self.row_pages.values() for handle in pages])
-            self.row_pages.clear()
-        self.reservation.free()
+        # Rows [0, data_rows) of every layer's K and V range are mapped.
+        spans = [(index * self.range_bytes, self.data_rows) for index in range(self.num_ranges)]
+        spans = spans if self.data_rows else []
+        handles = [handle for pages in self.row_pages.values() for handle in pages]
+        self.row_pages.clear()
+        self.data_rows = 0
         if self in self.pool.regions:
             self.pool.regions.remove(self)
+        self.pool.retire(self.reservation, spans, handles)

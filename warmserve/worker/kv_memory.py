@@ -46,6 +46,11 @@ class KVMemory:
     def forget(self, deployment: str) -> None:
         self.pool.drop_claim(deployment)
 
+    @property
+    def retiring(self) -> bool:
+        """An unloaded model's cache range is still mapped (see KVPool.retire)."""
+        return self.pool is not None and bool(self.pool.retiring)
+
     def kv_budget(self, others: list[Engine]) -> int:
         """The most a new model's weights, activations and KV cache may ever take: usable
         memory less the other models' footprints (their KV beyond that is elastic)."""

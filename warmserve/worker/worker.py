@@ -153,8 +153,9 @@ class Worker:
             pass
 
     def turn(self) -> bool:
-        """One pass of the loop: the commands waiting, else one engine step, else idle work (a
-        decode graph to capture, memory to release). False once the worker is to stop."""
+        """One pass of the loop: the commands waiting, else one engine step, else idle work (an
+        unloaded cache to unmap, a graph to capture, memory to release). False once the worker
+        is to stop."""
         while self.registered_events:
             self.send(self.registered_events.pop(0))
         self.drain_peers()  # first: a lead waits in a collective for these steps
@@ -164,7 +165,7 @@ class Worker:
         busy = self.models.busy()
         if busy:
             timeout = 0
-        elif self.models.idle_work_pending():
+        elif self.models.idle_work_pending() or self.kv.retiring:
             timeout = CAPTURE_POLL_MS
         else:
             timeout = self.idle_poll_ms()
@@ -175,6 +176,8 @@ class Worker:
             return True  # a peer message: handled at the top of the next turn
         if busy:
             self.models.step_next(busy)
+        elif self.kv.retiring:  # an unloaded model's cache range, still mapped
+            self.kv.pool.finish_retired()
         elif self.models.work_in_idle_gap():
             self.models.report_warm()  # one piece at a time: a command that came goes first
         elif self.release_due is not None and time.monotonic() >= self.release_due:
