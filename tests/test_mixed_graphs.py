@@ -16,7 +16,7 @@ from warmserve.protocol import StepInputs
 
 def mixed_graphs(max_tokens: int = 64) -> MixedGraphs:
     graphs = MixedGraphs(None, torch.device("cpu"), 4, max_tokens, 6, 4, SCRATCH_BLOCK, None)
-    graphs.staging = torch.zeros_like(graphs.static)  # what the first capture pins
+    graphs.inputs.host = torch.zeros_like(graphs.static)  # what the first capture pins
     return graphs
 
 
@@ -47,7 +47,7 @@ def test_a_step_is_padded_with_sequences_without_queries_and_tokens_in_the_scrat
         block_tables=[chunk_table, decode_table],
     )
     used = graphs.stage(inputs, 32)
-    rows, context, last, starts, tables = staged_step(graphs, graphs.staging)
+    rows, context, last, starts, tables = staged_step(graphs, graphs.inputs.host)
     assert rows[0, :6].tolist() == inputs.input_ids and rows[1, :6].tolist() == inputs.positions
     assert rows[2, :6].tolist() == inputs.slot_mapping
     # Padding tokens up to the bucket: id 0 at position 0, written into the scratch block.
@@ -66,7 +66,7 @@ def test_a_running_sequence_writes_only_its_new_blocks():
     table = [3]
     step = dict(positions=[0], slot_mapping=[12], query_lens=[1], context_lens=[1])
     graphs.stage(StepInputs(input_ids=[7], block_tables=[table], **step), 32)
-    *_, tables = staged_step(graphs, graphs.staging)
+    *_, tables = staged_step(graphs, graphs.inputs.host)
     tables[0, 0] = -1  # were the row written again, this would be overwritten
     table.append(9)
     graphs.stage(StepInputs(input_ids=[8], block_tables=[table], **step), 32)
@@ -106,9 +106,9 @@ def padded_and_eager_logits(engine, bucket: int):
         SCRATCH_BLOCK,
         None,
     )
-    graphs.staging = torch.zeros_like(graphs.static)
+    graphs.inputs.host = torch.zeros_like(graphs.static)
     used = graphs.stage(inputs, bucket)
-    graphs.static[:used] = graphs.staging[:used]  # the step's copy to the device
+    graphs.static[:used] = graphs.inputs.host[:used]  # the step's copy to the device
     graphs._forward(bucket)
     return inputs, eager, graphs.logits[: len(seqs)]
 

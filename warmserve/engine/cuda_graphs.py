@@ -41,12 +41,7 @@ class DecodeGraphs:
         self.block_tables = self.static[4 * size :].view(size, max_blocks)
         self.block_tables.fill_(scratch_block)
         self.context_lens.fill_(1)
-        self.staging: torch.Tensor | None = None  # pinned twin of `static`, made at first capture
-        # The block table each staging row holds, and how much of it is written: a sequence's
-        # table only grows while it runs, so a step writes only the blocks added since the last.
-        self.row_tables: list[list[int] | None] = [None] * size
-        self.row_lengths = [0] * size
-        self.staged = None  # the event after the last copy out of `staging`
+        self.inputs = StagedInputs(self.static, size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -56,9 +51,7 @@ class DecodeGraphs:
         captured graph of `bucket`; `fill` and `previous`: the input ids that the step before
         samples on the device (see launched_step.fill_placeholders)."""
         batch = len(inputs.input_ids)
-        if self.staged is not None:
-            self.staged.synchronize()  # the last step's copy has read the staging buffer
-        host = self.staging.numpy()
+        host = self.inputs.host_buffer()
         vectors = host[: 4 * self.size].reshape(4, self.size)
         vectors[0, :batch] = inputs.input_ids
         vectors[1, :batch] = inputs.positions
@@ -68,18 +61,10 @@ class DecodeGraphs:
         # sequence's cache. Columns past a row's table are never read (its context ends there).
         vectors[:, batch:bucket] = [[0], [0], [self.scratch_block * self.block_size], [1]]
         tables = host[4 * self.size :].reshape(self.size, self.max_blocks)
-        for row, table in enumerate(inputs.block_tables):
-            written = self.row_lengths[row] if self.row_tables[row] is table else 0
-            if len(table) > written:
-                tables[row, written : len(table)] = table[written:]
-                self.row_tables[row], self.row_lengths[row] = table, len(table)
+        self.inputs.write_tables(tables, inputs.block_tables)
         tables[batch:bucket, 0] = self.scratch_block
-        for row in range(batch, bucket):
-            self.row_tables[row] = None
-        used = 4 * self.size + bucket * self.max_blocks
-        self.static[:used].copy_(self.staging[:used], non_blocking=True)
-        self.staged = torch.cuda.Event()
-        self.staged.record()
+        self.inputs.forget_rows(range(batch, bucket))
+        self.inputs.send(4 * self.size + bucket * self.max_blocks)
         fill_placeholders(self.input_ids, fill, previous)
         self.graphs[bucket].replay()
         return self.logits[bucket][:batch]
@@ -99,15 +84,14 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self, bucket: int) -> None:
-        if self.staging is None:  # pinning costs time: not at load, with the first capture
-            self.staging = torch.zeros_like(self.static, device="cpu").pin_memory()
-            self.staging[4 * self.size :] = self.scratch_block
+        if self.inputs.pin():
+            self.inputs.host[4 * self.size :] = self.scratch_block
 
         def point_at_scratch() -> None:
             # With the last replay's rows still in the buffer, the warm-up would write keys and
             # values into slots that other sequences may hold by now (a block freed and handed
             # out again, or cached as a prefix). The next step copies its rows in whole from
-            # `staging`.
+            # the host twin.
             self.input_ids.zero_()
             self.positions.zero_()
             self.slot_mapping.fill_(self.scratch_block * self.block_size)
@@ -119,6 +103,53 @@ class DecodeGraphs:
         )
         self.pool = graph.pool()
         self.graphs[bucket] = graph
+
+
+class StagedInputs:
+    """A graph's inputs: one static device buffer that its graphs read, and a pinned twin on the
+    host that each step fills and copies over in one asynchronous copy. A sequence's block
+    table only grows while it runs, so a step writes only the blocks added to each row's table
+    since the last step (the table each row holds, and how much of it is written)."""
+
+    def __init__(self, static: torch.Tensor, rows: int):
+        self.static = static
+        self.host: torch.Tensor | None = None  # made at the first capture (see pin)
+        self.row_tables: list[list[int] | None] = [None] * rows
+        self.row_lengths = [0] * rows
+        self.copied: torch.cuda.Event | None = None  # after the last copy out of `host`
+
+    def pin(self) -> bool:
+        """Makes the pinned twin (zeros), at the first capture rather than at load: pinning
+        costs time. True when it made it."""
+        if self.host is not None:
+            return False
+        self.host = torch.zeros_like(self.static, device="cpu").pin_memory()
+        return True
+
+    def host_buffer(self):
+        """The twin as a numpy array, once the last step's copy has read it."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.numpy()
+
+    def write_tables(self, tables, block_tables: list[list[int]]) -> None:
+        """Writes each row's table into `tables` (a view of the twin), new blocks only."""
+        for row, table in enumerate(block_tables):
+            written = self.row_lengths[row] if self.row_tables[row] is table else 0
+            if len(table) > written:
+                tables[row, written : len(table)] = table[written:]
+                self.row_tables[row], self.row_lengths[row] = table, len(table)
+
+    def forget_rows(self, rows: range) -> None:
+        """These rows' tables were overwritten: the next step writes them whole."""
+        for row in rows:
+            self.row_tables[row] = None
+
+    def send(self, used: int) -> None:
+        """Copies the twin's first `used` elements to the device buffer."""
+        self.static[:used].copy_(self.host[:used], non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
 
 
 def capture_graph(device: torch.device, pool, point_at_scratch, forward):

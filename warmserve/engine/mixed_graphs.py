@@ -21,7 +21,7 @@ import itertools
 import numpy as np
 import torch
 
-from warmserve.engine.cuda_graphs import capture_graph
+from warmserve.engine.cuda_graphs import StagedInputs, capture_graph
 from warmserve.engine.graph_buckets import GraphBuckets
 from warmserve.engine.launched_step import fill_placeholders
 from warmserve.layers.attention import AttentionMetadata
@@ -71,10 +71,7 @@ class MixedGraphs:
             3 * tokens : self.vectors
         ].split([max_seqs, max_seqs, max_seqs + 1])
         self.block_tables = self.static[self.vectors :].view(max_seqs, max_blocks)
-        self.staging: torch.Tensor | None = None  # pinned twin of `static`, made at first capture
-        self.row_tables: list[list[int] | None] = [None] * max_seqs  # as in DecodeGraphs
-        self.row_lengths = [0] * max_seqs
-        self.staged = None  # the event after the last copy out of `staging`
+        self.inputs = StagedInputs(self.static, max_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: torch.Tensor | None = None  # [max_seqs, vocab], written by every graph
 
@@ -85,11 +82,11 @@ class MixedGraphs:
             return None
         return self.buckets.replayable(len(inputs.input_ids))
 
-    def stage(self, inputs: StepInputs, bucket: int):
-        """Writes the step, padded to `bucket`, into the pinned staging buffer; returns the
-        number of its leading elements to copy."""
+    def stage(self, inputs: StepInputs, bucket: int) -> int:
+        """Writes the step, padded to `bucket`, into the inputs' host twin; returns the number
+        of its leading elements to copy."""
         tokens, seqs = len(inputs.input_ids), len(inputs.query_lens)
-        host = self.staging.numpy()
+        host = self.inputs.host_buffer()
         rows = host[: 3 * self.tokens].reshape(3, self.tokens)
         rows[0, :tokens] = inputs.input_ids
         rows[1, :tokens] = inputs.positions
@@ -106,22 +103,13 @@ class MixedGraphs:
         starts[1 : seqs + 1] = ends
         starts[seqs + 1 :] = tokens  # padding sequences: no queries
         tables = host[self.vectors :].reshape(self.max_seqs, self.max_blocks)
-        for row, table in enumerate(inputs.block_tables):
-            written = self.row_lengths[row] if self.row_tables[row] is table else 0
-            if len(table) > written:
-                tables[row, written : len(table)] = table[written:]
-                self.row_tables[row], self.row_lengths[row] = table, len(table)
+        self.inputs.write_tables(tables, inputs.block_tables)
         return self.vectors + seqs * self.max_blocks
 
     def run(self, inputs: StepInputs, bucket: int, fill=None, previous=None) -> torch.Tensor:
         """Logits [seqs, vocab] of each sequence's last row; `fill` and `previous` as for a
         decode graph (launched_step.fill_placeholders)."""
-        if self.staged is not None:
-            self.staged.synchronize()  # the last step's copy has read the staging buffer
-        used = self.stage(inputs, bucket)
-        self.static[:used].copy_(self.staging[:used], non_blocking=True)
-        self.staged = torch.cuda.Event()
-        self.staged.record()
+        self.inputs.send(self.stage(inputs, bucket))
         fill_placeholders(self.input_ids, fill, previous)
         self.graphs[bucket].replay()
         return self.logits[: len(inputs.query_lens)]
@@ -146,8 +134,7 @@ class MixedGraphs:
 
     @torch.inference_mode()
     def _capture(self, bucket: int) -> None:
-        if self.staging is None:  # pinning costs time: not at load, with the first capture
-            self.staging = torch.zeros_like(self.static, device="cpu").pin_memory()
+        self.inputs.pin()
 
         def point_at_scratch() -> None:  # no sequence; every token into the scratch block
             self.input_ids.zero_()
