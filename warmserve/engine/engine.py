@@ -296,11 +296,11 @@ class Engine:
         """Which model's idle work goes first (smaller first): KV pages to map, kernels to
         warm, then decode graphs before prompt-step graphs, the smallest bucket first."""
         unmapped = self.runner.kv_region.unmapped_rows
-        pending = [buckets for buckets in self._graph_schedules() if buckets.pending]
+        pending = [(i, b) for i, b in enumerate(self._graph_schedules()) if b.pending]
         if unmapped or not pending:
             return not unmapped, self.runner.step_kernels_warm, 0, 0
-        schedule = self._graph_schedules().index(pending[0])
-        return True, self.runner.step_kernels_warm, schedule, pending[0].next_size
+        schedule, buckets = pending[0]
+        return True, self.runner.step_kernels_warm, schedule, buckets.next_size
 
     def do_idle_work(self) -> None:
         """One piece of idle-gap work: the KV pages the load took, mapped; the step kernels'

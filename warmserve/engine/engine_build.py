@@ -210,8 +210,8 @@ def _build(
             region,
             engine_config.max_num_seqs,
             limit,
-            send_step,
             engine_config.max_num_batched_tokens,
+            send_step,
         )
     except BaseException:
         if region is not None:

@@ -59,12 +59,12 @@ class ModelRunner:
         kv_region: KVRegion,
         max_num_seqs: int,
         max_model_len: int,
+        max_num_batched_tokens: int,
         send_step: Callable[[StepInputs], None] | None = None,
-        max_num_batched_tokens: int = 0,
     ):
         """`send_step`: the lead rank of a tensor-parallel model hands each step's inputs to
-        the other ranks with it. `max_num_batched_tokens`: the most tokens a step carries (the
-        largest prompt-step graph)."""
+        the other ranks with it. `max_num_batched_tokens`: the most tokens a step carries, which
+        bounds the prompt-step graphs."""
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -101,7 +101,7 @@ class ModelRunner:
                     model,
                     device,
                     max_num_seqs,
-                    max_num_batched_tokens or max_model_len,
+                    max_num_batched_tokens,
                     -(-max_model_len // block_size),
                     block_size,
                     SCRATCH_BLOCK,
