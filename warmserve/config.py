@@ -176,11 +176,12 @@ class EngineConfig:
     # The prompt tokens a step may carry while it also decodes running streams: a prompt chunk
     # lengthens that step's inter-token gap for every stream (about 2.3 ms per 100 tokens at an
     # 8B shape on an H200), so chunks beside decodes are kept small; a step with no decode takes
-    # up to max_num_batched_tokens. (vLLM's chunked prefill defaulted to 512 for the same reason.)
-    # Once the model has run steps, more while such a step stays within prompt_step_time_ratio
-    # decode steps' time (engine/prompt_budget.py; 0: never more): a small model's prompt
-    # chunks cost its streams little, and fewer, larger ones admit prompts in fewer steps.
-    prefill_tokens_beside_decodes: int = 512
+    # up to max_num_batched_tokens. Once the model has run steps, more while such a step stays
+    # within prompt_step_time_ratio decode steps' time (engine/prompt_budget.py; 0: never
+    # more): a small model's prompt chunks cost its streams little, and fewer, larger ones
+    # admit prompts in fewer steps. The floor is below vLLM's 512 because at 512 an 8B-shaped
+    # model's mixed step already took 2.7 decode steps on an H200 (ITL p99 3.2x its median).
+    prefill_tokens_beside_decodes: int = 256
     prompt_step_time_ratio: float = 2.5
     # Launch each step before the tokens of the one before are on the host, so that the host's
     # scheduling and input building overlap the device's work (vLLM's --async-scheduling).
