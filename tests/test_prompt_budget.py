@@ -59,10 +59,16 @@ def test_a_ratio_of_zero_keeps_the_configured_budget():
     assert budget.tokens == 512
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("ratio", [0, 1000])
-def test_an_engine_sets_its_schedulers_budget_from_its_own_steps(checkpoint_factory, ratio):
+def test_an_engine_sets_its_schedulers_budget_from_its_own_steps(
+    checkpoint_factory, ratio, async_scheduling
+):
     config = EngineConfig(
-        max_num_batched_tokens=128, prefill_tokens_beside_decodes=16, prompt_step_time_ratio=ratio
+        max_num_batched_tokens=128,
+        prefill_tokens_beside_decodes=16,
+        prompt_step_time_ratio=ratio,
+        async_scheduling=async_scheduling,
     )
     engine = engine_from_checkpoint(
         checkpoint_factory("llama"), dtype="float32", engine_config=config, max_model_len=256

@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         "requests with penalties, logprobs or a grammar still wait for the step before",
     )
     serve.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="kernels whose result for a token does not depend on the batch it runs in, so "
+        "that greedy output is the same however many requests run beside it (GPU only; "
+        "slower; as vLLM's batch-invariant mode)",
+    )
+    serve.add_argument(
         "--max-queued-requests",
         type=_non_negative_int,
         default=256,
@@ -307,6 +314,7 @@ def run_serve(args: argparse.Namespace) -> int:
             prefill_tokens_beside_decodes=args.prefill_tokens_beside_decodes,
             prompt_step_time_ratio=args.prompt_step_time_ratio,
             async_scheduling=args.async_scheduling,
+            batch_invariant=args.batch_invariant,
         ),
     )
     if args.models:

@@ -187,6 +187,10 @@ class EngineConfig:
     # scheduling and input building overlap the device's work (vLLM's --async-scheduling).
     # Requests with penalties, log-probabilities or a grammar still wait for the step before.
     async_scheduling: bool = False
+    # Kernels whose result for a token does not depend on what else a step runs, so that a
+    # greedy request's tokens do not depend on the load (layers/batch_invariance.py); slower,
+    # GPU only, as vLLM's batch-invariant mode.
+    batch_invariant: bool = False
     block_size: int = 16
     # A fixed KV cache size; None (the default): the cache is elastic, drawn from the worker's
     # KV pool as the model needs blocks, up to what the other models leave free.

@@ -94,18 +94,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the server process under cProfile and write its statistics to PATH when it "
         "stops (python -m pstats PATH): where its CPU time goes",
     )
-    parser.add_argument(
-        "--async-scheduling",
-        action="store_true",
-        help="the server with --async-scheduling, and the Python API and the engine alone with "
-        "the same engine setting",
-    )
+    for flag in ENGINE_FLAGS:
+        parser.add_argument(
+            flag,
+            action="store_true",
+            help=f"the server with {flag}, and the Python API and the engine alone with the "
+            "same engine setting",
+        )
     parser.add_argument(
         "--json-schema",
         action="store_true",
         help="also run each fixed-length concurrency with every request's output constrained "
         "by a JSON schema (response_format), to measure what the grammar mask costs",
     )
+
+
+# `warmserve serve` flags of the engine that the Python API and engine baselines take too.
+ENGINE_FLAGS = ("--async-scheduling", "--batch-invariant")
+
+
+def _attribute(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def engine_flags(args: argparse.Namespace) -> dict[str, bool]:
+    """The EngineConfig fields that the run's engine flags set."""
+    return {_attribute(flag): getattr(args, _attribute(flag)) for flag in ENGINE_FLAGS}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,8 +136,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = bench_checkpoint(Path(args.checkpoints), args.shape, dtype)
         model = args.shape
     serve_args = [*options.quick_serve_args(args), *args.serve_arg]
-    if args.async_scheduling:
-        serve_args.append("--async-scheduling")
+    serve_args += [flag for flag in ENGINE_FLAGS if getattr(args, _attribute(flag))]
     config = model_config(checkpoint)
     context_len = args.max_model_len or config["max_position_embeddings"]
     scenarios = build_scenarios(args, context_len)
@@ -156,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             tuple(args.concurrency),
             args.input_len,
             args.decode_steps,
-            async_scheduling=args.async_scheduling,
+            **engine_flags(args),
         )
         results["comparison"] = comparison(results, args.concurrency)
     results["device"] = options.device_name(device)  # after the runs: see device_name
@@ -323,7 +336,7 @@ async def python_api_runs(device, checkpoint, args, scenarios) -> dict:
     from warmserve import Controller, ServerConfig
     from warmserve.config import EngineConfig
 
-    engine = EngineConfig(async_scheduling=args.async_scheduling)
+    engine = EngineConfig(**engine_flags(args))
     async with Controller(ServerConfig(device=device, workers=1, engine=engine)) as controller:
         await controller.load(MODEL_NAME, str(checkpoint), max_model_len=args.max_model_len)
         while controller.model(MODEL_NAME).warm_seconds is None:  # as the HTTP run waits

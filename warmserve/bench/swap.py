@@ -251,10 +251,11 @@ def decode_timings(
     context: int,
     steps: int,
     hbm_gbps: float | None = None,
-    async_scheduling: bool = False,
+    **engine_flags: bool,
 ) -> dict:
     """Median step time of a full decode batch per batch size; with `hbm_gbps`, also the time
-    the step's bytes (weights + KV cache read) take at that bandwidth."""
+    the step's bytes (weights + KV cache read) take at that bandwidth. `engine_flags`: more
+    EngineConfig fields (async_scheduling, batch_invariant)."""
     from warmserve.engine.engine_build import engine_from_checkpoint
 
     max_len = context + steps + 16
@@ -266,7 +267,7 @@ def decode_timings(
         engine_config=EngineConfig(
             max_num_seqs=max(batches),
             max_num_batched_tokens=8192,
-            async_scheduling=async_scheduling,
+            **engine_flags,
         ),
     )
     kv_per_token = engine.kv_region.block_bytes // engine.scheduler.block_manager.block_size

@@ -3,7 +3,6 @@ worker that holds the model (the lead rank with tensor parallelism). engine_buil
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +12,7 @@ from warmserve.config import SamplingParams
 from warmserve.engine.graph_buckets import GraphBuckets
 from warmserve.engine.kv_pool import KVPool
 from warmserve.engine.kv_region import KVRegion
-from warmserve.engine.launched_step import LaunchedStep
+from warmserve.engine.launched_step import LaunchedStep, StepClock
 from warmserve.engine.model_runner import ModelRunner
 from warmserve.engine.prompt_budget import PromptBudget
 from warmserve.engine.scheduler import Scheduler
@@ -182,7 +181,6 @@ class Engine:
             for request_id, error in self.structured_outputs.admit_compiled(self.scheduler):
                 self._forget(request_id)
                 self.failures.append((request_id, error))
-        started = time.perf_counter()
         seqs = self.scheduler.schedule()
         launched = self._launch(seqs) if seqs else None
         self.last_step_kind = self.runner.last_step_kind if launched is not None else None
@@ -191,15 +189,7 @@ class Engine:
             outputs += self._resolve(previous)
         if not self._overlaps():
             outputs += self.resolve_in_flight()
-            if previous is None and seqs:  # this step's own time: nothing overlapped it
-                self._time_prompt_budget(seqs, time.perf_counter() - started)
         return outputs
-
-    def _time_prompt_budget(self, seqs: list[Sequence], seconds: float) -> None:
-        prompt_tokens = sum(n for seq in seqs if (n := seq.num_scheduled_tokens) > 1)
-        decodes = sum(seq.num_scheduled_tokens == 1 for seq in seqs)
-        self.prompt_budget.observe(seconds, prompt_tokens, decodes)
-        self.scheduler.prompt_budget = self.prompt_budget.tokens
 
     def resolve_in_flight(self) -> list[TokenOutput]:
         """The tokens of the step in flight, now: the worker calls it when another model steps
@@ -219,6 +209,7 @@ class Engine:
             self.weights_ready.order_before(torch.cuda.current_stream(self.runner.device))
             self.weights_ready = None
         generators = [self.generators.get(seq.request_id) for seq in seqs]
+        clock = StepClock(self.runner.device)
         launched = self.runner.launch(
             seqs,
             generators,
@@ -226,6 +217,10 @@ class Engine:
             self.structured_outputs,
             self.in_flight,
         )
+        clock.stop()
+        launched.clock = clock
+        launched.prompt_tokens = sum(n for seq in seqs if (n := seq.num_scheduled_tokens) > 1)
+        launched.decodes = sum(seq.num_scheduled_tokens == 1 for seq in seqs)
         launched.placeholders = self.scheduler.commit(seqs)
         launched.queued(copy_tokens=self._overlaps())
         return launched
@@ -260,7 +255,15 @@ class Engine:
             )
             if seq.finish_reason is not None:
                 self._forget(seq.request_id)
+        self._time_prompt_budget(launched)
         return outputs
+
+    def _time_prompt_budget(self, launched: LaunchedStep) -> None:
+        if launched.clock is None:
+            return
+        seconds = launched.clock.seconds()
+        self.prompt_budget.observe(seconds, launched.prompt_tokens, launched.decodes)
+        self.scheduler.prompt_budget = self.prompt_budget.tokens
 
     @property
     def weight_copy_error(self) -> BaseException | None:

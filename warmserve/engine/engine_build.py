@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from warmserve.config import DTYPE_ITEMSIZE, EngineConfig
+from warmserve.config import DTYPE_ITEMSIZE, ConfigError, EngineConfig
 from warmserve.engine.arena import bindable, default_dtype, model_on_arena
 from warmserve.engine.block_manager import BlockManager
 from warmserve.engine.engine import Engine
@@ -23,6 +23,7 @@ from warmserve.engine.model_runner import ModelRunner
 from warmserve.engine.prompt_budget import PromptBudget
 from warmserve.engine.scheduler import Scheduler, SchedulerLimits
 from warmserve.layers import parallel
+from warmserve.layers.batch_invariance import set_batch_invariant
 from warmserve.loader.checkpoint import Checkpoint, CheckpointError, read_json
 from warmserve.loader.segment_weights import SegmentWeights
 from warmserve.loader.tensors import iter_checkpoint_tensors
@@ -117,6 +118,7 @@ def _build(
 ) -> Engine:
     started = time.perf_counter()
     device = torch.device(device)
+    check_batch_invariance(engine_config, device)
     architecture = model_class(raw_config)
     config = ModelConfig.from_dict(raw_config)
     torch_dtype = resolve_dtype(dtype, config.torch_dtype)
@@ -145,6 +147,7 @@ def _build(
             tensors = weights.tensors() if isinstance(weights, SegmentWeights) else weights
             model.load_weights(tensors)
         model.to(device)  # buffers built on the CPU (rotary frequencies)
+    set_batch_invariant(model, engine_config.batch_invariant)  # a reused skeleton's too
     weights_done = time.perf_counter()
     weights_bytes = sum(
         module._parameters[name].nbytes for module, name in parameter_slots(model).values()
@@ -254,6 +257,18 @@ def _build(
         "kv_cache_s": time.perf_counter() - weights_done,
     }
     return engine
+
+
+def check_batch_invariance(engine_config: EngineConfig, device: torch.device) -> None:
+    if not engine_config.batch_invariant:
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            f"batch-invariant mode needs a CUDA device (its kernels are Triton's), not {device}"
+        )
+    if parallel.current_group().size > 1:
+        # An all-reduce's order of summation depends on the size of what it reduces.
+        raise ConfigError("batch-invariant mode does not cover tensor parallelism")
 
 
 def engine_from_checkpoint(path: str | Path, **kwargs) -> Engine:

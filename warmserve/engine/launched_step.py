@@ -8,6 +8,7 @@ take these tokens on the device (`fill_placeholders`), before the host has seen 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,10 @@ class LaunchedStep:
     prompt_logprobs: list[list[TokenLogprobs] | None] = field(default_factory=list)
     # Each sequence's placeholder index in its token ids (the scheduler's commit), or None.
     placeholders: list[int | None] = field(default_factory=list)
+    # What the step ran besides sampling: its prompt tokens and its decodes, and how long it took.
+    prompt_tokens: int = 0
+    decodes: int = 0
+    clock: StepClock | None = None
     _host: torch.Tensor | None = None
     _done: torch.cuda.Event | None = None
 
@@ -57,6 +62,36 @@ class LaunchedStep:
         """Returns once the device has run the step (its model's memory may go then)."""
         if self._done is not None:
             self._done.synchronize()
+
+
+class StepClock:
+    """How long a step ran, marked around its launch. On a GPU, between two events: from where
+    the device started the step (behind the step before, with asynchronous scheduling) to where
+    it ended, so a step's time is the gap its streams see between two tokens either way. On a
+    CPU the launch itself computes the step."""
+
+    def __init__(self, device: torch.device):
+        self.started = time.perf_counter()
+        self.ended = self.started
+        self._begin = self._end = None
+        if device.type == "cuda":
+            self._begin = torch.cuda.Event(enable_timing=True)
+            self._begin.record()
+
+    def stop(self) -> None:
+        """Once everything the step launches is queued."""
+        if self._begin is None:
+            self.ended = time.perf_counter()
+        else:
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._end.record()
+
+    def seconds(self) -> float:
+        """After the step has ended (its tokens read)."""
+        if self._end is None:
+            return self.ended - self.started
+        self._end.synchronize()
+        return self._begin.elapsed_time(self._end) / 1e3
 
 
 def fill_placeholders(input_ids: torch.Tensor, fill: torch.Tensor | None, previous) -> None:

@@ -8,8 +8,9 @@ least the configured one, and more while a step stays within `time_ratio` decode
 the decode step's time and c the time a prompt token adds, (time_ratio - 1) * D / c tokens
 (Sarathi-Serve sizes its chunks from a latency target in the same way, from an offline profile).
 
-D and c are moving averages over the model's own synchronous steps (an asynchronous step's
-time is not its own), so the budget follows the batch and the device. Pure Python.
+D and c are moving averages over the model's own steps (each step's time as its streams see it,
+launched_step.StepClock: asynchronous steps included), so the budget follows the batch and the
+device. Pure Python.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class PromptBudget:
         self.token_seconds: float | None = None  # c
 
     def observe(self, seconds: float, prompt_tokens: int, decodes: int) -> None:
-        """One synchronous step's time, with the prompt tokens and decodes it ran."""
+        """One step's time, with the prompt tokens and decodes it ran."""
         if decodes == 0 or self.time_ratio <= 0:
             return  # a prefill-only step says nothing about the streams' gap
         if prompt_tokens == 0:

@@ -213,6 +213,8 @@ class PagedAttention(nn.Module):
     """Splits a fused q/k/v projection into heads (normed and rotated as the model asks), writes
     the keys and values into the cache, then attends over the cache."""
 
+    batch_invariant = False  # set by layers/batch_invariance.py
+
     def __init__(
         self,
         num_heads: int,
@@ -264,7 +266,9 @@ class PagedAttention(nn.Module):
             if rotary is not None:
                 q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
             write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
-        if not meta.decode_only:
+        if self.batch_invariant:
+            out = self.attend_batch_invariant(q, meta)
+        elif not meta.decode_only:
             out = paged_prefill(
                 q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window
             )
@@ -279,6 +283,29 @@ class PagedAttention(nn.Module):
                 q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window
             )
         return out.reshape(-1, self.num_heads * self.head_dim)
+
+    def attend_batch_invariant(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Every query through one kernel with one tile shape: a token attends in the same
+        order whether it is a decode, in a prompt chunk or in a whole prompt, and whatever
+        else the step runs (the decode kernel splits the context by the batch's size, and a
+        whole prompt would take flash attention)."""
+        from warmserve.layers.triton_prefill import INVARIANT_ROWS, paged_prefill_kernel
+
+        query_start = meta.query_start
+        if query_start is None:  # a decode graph's step: one query per sequence
+            query_start = torch.arange(q.shape[0] + 1, device=q.device)
+        return paged_prefill_kernel(
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta.block_tables,
+            meta.context_lens,
+            query_start,
+            1,  # unused: the tile shape is fixed
+            self.scale,
+            self.sliding_window,
+            rows=INVARIANT_ROWS,
+        )
 
     def split_heads(self, qkv: torch.Tensor):
         kv_size = self.num_kv_heads * self.head_dim

@@ -32,7 +32,20 @@ def copy_full(param: nn.Parameter, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
+def project(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch_invariant: bool
+) -> torch.Tensor:
+    """F.linear, or with `batch_invariant` the matmul whose rows do not depend on the batch."""
+    if batch_invariant:
+        from warmserve.layers.triton_matmul import invariant_linear  # triton: GPU hosts only
+
+        return invariant_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class LinearBase(nn.Module):
+    batch_invariant = False  # set by layers/batch_invariance.py
+
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
@@ -42,7 +55,7 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return project(x, self.weight, self.bias, self.batch_invariant)
 
 
 class ReplicatedLinear(LinearBase):
@@ -106,8 +119,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = self.group.all_reduce(F.linear(x, self.weight))
+            return project(x, self.weight, self.bias, self.batch_invariant)
+        out = self.group.all_reduce(project(x, self.weight, None, self.batch_invariant))
         if self.bias is not None:
             out = out + self.bias
         return out

@@ -22,6 +22,9 @@ import triton
 import triton.language as tl
 
 KEY_TILE = 64  # keys per loop iteration
+# Tile rows in batch-invariant mode (EngineConfig.batch_invariant), whatever the step holds: the
+# tile shape picks the tensor-core instructions, and with them how a row's sums round.
+INVARIANT_ROWS = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
 
@@ -178,6 +181,7 @@ def paged_prefill_kernel(
     scale: float,
     sliding_window: int | None = None,
     *,
+    rows: int | None = None,
     key_tile: int = KEY_TILE,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
@@ -185,12 +189,16 @@ def paged_prefill_kernel(
     """q: [tokens, heads, head_dim], each sequence's queries back to back from query_start[i]
     (query_start has seqs + 1 entries, the last one `tokens`); they are the sequence's last
     positions, context_lens[i] tokens in all, all of them already in the cache. The keyword
-    arguments tune the launch."""
+    arguments tune the launch; `rows` fixes the rows of a query tile (else chosen from
+    max_query_len)."""
     tokens, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     seqs = block_tables.shape[0]
     group = heads // kv_heads
-    block_m = rows_per_tile(group, max_query_len)
+    if rows is not None:
+        block_m = max(rows, triton.next_power_of_2(group))
+    else:
+        block_m = rows_per_tile(group, max_query_len)
     block_q = block_m // group
     out = torch.empty_like(q)
     _prefill_kernel[(tokens // block_q + seqs, kv_heads)](

@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from warmserve.layers.linear import check_shape
+from warmserve.layers.linear import check_shape, project
 from warmserve.layers.parallel import current_group
 
 
 class VocabParallelEmbedding(nn.Module):
     """Each rank holds a contiguous slice of the vocabulary rows (padded to divide evenly)."""
+
+    batch_invariant = False  # set by layers/batch_invariance.py
 
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
@@ -40,7 +42,7 @@ class VocabParallelEmbedding(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Projects hidden states to the full vocabulary's logits on every rank (tied heads use
         the embedding itself)."""
-        logits = F.linear(hidden, self.weight)
+        logits = project(hidden, self.weight, None, self.batch_invariant)
         if self.tp_size > 1:
             logits = self.group.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

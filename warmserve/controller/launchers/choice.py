@@ -33,7 +33,16 @@ def host_stores(config: ServerConfig, instance: str, on_drop: Callable[[str, str
 def make_launcher(config: ServerConfig, instance: str, cluster) -> Launcher:
     """Local worker processes, or worker actors on the cluster's nodes."""
     if cluster is None:
-        return LocalLauncher(instance, local_slots(config.device, config.workers))
+        slots = local_slots(config.device, config.workers)
+        _check_batch_invariance(config, slots[0].device)
+        return LocalLauncher(instance, slots)
+    _check_batch_invariance(config, config.device)
     from warmserve.controller.launchers.ray_launcher import RayLauncher
 
     return RayLauncher(cluster, config.device, config.workers)
+
+
+def _check_batch_invariance(config: ServerConfig, device: str) -> None:
+    """At start-up rather than at each load (engine_build checks it there too)."""
+    if config.engine.batch_invariant and device == "cpu":
+        raise StartupError("--batch-invariant needs GPU workers: its kernels are Triton's")
