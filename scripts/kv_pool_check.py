@@ -4,7 +4,8 @@
    written and read back, unmapped and mapped elsewhere with their contents;
 2. the paged decode kernel, and a CUDA graph of it captured while the cache was small, give the
    reference attention over blocks that a later growth mapped;
-3. a small random-weight model (bf16): greedy tokens with an elastic cache (graphs captured
+3. a small random-weight model (bf16, batch-invariant kernels: a cache's blocks and graphs may
+   not change how a token rounds, so any difference is a wrong read): greedy tokens with an elastic cache (graphs captured
    while it is small, grown by a batch, shrunk by another claim, grown again, then swapped for
    a second model in the same pool, whose cache maps the first one's pages while its retired
    range still maps them) equal the tokens of a fixed cache;
@@ -161,7 +162,7 @@ def greedy_through_grow_shrink_swap(root: Path) -> dict:
         checkpoint,
         device=DEVICE,
         dtype="bfloat16",
-        engine_config=EngineConfig(max_num_seqs=32, kv_cache_bytes=4 * GIB),
+        engine_config=EngineConfig(max_num_seqs=32, kv_cache_bytes=4 * GIB, batch_invariant=True),
     )
     expected = [workload(fixed, index) for index in range(3)]
     fixed.close()
@@ -175,7 +176,7 @@ def greedy_through_grow_shrink_swap(root: Path) -> dict:
         return create()
 
     pool.pages.create = counting_create
-    elastic = EngineConfig(max_num_seqs=32, min_kv_tokens=16)
+    elastic = EngineConfig(max_num_seqs=32, min_kv_tokens=16, batch_invariant=True)
 
     def load(owner: str) -> Engine:
         return engine_from_checkpoint(

@@ -24,12 +24,10 @@ from warmserve.config import (
     EngineConfig,
     ServerConfig,
 )
+from warmserve.profiling import SERVER_PROFILE_ENV, profiled
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "WARMSERVE_API_KEY"
-# A file path: `serve` runs under cProfile and writes its statistics there when it stops
-# (`bench serve --profile-server` reads them: where the server process's CPU time goes).
-PROFILE_ENV = "WARMSERVE_PROFILE"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,28 +333,12 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return 1
     try:
-        with sock, _profiled(os.environ.get(PROFILE_ENV)):
+        with sock, profiled(os.environ.get(SERVER_PROFILE_ENV)):
             uvloop.run(_serve(config, sock, args.log_level))
     except (StartupError, RegistryError, ConfigError) as exc:
         print(f"warmserve: error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-@contextlib.contextmanager
-def _profiled(stats_path: str | None):
-    if not stats_path:
-        yield
-        return
-    import cProfile
-
-    profiler = cProfile.Profile()
-    profiler.enable()
-    try:
-        yield
-    finally:
-        profiler.disable()
-        profiler.dump_stats(stats_path)
 
 
 async def _serve(config, sock, log_level: str) -> None:

@@ -25,7 +25,7 @@ from warmserve.bench import http_load, options, report
 from warmserve.bench.serve_report import render_markdown, targets
 from warmserve.bench.server_process import BenchServer
 from warmserve.bench.workloads import fixed_lengths, random_prompt, sharegpt_like_lengths
-from warmserve.cli import PROFILE_ENV
+from warmserve.profiling import SERVER_PROFILE_ENV, WORKER_PROFILE_ENV
 
 MODEL_NAME = "bench"
 SEQUENTIAL_CHECKS = 8  # requests of the greedy consistency check sent alone too
@@ -93,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="run the server process under cProfile and write its statistics to PATH when it "
         "stops (python -m pstats PATH): where its CPU time goes",
+    )
+    parser.add_argument(
+        "--profile-worker",
+        metavar="PREFIX",
+        help="run each worker process under cProfile and write its statistics to "
+        "PREFIX.worker<id> when it stops: where the host time of its engine steps goes",
     )
     for flag in ENGINE_FLAGS:
         parser.add_argument(
@@ -267,9 +273,11 @@ async def sweep(
 
 
 async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dict:
-    environment = (
-        {PROFILE_ENV: str(Path(args.profile_server).resolve())} if args.profile_server else {}
-    )
+    environment = {}
+    if args.profile_server:
+        environment[SERVER_PROFILE_ENV] = str(Path(args.profile_server).resolve())
+    if args.profile_worker:
+        environment[WORKER_PROFILE_ENV] = str(Path(args.profile_worker).resolve())
     with BenchServer(device, checkpoint.parent, serve_args, log, environment) as server:
         async with http_load.http_client(server.url) as client:
             body = {"name": MODEL_NAME, "path": checkpoint.name}

@@ -28,6 +28,7 @@ import zmq
 from warmserve.curve import as_client
 from warmserve.engine.warmup import warm_up
 from warmserve.loader.segment_weights import SegmentWeights
+from warmserve.profiling import WORKER_PROFILE_ENV, profiled
 from warmserve.protocol import (
     AbortRequest,
     AddRequest,
@@ -80,8 +81,10 @@ def worker_main(args: WorkerArgs) -> None:
     commands.connect(args.command_address)
     events.connect(args.event_address)
     peers = PeerLinks(context, args.peer_address, args.curve)
+    prefix = os.environ.get(WORKER_PROFILE_ENV)
     try:
-        Worker(args, commands, events, peers).run()
+        with profiled(f"{prefix}.worker{args.worker_id}" if prefix else None):
+            Worker(args, commands, events, peers).run()
     finally:
         commands.close(linger=0)
         events.close()
