@@ -5,10 +5,10 @@
 2. the paged decode kernel, and a CUDA graph of it captured while the cache was small, give the
    reference attention over blocks that a later growth mapped;
 3. a small random-weight model (bf16, batch-invariant kernels: a cache's blocks and graphs may
-   not change how a token rounds, so any difference is a wrong read): greedy tokens with an elastic cache (graphs captured
-   while it is small, grown by a batch, shrunk by another claim, grown again, then swapped for
-   a second model in the same pool, whose cache maps the first one's pages while its retired
-   range still maps them) equal the tokens of a fixed cache;
+   not change how a token rounds, so any difference is a wrong read): greedy tokens with an
+   elastic cache (graphs captured while it is small, grown by a batch, shrunk by another claim,
+   grown again, then swapped for a second model in the same pool, whose cache maps the first
+   one's pages while its retired range still maps them) equal the tokens of a fixed cache;
 4. torch.cuda.mem_get_info shows the pages the pool hands back to the driver;
 5. the time to map and unmap N GiB of cache (the Llama-3.1-8B layout: 32 layers, 8 KV heads of
    128, block 16).
