@@ -142,3 +142,9 @@ def test_preemption_while_a_step_is_in_flight_changes_no_output(llama_path, num_
         kv_cache_bytes=num_blocks * probe.kv_region.block_bytes,
     )
     assert overlapped == synchronous
+
+
+def test_asynchronous_scheduling_is_on_by_default_only_where_a_step_can_overlap(llama_path):
+    # On a CPU launching a step computes it: nothing would overlap the host's next step.
+    assert make_engine(llama_path).async_scheduling is False
+    assert make_engine(llama_path, async_scheduling=True).async_scheduling is True

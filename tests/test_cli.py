@@ -37,6 +37,15 @@ def test_log_level_is_checked():
         build_parser().parse_args(["serve", "--log-level", "chatty"])
 
 
+def test_engine_switches_default_to_the_engine_configs():
+    parse = build_parser().parse_args
+    assert parse(["serve"]).async_scheduling is None  # EngineConfig's default: on with GPUs
+    assert parse(["serve", "--async-scheduling"]).async_scheduling is True
+    assert parse(["serve", "--no-async-scheduling"]).async_scheduling is False
+    assert parse(["serve"]).batch_invariant is False
+    assert parse(["serve", "--batch-invariant"]).batch_invariant is True
+
+
 def test_the_prompt_step_time_ratio_is_zero_or_at_least_one():
     parse = build_parser().parse_args
     assert parse(["serve"]).prompt_step_time_ratio == 2.5
@@ -75,3 +84,14 @@ def test_a_bad_registry_entry_stops_serve_before_it_starts(tmp_path):
     assert served.returncode == 1
     assert f"{registry}:2: models[0] (typo): path 'qwen3-06b' not found" in served.stderr
     assert "starting the worker pool" not in served.stderr
+
+
+def test_bench_serve_passes_its_engine_switches_to_the_server_and_the_baselines():
+    from warmserve.bench.serve import engine_flags, engine_serve_args
+
+    parse = build_parser().parse_args
+    default = parse(["bench", "serve"])
+    assert engine_serve_args(default) == [] and engine_flags(default) == {}
+    chosen = parse(["bench", "serve", "--no-async-scheduling", "--batch-invariant"])
+    assert engine_serve_args(chosen) == ["--no-async-scheduling", "--batch-invariant"]
+    assert engine_flags(chosen) == {"async_scheduling": False, "batch_invariant": True}

@@ -104,14 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--async-scheduling",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="launch each engine step before the host has read the tokens of the one before, "
         "so that scheduling and input building overlap the GPU's work (as vLLM's flag); "
-        "requests with penalties, logprobs or a grammar still wait for the step before",
+        "requests with penalties, logprobs or a grammar still wait for the step before "
+        "(default: on with GPU workers, off on CPU, where nothing overlaps)",
     )
     serve.add_argument(
         "--batch-invariant",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="kernels whose result for a token does not depend on the batch it runs in, so "
         "that greedy output is the same however many requests run beside it (GPU only; "
         "slower; as vLLM's batch-invariant mode)",
@@ -344,6 +347,7 @@ def run_serve(args: argparse.Namespace) -> int:
 async def _serve(config, sock, log_level: str) -> None:
     from warmserve.api.gateway import serve_gateway
     from warmserve.controller.controller import Controller
+    from warmserve.process_gc import freeze_startup_objects
 
     logger = logging.getLogger("warmserve")
     stop = asyncio.Event()
@@ -355,6 +359,7 @@ async def _serve(config, sock, log_level: str) -> None:
     try:
         logger.info("starting the worker pool (device %s)", config.device)
         if await _until_stopped(controller.start(), stop):
+            freeze_startup_objects()
             await serve_gateway(controller, config, sock, stop, log_level=log_level)
     finally:
         logger.info("stopping the worker pool")

@@ -186,7 +186,9 @@ class EngineConfig:
     # Launch each step before the tokens of the one before are on the host, so that the host's
     # scheduling and input building overlap the device's work (vLLM's --async-scheduling).
     # Requests with penalties, log-probabilities or a grammar still wait for the step before.
-    async_scheduling: bool = False
+    # None: on a GPU (as vLLM's default), off on a CPU, where launching a step computes it and
+    # nothing would overlap.
+    async_scheduling: bool | None = None
     # Kernels whose result for a token does not depend on what else a step runs, so that a
     # greedy request's tokens do not depend on the load (layers/batch_invariance.py); slower,
     # GPU only, as vLLM's batch-invariant mode.

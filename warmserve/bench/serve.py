@@ -103,9 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag in ENGINE_FLAGS:
         parser.add_argument(
             flag,
-            action="store_true",
-            help=f"the server with {flag}, and the Python API and the engine alone with the "
-            "same engine setting",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=f"the server with {flag} (or without), and the Python API and the engine "
+            "alone with the same engine setting (default: the server's default)",
         )
     parser.add_argument(
         "--json-schema",
@@ -115,7 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# `warmserve serve` flags of the engine that the Python API and engine baselines take too.
+# `warmserve serve` flags of the engine that the Python API and engine baselines take too
+# (`--flag` or `--no-flag`; neither: the server's default).
 ENGINE_FLAGS = ("--async-scheduling", "--batch-invariant")
 
 
@@ -125,7 +127,16 @@ def _attribute(flag: str) -> str:
 
 def engine_flags(args: argparse.Namespace) -> dict[str, bool]:
     """The EngineConfig fields that the run's engine flags set."""
-    return {_attribute(flag): getattr(args, _attribute(flag)) for flag in ENGINE_FLAGS}
+    given = {_attribute(flag): getattr(args, _attribute(flag)) for flag in ENGINE_FLAGS}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def engine_serve_args(args: argparse.Namespace) -> list[str]:
+    return [
+        flag if getattr(args, _attribute(flag)) else "--no-" + flag.removeprefix("--")
+        for flag in ENGINE_FLAGS
+        if getattr(args, _attribute(flag)) is not None
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = bench_checkpoint(Path(args.checkpoints), args.shape, dtype)
         model = args.shape
     serve_args = [*options.quick_serve_args(args), *args.serve_arg]
-    serve_args += [flag for flag in ENGINE_FLAGS if getattr(args, _attribute(flag))]
+    serve_args += engine_serve_args(args)
     config = model_config(checkpoint)
     context_len = args.max_model_len or config["max_position_embeddings"]
     scenarios = build_scenarios(args, context_len)

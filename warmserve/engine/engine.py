@@ -209,7 +209,9 @@ class Engine:
             self.weights_ready.order_before(torch.cuda.current_stream(self.runner.device))
             self.weights_ready = None
         generators = [self.generators.get(seq.request_id) for seq in seqs]
-        clock = StepClock(self.runner.device)
+        device = self.runner.device
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        clock = StepClock(stream)
         launched = self.runner.launch(
             seqs,
             generators,
@@ -222,7 +224,7 @@ class Engine:
         launched.prompt_tokens = sum(n for seq in seqs if (n := seq.num_scheduled_tokens) > 1)
         launched.decodes = sum(seq.num_scheduled_tokens == 1 for seq in seqs)
         launched.placeholders = self.scheduler.commit(seqs)
-        launched.queued(copy_tokens=self._overlaps())
+        launched.queued(copy_tokens=self._overlaps(), stream=stream)
         return launched
 
     def _resolve(self, launched: LaunchedStep) -> list[TokenOutput]:

@@ -237,7 +237,11 @@ def _build(
     scheduler = Scheduler(limits, block_manager, eos_token_ids)
     engine = Engine(config, runner, scheduler, weights_bytes)
     engine.activation_bytes = memory.activation_bytes
-    engine.async_scheduling = engine_config.async_scheduling
+    engine.async_scheduling = (
+        engine_config.async_scheduling
+        if engine_config.async_scheduling is not None
+        else device.type == "cuda"
+    )
     # A budget that keeps such steps within the largest prompt-step graph: past it they would
     # run eagerly, several times slower for a small model.
     ceiling = engine_config.max_num_batched_tokens

@@ -37,16 +37,17 @@ class LaunchedStep:
     _host: torch.Tensor | None = None
     _done: torch.cuda.Event | None = None
 
-    def queued(self, copy_tokens: bool) -> None:
-        """Once everything the step launches is queued: on a GPU, marks where the step ends,
-        and with `copy_tokens` queues the copy of its tokens to the host before that mark."""
-        if self.device.type != "cuda":
+    def queued(self, copy_tokens: bool, stream: torch.cuda.Stream | None) -> None:
+        """Once everything the step launches is queued on `stream` (None: not on a GPU): marks
+        where the step ends, and with `copy_tokens` queues the copy of its tokens to the host
+        before that mark."""
+        if stream is None:
             return
         if copy_tokens and self.tokens is not None:
             self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
             self._host.copy_(self.tokens, non_blocking=True)
         self._done = torch.cuda.Event()
-        self._done.record()
+        self._done.record(stream)
 
     def token_ids(self) -> list[int]:
         """The sampled tokens (with the copy queued: waits for this step, not for the steps
@@ -70,13 +71,16 @@ class StepClock:
     it ended, so a step's time is the gap its streams see between two tokens either way. On a
     CPU the launch itself computes the step."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, stream: torch.cuda.Stream | None):
+        """`stream`: the one the step is launched on (None: not on a GPU). Passed rather than
+        looked up: torch's lookup of the current stream costs more than recording an event."""
         self.started = time.perf_counter()
         self.ended = self.started
+        self.stream = stream
         self._begin = self._end = None
-        if device.type == "cuda":
+        if stream is not None:
             self._begin = torch.cuda.Event(enable_timing=True)
-            self._begin.record()
+            self._begin.record(stream)
 
     def stop(self) -> None:
         """Once everything the step launches is queued."""
@@ -84,7 +88,7 @@ class StepClock:
             self.ended = time.perf_counter()
         else:
             self._end = torch.cuda.Event(enable_timing=True)
-            self._end.record()
+            self._end.record(self.stream)
 
     def seconds(self) -> float:
         """After the step has ended (its tokens read)."""

@@ -28,6 +28,7 @@ import zmq
 from warmserve.curve import as_client
 from warmserve.engine.warmup import warm_up
 from warmserve.loader.segment_weights import SegmentWeights
+from warmserve.process_gc import freeze_startup_objects
 from warmserve.profiling import WORKER_PROFILE_ENV, profiled
 from warmserve.protocol import (
     AbortRequest,
@@ -140,6 +141,7 @@ class Worker:
             traceback.print_exc()
             self.send(WorkerFailed(self.args.worker_id, f"{type(exc).__name__}: {exc}"))
             raise SystemExit(1) from None
+        freeze_startup_objects()  # before any model: an unloaded model's objects stay collectable
         self.send(
             WorkerReady(
                 worker_id=self.args.worker_id,
