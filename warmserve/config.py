@@ -225,6 +225,10 @@ class ServerConfig:
     # A model's context unless its load names one (None: the checkpoint's own).
     max_model_len: int | None = None
     request_timeout_s: float = 600.0
+    # An idle keep-alive HTTP connection is closed after this long (uvicorn's default, as in
+    # vLLM's server); a client that keeps idle connections longer may send a request on one
+    # just as it closes.
+    http_keep_alive_s: float = 5.0
     load_timeout_s: float = 600.0
     # How long an unload lets requests in flight finish before it ends them with an error.
     unload_grace_s: float = 10.0

@@ -31,6 +31,7 @@ async def serve_gateway(
     uvicorn_config = uvicorn.Config(
         create_app(controller, config),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        timeout_keep_alive=config.http_keep_alive_s,
         access_log=access_log,
         log_level=log_level.lower() if log_level else None,
         # Without access logs (the demo) the caller owns logging, so uvicorn must not set it up.
