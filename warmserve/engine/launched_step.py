@@ -20,7 +20,6 @@ from warmserve.protocol import TokenLogprobs
 @dataclass
 class LaunchedStep:
     seqs: list[Sequence]
-    device: torch.device
     # One sampled token per sequence whose step reaches its last token, in `seqs`' order.
     tokens: torch.Tensor | None
     # For each sampling sequence, its row in `tokens`.

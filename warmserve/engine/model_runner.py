@@ -189,7 +189,7 @@ class ModelRunner:
         fill = self._placeholder_fill(seqs, inputs, previous)
         logits, prompt_hidden = self._run(inputs, fill, previous)
         if not sampling:  # every sequence ran a prompt chunk
-            return LaunchedStep(seqs, self.device, None)
+            return LaunchedStep(seqs, None)
         if len(sampling) < len(seqs):
             rows = torch.tensor(sampling, dtype=torch.long, device=logits.device)
             logits = logits.index_select(0, rows)
@@ -212,7 +212,6 @@ class ModelRunner:
                 )
         return LaunchedStep(
             seqs,
-            self.device,
             tokens,
             rows={seq.request_id: row for row, seq in enumerate(sampled_seqs)},
             logprobs=logprobs.sampled_logprobs(logits, tokens, params),
