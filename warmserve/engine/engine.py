@@ -205,12 +205,12 @@ class Engine:
         return self.async_scheduling and not self.host_token_requests and self.runner.is_alone
 
     def _launch(self, seqs: list[Sequence]) -> LaunchedStep:
-        if self.weights_ready is not None:  # the load's copy runs on the copy stream
-            self.weights_ready.order_before(torch.cuda.current_stream(self.runner.device))
-            self.weights_ready = None
-        generators = [self.generators.get(seq.request_id) for seq in seqs]
         device = self.runner.device
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        if self.weights_ready is not None:  # the load's copy runs on the copy stream
+            self.weights_ready.order_before(stream)
+            self.weights_ready = None
+        generators = [self.generators.get(seq.request_id) for seq in seqs]
         clock = StepClock(stream)
         launched = self.runner.launch(
             seqs,
