@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu_check import relative_error  # scripts/, beside this file
 
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.engine_build import engine_from_checkpoint
@@ -61,8 +62,8 @@ def check_matmul(report: dict) -> bool:
     report["matmul rows equal alone and in batches of 1..4096"] = invariant
     report["cuBLAS row 0 equal alone and in a batch of 64 (informational)"] = invariant_cublas
     report["matmul relative error vs float64: invariant, cuBLAS"] = [
-        _relative_error(invariant_linear(x[:64], weight), exact),
-        _relative_error(cublas, exact),
+        relative_error(invariant_linear(x[:64], weight), exact),
+        relative_error(cublas, exact),
     ]
     for rows in (64, 4096):
         report[f"matmul ms at {rows}x4096x6144: invariant, cuBLAS"] = [
@@ -130,11 +131,6 @@ def _decode_step_ms(engine, prompts) -> float:
         engine.step()
         times.append(time.perf_counter() - started)
     return round(statistics.median(times[2:-2]) * 1e3, 3)
-
-
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def _time_ms(launch) -> float:
