@@ -27,8 +27,9 @@ from warmserve.engine.launched_step import fill_placeholders
 from warmserve.layers.attention import AttentionMetadata
 from warmserve.protocol import StepInputs
 
-# Token counts of the captured steps. A chunk beside decodes is at most
-# prefill_tokens_beside_decodes (512) plus a token per decode; longer prefill-only steps run
+# Token counts of the captured steps. A step that decodes carries at most the prompt budget
+# (engine/prompt_budget.py, capped so that it fits the largest bucket with a token per decode);
+# longer prefill-only steps run
 # eagerly, GPU-bound enough that a launch per kernel costs little, and a larger bucket would keep
 # more activation memory in the graphs' pool.
 TOKEN_BUCKETS = (32, 64, 128, 256, 384, 512, 640, 768, 1024)
