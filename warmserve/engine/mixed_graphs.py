@@ -29,9 +29,8 @@ from warmserve.protocol import StepInputs
 
 # Token counts of the captured steps. A step that decodes carries at most the prompt budget
 # (engine/prompt_budget.py, capped so that it fits the largest bucket with a token per decode);
-# longer prefill-only steps run
-# eagerly, GPU-bound enough that a launch per kernel costs little, and a larger bucket would keep
-# more activation memory in the graphs' pool.
+# longer prefill-only steps run eagerly, GPU-bound enough that a launch per kernel costs little,
+# and a larger bucket would keep more activation memory in the graphs' pool.
 TOKEN_BUCKETS = (32, 64, 128, 256, 384, 512, 640, 768, 1024)
 
 
