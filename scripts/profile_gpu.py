@@ -342,6 +342,7 @@ def graph_time(fn, calls=20, replays=5) -> float:
 def attention_sweep(report, heads=32, kv_heads=8, head_dim=128, block_size=16, context=544):
     """The paged decode kernel's launch settings at the 8B shape, batch 1 and 64: time and the
     KV bytes read per second."""
+    from warmserve.layers import triton_attention
     from warmserve.layers.triton_attention import paged_decode
 
     results = {}
@@ -390,9 +391,11 @@ def attention_sweep(report, heads=32, kv_heads=8, head_dim=128, block_size=16, c
                 best[batch] = (key, value)
     report["attention sweep (us, GB/s, rel err)"] = results
     report["attention best"] = best
-    report["attention default"] = {
-        key: value for key, value in results.items() if " t4 p2 w4 s3" in key
-    }
+    default = (
+        f" t{triton_attention.TILE_BLOCKS} p{triton_attention.PROGRAMS_PER_SM}"
+        f" w{triton_attention.NUM_WARPS} s{triton_attention.NUM_STAGES}"
+    )
+    report["attention default"] = {key: value for key, value in results.items() if default in key}
 
 
 def main():

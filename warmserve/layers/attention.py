@@ -109,9 +109,14 @@ def paged_prefill(
         # fused dense kernels (flash on GPU) are the fastest way through it.
         return attend_one_sequence(q, k, v, scale, sliding_window)
     if q.is_cuda:
-        from warmserve.layers.triton_prefill import paged_prefill_kernel  # GPU hosts only
+        # GPU hosts only (triton)
+        from warmserve.layers.triton_attention import paged_decode
+        from warmserve.layers.triton_prefill import paged_prefill_kernel
 
-        return paged_prefill_kernel(
+        # The sequences with one query (decodes, mostly) go to the decode kernel, which splits
+        # their contexts, unless a window bounds them (the decode kernel has none).
+        split_decodes = sliding_window is None and (meta.padded or 1 in meta.query_lens)
+        out = paged_prefill_kernel(
             q,
             k_cache,
             v_cache,
@@ -121,7 +126,20 @@ def paged_prefill(
             max(meta.query_lens),
             scale,
             sliding_window,
+            skip_single_queries=split_decodes,
         )
+        if split_decodes:
+            paged_decode(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.context_lens,
+                scale,
+                query_start=meta.query_start,
+                out=out,
+            )
+        return out
     return paged_prefill_reference(q, k_cache, v_cache, meta, scale, sliding_window)
 
 

@@ -7,7 +7,13 @@ max and sum. Pass 2 merges the splits. With few sequences the splits keep every 
 there is one split and pass 2 is a cheap normalisation.
 
 Every shape the kernels depend on is fixed by the batch size and the block-table width, and the
-context lengths are read on the device, so both passes can be captured in a CUDA graph. The torch
+context lengths are read on the device, so both passes can be captured in a CUDA graph.
+
+In a step that also runs prompt tokens (attention.paged_prefill) the same two passes take the
+sequences that bring one query each, found on the device from the query start offsets: their
+query rows are not the sequences' indices, and the other sequences' programs return at once.
+The prefill kernel's query tiles are made for many queries; a decode row alone in one wastes
+most of it and gets no context split. The torch
 reference path in attention.py is the oracle (scripts/gpu_check.py compares the two).
 """
 
@@ -22,9 +28,23 @@ import triton.language as tl
 TILE_BLOCKS = 4  # cache blocks per loop iteration: 64 tokens with 16-token blocks
 PROGRAMS_PER_SM = 2  # context splits are added until there are this many programs per SM
 NUM_STAGES = 2
-# Warps per program: 4 while programs are few (small batches), 8 once there are more programs
-# than SMs; scripts/profile_gpu.py's sweep at the 8B shape found these best on an H100.
-NUM_WARPS = None
+# Warps per program. scripts/profile_gpu.py's sweep on an H200 found 4 best at batch 1 and at
+# batch 64 (42.4 vs 44.5 us with 8 at the Qwen3-0.6B shape, 43.0 vs 45.2 at the 8B shape, 576
+# tokens each); an earlier sweep on an H100 had found 8 better once programs outnumber SMs.
+NUM_WARPS = 4
+
+
+@triton.jit
+def _query_row(query_start_ptr, seq, ROWS_FROM_STARTS: tl.constexpr):
+    """The row of q that holds `seq`'s query: `seq` itself in a decode step; in a mixed step
+    the sequence's first query row, or -1 unless it brings exactly one query (a prompt chunk is
+    the prefill kernel's, a padding sequence has none)."""
+    if ROWS_FROM_STARTS:
+        start = tl.load(query_start_ptr + seq)
+        single = tl.load(query_start_ptr + seq + 1) - start == 1
+        return tl.where(single, start, -1)
+    else:
+        return seq.to(tl.int64)
 
 
 # Arguments that change with the batch (see triton_prefill): specialising on them would compile
@@ -33,6 +53,7 @@ NUM_WARPS = None
     do_not_specialize=[
         "block_tables_ptr",
         "context_lens_ptr",
+        "query_start_ptr",
         "stride_table_seq",
         "max_blocks",
         "blocks_per_split",
@@ -45,6 +66,7 @@ def _partial_kernel(
     v_cache_ptr,
     block_tables_ptr,  # [seqs, max_blocks] int
     context_lens_ptr,  # [seqs] int
+    query_start_ptr,  # [seqs + 1] int, read with ROWS_FROM_STARTS only
     part_out_ptr,  # [seqs, heads, splits, head_dim] float32
     part_max_ptr,  # [seqs, heads, splits] float32
     part_sum_ptr,
@@ -64,10 +86,14 @@ def _partial_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,  # tokens per iteration (TILE_BLOCKS * BLOCK_SIZE)
     PRECISION: tl.constexpr,  # "ieee" for float32 so results match the reference, else "tf32"
+    ROWS_FROM_STARTS: tl.constexpr,  # q holds a mixed step's rows: see _query_row
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    row = _query_row(query_start_ptr, seq, ROWS_FROM_STARTS)
+    if row < 0:
+        return
     context_len = tl.load(context_lens_ptr + seq)
     first_token = split * blocks_per_split * BLOCK_SIZE
     end_token = tl.minimum(context_len, (split + 1) * blocks_per_split * BLOCK_SIZE)
@@ -77,7 +103,7 @@ def _partial_kernel(
     head_ok = group < GROUP
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(
-        q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
+        q_ptr + row * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
         mask=head_ok[:, None],
         other=0.0,
     )
@@ -116,21 +142,26 @@ def _partial_kernel(
     tl.store(part_sum_ptr + part, running_sum, mask=head_ok)
 
 
-@triton.jit(do_not_specialize=["splits"])
+@triton.jit(do_not_specialize=["query_start_ptr", "splits"])
 def _merge_kernel(
     part_out_ptr,
     part_max_ptr,
     part_sum_ptr,
-    out_ptr,  # [seqs, heads, head_dim]
+    out_ptr,  # [seqs, heads, head_dim], or a mixed step's [tokens, heads, head_dim]
+    query_start_ptr,
     stride_out_seq,
     stride_out_head,
     heads_total,
     splits,
     HEAD_DIM: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    ROWS_FROM_STARTS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    row = _query_row(query_start_ptr, seq, ROWS_FROM_STARTS)
+    if row < 0:
+        return
     split_ids = tl.arange(0, SPLITS_PAD)
     split_ok = split_ids < splits
     part = (seq * heads_total + head) * splits + split_ids
@@ -144,7 +175,7 @@ def _merge_kernel(
     )
     out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
     tl.store(
-        out_ptr + seq * stride_out_seq + head * stride_out_head + dims,
+        out_ptr + row * stride_out_seq + head * stride_out_head + dims,
         out.to(out_ptr.dtype.element_ty),
     )
 
@@ -179,19 +210,22 @@ def paged_decode(
     *,
     tile_blocks: int = TILE_BLOCKS,
     programs_per_sm: int = PROGRAMS_PER_SM,
-    num_warps: int | None = NUM_WARPS,
+    num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
+    query_start: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: [seqs, heads, head_dim] (one query per sequence) -> [seqs, heads, head_dim]. The
-    keyword arguments tune the launch (scripts/profile_gpu.py sweeps them)."""
-    seqs, heads, head_dim = q.shape
+    """q: [seqs, heads, head_dim] (one query per sequence) -> [seqs, heads, head_dim]. With
+    `query_start` ([seqs + 1], a mixed step's cu_seqlens), q is that step's [tokens, heads,
+    head_dim] and only the rows of the sequences with one query are written, into `out`. The
+    other keyword arguments tune the launch (scripts/profile_gpu.py sweeps them)."""
+    _, heads, head_dim = q.shape
+    seqs = block_tables.shape[0]
     _, block_size, kv_heads, _ = k_cache.shape
     max_blocks = block_tables.shape[1]
     splits = split_count(seqs, kv_heads, max_blocks, q.device, programs_per_sm, tile_blocks)
     blocks_per_split = -(-max_blocks // splits)
     group = heads // kv_heads
-    if num_warps is None:
-        num_warps = 8 if seqs * kv_heads * splits > _multiprocessors(q.device.index or 0) else 4
     part_out = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device)
     part_max = torch.empty(seqs, heads, splits, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
@@ -201,6 +235,7 @@ def paged_decode(
         v_cache,
         block_tables,
         context_lens,
+        query_start if query_start is not None else context_lens,  # unread without it
         part_out,
         part_max,
         part_sum,
@@ -220,20 +255,24 @@ def paged_decode(
         BLOCK_SIZE=block_size,
         TILE=tile_blocks * block_size,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ROWS_FROM_STARTS=query_start is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
     _merge_kernel[(seqs, heads)](
         part_out,
         part_max,
         part_sum,
         out,
+        query_start if query_start is not None else context_lens,
         out.stride(0),
         out.stride(1),
         heads,
         splits,
         HEAD_DIM=head_dim,
         SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+        ROWS_FROM_STARTS=query_start is not None,
     )
     return out

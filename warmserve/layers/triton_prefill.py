@@ -85,6 +85,7 @@ def _prefill_kernel(
     KEY_TILE: tl.constexpr,
     SLIDING: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for float32 so results match the reference, else "tf32"
+    SKIP_SINGLE_QUERIES: tl.constexpr,  # sequences with one query are the decode kernel's
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -94,6 +95,8 @@ def _prefill_kernel(
     first_query = (tile - (query_start // BLOCK_Q + seq)) * BLOCK_Q
     if first_query >= query_len:
         return  # a spare program: the grid counts one more tile per sequence than it may need
+    if SKIP_SINGLE_QUERIES and query_len == 1:
+        return
     context_len = tl.load(context_lens_ptr + seq)
     cached = context_len - query_len  # tokens before this step's queries
 
@@ -182,6 +185,7 @@ def paged_prefill_kernel(
     sliding_window: int | None = None,
     *,
     rows: int | None = None,
+    skip_single_queries: bool = False,
     key_tile: int = KEY_TILE,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
@@ -190,7 +194,8 @@ def paged_prefill_kernel(
     (query_start has seqs + 1 entries, the last one `tokens`); they are the sequence's last
     positions, context_lens[i] tokens in all, all of them already in the cache. The keyword
     arguments tune the launch; `rows` fixes the rows of a query tile (else chosen from
-    max_query_len)."""
+    max_query_len). With `skip_single_queries` the rows of sequences with one query are left
+    for the decode kernel (attention.paged_prefill): unwritten in the output."""
     tokens, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     seqs = block_tables.shape[0]
@@ -229,6 +234,7 @@ def paged_prefill_kernel(
         KEY_TILE=key_tile,
         SLIDING=sliding_window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SKIP_SINGLE_QUERIES=skip_single_queries,
         num_warps=num_warps,
         num_stages=num_stages,
     )
