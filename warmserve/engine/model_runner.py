@@ -24,6 +24,7 @@ from warmserve.engine.launched_step import LaunchedStep, fill_placeholders
 from warmserve.engine.mixed_graphs import MixedGraphs
 from warmserve.engine.sequence import PLACEHOLDER, Sequence
 from warmserve.layers.attention import AttentionMetadata
+from warmserve.layers.host_to_device import to_device
 from warmserve.layers.logits_processors import process_logits
 from warmserve.layers.parallel import tp_rank, tp_world_size
 from warmserve.layers.sampling import sample
@@ -191,7 +192,7 @@ class ModelRunner:
         if not sampling:  # every sequence ran a prompt chunk
             return LaunchedStep(seqs, None)
         if len(sampling) < len(seqs):
-            rows = torch.tensor(sampling, dtype=torch.long, device=logits.device)
+            rows = to_device(sampling, logits.device, torch.long)
             logits = logits.index_select(0, rows)
         if masks is not None:
             masks.apply(logits)
@@ -233,10 +234,7 @@ class ModelRunner:
                 sources.append(previous.rows[seq.request_id])
         if not targets:
             return None
-        staged = torch.tensor([targets, sources], dtype=torch.long)
-        if self.device.type == "cuda":
-            staged = staged.pin_memory()  # asynchronous: see _forward
-        return staged.to(self.device, non_blocking=True)
+        return to_device([targets, sources], self.device, torch.long)
 
     def run_followed(self, inputs: StepInputs) -> None:
         """Other ranks: one step of the lead's, the same collectives in the same order, after
@@ -305,12 +303,8 @@ class ModelRunner:
         for table in inputs.block_tables:
             flat += table
             flat += [0] * (max_blocks - len(table))
-        staged = torch.tensor(flat, dtype=torch.long)
-        if self.device.type == "cuda":
-            # Pinned, so the copy is asynchronous: a pageable copy would hold the host until the
-            # stream reaches it, and after a load that is behind the whole weight copy.
-            staged = staged.pin_memory()
-        on_device = staged.to(self.device, non_blocking=True)
+        # Queued, not waited for: after a load the stream is behind the whole weight copy.
+        on_device = to_device(flat, self.device, torch.long)
         vectors = 3 * tokens + 3 * seqs + 1
         input_ids, positions, slots, context_lens, last, query_start = on_device[:vectors].split(
             [tokens, tokens, tokens, seqs, seqs, seqs + 1]
@@ -330,5 +324,5 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, last)).float()
         if not inputs.prompt_rows:
             return logits, None
-        rows = torch.tensor(inputs.prompt_rows, device=self.device)
+        rows = to_device(inputs.prompt_rows, self.device)
         return logits, hidden.index_select(0, rows)

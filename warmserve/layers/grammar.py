@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import xgrammar
 
+from warmserve.layers.host_to_device import to_device
+
 BITS_PER_WORD = 32
 
 
@@ -43,7 +45,7 @@ def apply_token_bitmask_with_torch(
     logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]
 ) -> None:
     """The GPU path, in device-agnostic torch ops; `bitmask` is on the logits' device."""
-    index = torch.tensor(rows, device=logits.device)
+    index = to_device(rows, logits.device)
     allowed = unpack_bitmask(bitmask.index_select(0, index), logits.shape[-1])
     masked = logits.index_select(0, index).masked_fill_(~allowed, float("-inf"))
     logits.index_copy_(0, index, masked)

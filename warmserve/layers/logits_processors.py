@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from warmserve.config import SamplingParams
+from warmserve.layers.host_to_device import to_device
 
 
 def process_logits(
@@ -53,8 +54,8 @@ def _add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch
             rows.append(row)
             token_ids.append(token_id)
             biases.append(bias)
-    index = torch.tensor([rows, token_ids], device=logits.device)
-    values = torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+    index = to_device([rows, token_ids], logits.device)
+    values = to_device(biases, logits.device, logits.dtype)
     return logits.index_put_((index[0], index[1]), values, accumulate=True)
 
 
@@ -73,7 +74,7 @@ def _mask_early_stops(
             rows.extend([row] * len(stops))
             token_ids.extend(stops)
     if token_ids:
-        index = torch.tensor([rows, token_ids], device=logits.device)
+        index = to_device([rows, token_ids], logits.device)
         logits[index[0], index[1]] = float("-inf")
 
 
@@ -89,18 +90,18 @@ def _apply_penalties(
     chosen = [params[row] for row in rows]
     outputs = [token_ids[row][num_prompt_tokens[row] :] for row in rows]
     output_counts = _token_counts(outputs, vocab, device)
-    penalized = logits.index_select(0, torch.tensor(rows, device=device))
+    penalized = logits.index_select(0, to_device(rows, device))
     repetition = [p.repetition_penalty for p in chosen]
     if any(value != 1.0 for value in repetition):
         prompts = [token_ids[row][: num_prompt_tokens[row]] for row in rows]
         seen = (_token_counts(prompts, vocab, device) + output_counts) > 0
-        penalty = torch.tensor(repetition, dtype=logits.dtype, device=device).unsqueeze(1)
+        penalty = to_device(repetition, device, logits.dtype).unsqueeze(1)
         repeated = torch.where(penalized < 0, penalized * penalty, penalized / penalty)
         penalized = torch.where(seen, repeated, penalized)
-    frequency = torch.tensor([p.frequency_penalty for p in chosen], device=device).unsqueeze(1)
-    presence = torch.tensor([p.presence_penalty for p in chosen], device=device).unsqueeze(1)
+    frequency = to_device([p.frequency_penalty for p in chosen], device).unsqueeze(1)
+    presence = to_device([p.presence_penalty for p in chosen], device).unsqueeze(1)
     penalized = penalized - frequency * output_counts - presence * (output_counts > 0)
-    rows_index = torch.tensor(rows, device=device)
+    rows_index = to_device(rows, device)
     return logits.index_copy(0, rows_index, penalized.to(logits.dtype))
 
 
@@ -114,7 +115,7 @@ def _token_counts(sequences: list[list[int]], vocab: int, device: torch.device) 
         flat = array.array("q", lengths)
         for ids in sequences:
             flat.extend(ids)
-        flat = torch.frombuffer(flat, dtype=torch.int64).to(device)
+        flat = to_device(torch.frombuffer(flat, dtype=torch.int64), device)
         lengths_on_device, token_ids = flat[: len(lengths)], flat[len(lengths) :]
         rows = torch.repeat_interleave(
             torch.arange(len(lengths), device=device), lengths_on_device, output_size=len(token_ids)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from warmserve.config import SamplingParams
+from warmserve.layers.host_to_device import to_device
 
 
 def sample(
@@ -18,7 +19,7 @@ def sample(
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not random_rows:
         return tokens
-    rows = torch.tensor(random_rows, device=logits.device)
+    rows = to_device(random_rows, logits.device)
     probs = sampling_probs(logits.index_select(0, rows), [params[i] for i in random_rows])
     for row, index in enumerate(random_rows):
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one generator per request.
@@ -29,7 +30,7 @@ def sample(
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The distribution each row draws from: temperature, then top-k, top-p and min-p."""
-    temperatures = torch.tensor([p.temperature for p in params], device=logits.device)
+    temperatures = to_device([p.temperature for p in params], logits.device)
     scaled = logits.float() / temperatures.unsqueeze(1)
     top_ks = [p.top_k for p in params]
     if any(k > 0 for k in top_ks):
@@ -37,16 +38,16 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     probs = scaled.softmax(dim=-1)
     top_ps = [p.top_p for p in params]
     if any(p < 1.0 for p in top_ps):
-        probs = _top_p(probs, torch.tensor(top_ps, device=logits.device))
+        probs = _top_p(probs, to_device(top_ps, logits.device))
     min_ps = [p.min_p for p in params]
     if any(p > 0.0 for p in min_ps):
-        probs = _min_p(probs, torch.tensor(min_ps, device=logits.device))
+        probs = _min_p(probs, to_device(min_ps, logits.device))
     return probs
 
 
 def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
     vocab = logits.shape[-1]
-    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=logits.device)
+    ks = to_device([k if 0 < k < vocab else vocab for k in top_ks], logits.device)
     sorted_desc = logits.sort(dim=-1, descending=True).values
     kth = sorted_desc.gather(1, (ks - 1).unsqueeze(1))
     return logits.masked_fill(logits < kth, float("-inf"))
