@@ -114,8 +114,10 @@ def paged_prefill(
         from warmserve.layers.triton_prefill import paged_prefill_kernel
 
         # The sequences with one query (decodes, mostly) go to the decode kernel, which splits
-        # their contexts, unless a window bounds them (the decode kernel has none).
-        split_decodes = sliding_window is None and (meta.padded or 1 in meta.query_lens)
+        # their contexts, unless a window bounds them (the decode kernel has none). The prefill
+        # kernel leaves them whether or not the step has any: one variant of it per model, the
+        # one that ModelRunner.warm_step_kernels compiles.
+        split_decodes = sliding_window is None
         out = paged_prefill_kernel(
             q,
             k_cache,
@@ -128,7 +130,7 @@ def paged_prefill(
             sliding_window,
             skip_single_queries=split_decodes,
         )
-        if split_decodes:
+        if split_decodes and (meta.padded or 1 in meta.query_lens):
             paged_decode(
                 q,
                 k_cache,

@@ -13,8 +13,9 @@ In a step that also runs prompt tokens (attention.paged_prefill) the same two pa
 sequences that bring one query each, found on the device from the query start offsets: their
 query rows are not the sequences' indices, and the other sequences' programs return at once.
 The prefill kernel's query tiles are made for many queries; a decode row alone in one wastes
-most of it and gets no context split. The torch
-reference path in attention.py is the oracle (scripts/gpu_check.py compares the two).
+most of it and gets no context split.
+
+The torch reference path in attention.py is the oracle (scripts/gpu_check.py compares the two).
 """
 
 from __future__ import annotations
