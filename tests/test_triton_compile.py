@@ -82,19 +82,39 @@ def test_every_attention_launch_compiles_for_sm90(recorded):
     q, cache, tables, context_lens, _ = paged_case([1] * 4)
     triton_attention.paged_decode(q, cache, cache, tables, context_lens, 0.1)
     # A mixed step: the decode rows through the decode kernel, the rest through the prefill
-    # kernel (attention.paged_prefill's split), and the prefill kernel alone with a window.
+    # kernel (attention.paged_prefill's split; 16- and 64-row query tiles), the prefill kernel
+    # alone with a window, and alone for every row (the batch-invariant path).
     q, cache, tables, context_lens, query_start = paged_case([1, 1, 40, 1])
     triton_attention.paged_decode(
         q, cache, cache, tables, context_lens, 0.1, query_start=query_start, out=torch.empty_like(q)
     )
-    for skip, window in ((True, None), (False, None), (False, 32)):
+    for max_query_len, skip, window in ((2, True, None), (40, True, None), (40, False, 32)):
         triton_prefill.paged_prefill_kernel(
-            q, cache, cache, tables, context_lens, query_start, 40, 0.1, window,
+            q,
+            cache,
+            cache,
+            tables,
+            context_lens,
+            query_start,
+            max_query_len,
+            0.1,
+            window,
             skip_single_queries=skip,
-        )  # fmt: skip
+        )
+    triton_prefill.paged_prefill_kernel(
+        q,
+        cache,
+        cache,
+        tables,
+        context_lens,
+        query_start,
+        1,
+        0.1,
+        rows=triton_prefill.INVARIANT_ROWS,
+    )
     launches = [
         (kernels.kernel, launch) for kernels in recorded.values() for launch in kernels.launches
     ]
-    assert [len(kernels.launches) for kernels in recorded.values()] == [2, 2, 3]
+    assert [len(kernels.launches) for kernels in recorded.values()] == [2, 2, 4]
     for kernel, (args, kwargs) in launches:
         compile_launch(kernel, args, kwargs)
