@@ -18,7 +18,6 @@ Prints one JSON object; "ok" is true when every invariance check passed.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gpu_check import relative_error  # scripts/, beside this file
+from gpu_check import relative_error, save_report  # scripts/, beside this file
 
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine.engine_build import engine_from_checkpoint
@@ -152,11 +151,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         engine_ok = check_engine(report, Path(root))
     report["ok"] = matmul_ok and engine_ok
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "batch_invariance_check.json").write_text(text)
+    print(save_report(report, args.out, "batch_invariance_check.json"))
 
 
 if __name__ == "__main__":

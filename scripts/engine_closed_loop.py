@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import random
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from gpu_check import save_report  # scripts/, beside this file
 
 from warmserve.bench.checkpoints import bench_checkpoint
 from warmserve.config import EngineConfig, SamplingParams
@@ -200,11 +200,7 @@ def main() -> None:
         engine.close()
     if args.step_kernels:
         report["step kernels"] = step_kernels(checkpoint)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "engine_closed_loop.json").write_text(text)
+    print(save_report(report, args.out, "engine_closed_loop.json"))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,15 @@ from warmserve.layers.attention import (
 from warmserve.layers.triton_attention import paged_decode
 
 
+def save_report(report: dict, out: str | None, name: str) -> str:
+    """The report as JSON, also written to OUT/`name` when the script has an --out folder."""
+    text = json.dumps(report, indent=1)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, name).write_text(text)
+    return text
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double().cpu(), ref.double().cpu()
     assert not torch.isnan(out).any(), "NaN in output"
@@ -316,9 +325,7 @@ def main() -> None:
         check_async_scheduling(report, Path(root))
     for key, value in report.items():
         print(f"{key:60s} {value}")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "gpu_check.json").write_text(json.dumps(report, indent=1))
+    save_report(report, args.out, "gpu_check.json")
 
 
 if __name__ == "__main__":

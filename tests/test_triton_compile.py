@@ -88,7 +88,13 @@ def test_every_attention_launch_compiles_for_sm90(recorded):
     triton_attention.paged_decode(
         q, cache, cache, tables, context_lens, 0.1, query_start=query_start, out=torch.empty_like(q)
     )
-    for max_query_len, skip, window in ((2, True, None), (40, True, None), (40, False, 32)):
+    invariant = triton_prefill.INVARIANT_ROWS
+    for max_query_len, skip, window, rows in (
+        (2, True, None, None),
+        (40, True, None, None),
+        (40, False, 32, None),
+        (1, False, None, invariant),
+    ):
         triton_prefill.paged_prefill_kernel(
             q,
             cache,
@@ -99,19 +105,9 @@ def test_every_attention_launch_compiles_for_sm90(recorded):
             max_query_len,
             0.1,
             window,
+            rows=rows,
             skip_single_queries=skip,
         )
-    triton_prefill.paged_prefill_kernel(
-        q,
-        cache,
-        cache,
-        tables,
-        context_lens,
-        query_start,
-        1,
-        0.1,
-        rows=triton_prefill.INVARIANT_ROWS,
-    )
     launches = [
         (kernels.kernel, launch) for kernels in recorded.values() for launch in kernels.launches
     ]
