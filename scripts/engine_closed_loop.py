@@ -23,10 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from gpu_check import save_report  # scripts/, beside this file
 
 from warmserve.bench.checkpoints import bench_checkpoint
+from warmserve.bench.http_load import distribution_ms
+from warmserve.bench.workloads import random_prompt
 from warmserve.config import EngineConfig, SamplingParams
 from warmserve.engine import engine as engine_module
 from warmserve.engine.engine_build import engine_from_checkpoint
@@ -73,10 +76,14 @@ class StepLog:
         }
 
 
-def percentiles_ms(values: list[float]) -> dict[str, float]:
-    ordered = sorted(1e3 * value for value in values)
-    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"median": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": ordered[-1]}
+def gap_distribution_ms(gaps: list[float]) -> dict[str, float]:
+    """As `bench serve` reports its ITL, with the p90 and the longest gap beside."""
+    values = np.asarray(gaps) * 1e3
+    return {
+        **distribution_ms(gaps),
+        "p90": float(np.percentile(values, 90)),
+        "max": float(values.max()),
+    }
 
 
 def build(checkpoint: Path, **flags):
@@ -91,10 +98,6 @@ def build(checkpoint: Path, **flags):
     return engine
 
 
-def random_prompt(engine, length: int) -> list[int]:
-    return [rng.randrange(10, min(100_000, engine.vocab_size)) for _ in range(length)]
-
-
 def closed_loop(engine, requests: int, log: StepLog) -> dict:
     params = SamplingParams(max_tokens=OUTPUT, ignore_eos=True, temperature=0)
     sent = done = tokens = 0
@@ -105,7 +108,7 @@ def closed_loop(engine, requests: int, log: StepLog) -> dict:
 
     def send():
         nonlocal sent
-        engine.add_request(f"r{sent}", random_prompt(engine, PROMPT), params)
+        engine.add_request(f"r{sent}", random_prompt(rng, PROMPT), params)
         sent += 1
 
     started = time.perf_counter()
@@ -133,7 +136,7 @@ def closed_loop(engine, requests: int, log: StepLog) -> dict:
         "output_tokens_per_s": tokens / seconds,
         "steps": len(log.steps),
         "step_ms_by_kind": log.by_kind(),
-        "engine_itl_ms": percentiles_ms(gaps),
+        "engine_itl_ms": gap_distribution_ms(gaps),
         "prompt_budget": engine.scheduler.prompt_budget,
     }
 
@@ -147,7 +150,7 @@ def step_kernels(checkpoint: Path) -> dict:
     )
     params = SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0)
     for i in range(CLIENTS - 1):
-        engine.add_request(f"d{i}", random_prompt(engine, PROMPT + 48), params)
+        engine.add_request(f"d{i}", random_prompt(rng, PROMPT + 48), params)
     for _ in range(80):
         engine.step()
 
@@ -172,7 +175,7 @@ def step_kernels(checkpoint: Path) -> dict:
         }
 
     decode = profiled("63 decodes")
-    engine.add_request("prompt", random_prompt(engine, 256), params)
+    engine.add_request("prompt", random_prompt(rng, 256), params)
     return {"decode": decode, "with prompt": profiled("63 decodes + a 256-token prompt")}
 
 
