@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from warmserve.bench.report import update_section
+from warmserve.cli import main
 
 DISTRIBUTION = {"mean", "median", "p99"}
 
@@ -92,6 +93,12 @@ def test_bench_serve_quick_reports_every_run_without_failures(tmp_path):
     # and where it went: the server wrote its profile when it stopped.
     functions = pstats.Stats(str(profile)).stats
     assert any(name == "sse_events" and "warmserve" in path for path, _, name in functions)
+
+
+def test_bench_serve_names_a_missing_model_path(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert main(["bench", "serve", "--device", "cpu", "--model-path", str(missing)]) == 2
+    assert f"{missing}: checkpoint folder not found" in capsys.readouterr().err
 
 
 def test_bench_trace_quick_counts_refusals_and_loads(tmp_path):

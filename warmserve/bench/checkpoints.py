@@ -13,12 +13,12 @@ alone, a schema's opening brace had no token and every constrained request ended
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from tokenizers import Tokenizer, models
 
+from warmserve.loader.checkpoint import read_model_config
 from warmserve.testing.checkpoints import ensure_checkpoint
 from warmserve.testing.model_configs import SHAPES
 
@@ -50,7 +50,7 @@ def bench_checkpoint(root: Path, shape: str, dtype: str, seed: int = 1) -> Path:
         seed=seed,
         sharded=shape in SHARDED_SHAPES,
     )
-    vocab_size = model_config(path)["vocab_size"]
+    vocab_size = read_model_config(path)[1]["vocab_size"]
     tokenizer_path = path / "tokenizer.json"
     if Tokenizer.from_file(str(tokenizer_path)).get_vocab_size() != vocab_size:
         staging = tokenizer_path.with_suffix(".json.partial")
@@ -66,10 +66,6 @@ def word_level_tokenizer(vocab_size: int) -> Tokenizer:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS[0]))
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     return tokenizer
-
-
-def model_config(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "config.json").read_text())
 
 
 def share_checkpoint(source: Path, target: Path) -> Path:

@@ -73,7 +73,9 @@ QUICK = {  # tiny model, small sweep: CI runs this in seconds on CPU
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_common_arguments(parser, "tiny model, small sweep (CI)")
     parser.add_argument("--shape", help=f"of the built model (default {FULL['shape']})")
-    parser.add_argument("--model-path", help="an existing checkpoint folder instead of --shape")
+    parser.add_argument(
+        "--model-path", help="an existing checkpoint folder or .gguf file instead of --shape"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", help="default 1 16 64 128")
     parser.add_argument("--rates", type=float, nargs="+", help="requests/s; default 1 4 16")
     parser.add_argument("--mixes", nargs="+", choices=MIXES, help="default both")
@@ -141,20 +143,26 @@ def engine_serve_args(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: `warmserve ps` and the other client commands build this parser too.
-    from warmserve.bench.checkpoints import bench_checkpoint, model_config
+    from warmserve.bench.checkpoints import bench_checkpoint
     from warmserve.bench.swap import decode_timings
+    from warmserve.loader.checkpoint import CheckpointError, read_model_config
 
     options.apply_presets(args, FULL, QUICK)
     device = options.resolve_device(args.device)
-    if args.model_path:
-        checkpoint, model = Path(args.model_path).resolve(), Path(args.model_path).name
+    if args.model_path:  # a checkpoint folder or a .gguf file
+        model = Path(args.model_path).name
     else:
         dtype = args.dtype or options.default_dtype(device)
-        checkpoint = bench_checkpoint(Path(args.checkpoints), args.shape, dtype)
         model = args.shape
+    try:
+        checkpoint, config = read_model_config(
+            args.model_path or bench_checkpoint(Path(args.checkpoints), args.shape, dtype)
+        )
+    except CheckpointError as exc:
+        print(f"warmserve bench serve: error: {exc}", file=sys.stderr)
+        return 2
     serve_args = [*options.quick_serve_args(args), *args.serve_arg]
     serve_args += engine_serve_args(args)
-    config = model_config(checkpoint)
     context_len = args.max_model_len or config["max_position_embeddings"]
     scenarios = build_scenarios(args, context_len)
     results: dict = {
