@@ -28,7 +28,11 @@ def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
 def add_common_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--dtype", help="of the built checkpoints (default: bfloat16 on a GPU)")
+    parser.add_argument(
+        "--dtype",
+        help="of the built checkpoints (default: bfloat16 on a GPU); with `bench serve "
+        "--model-path`, the dtype its model is loaded in (default: the checkpoint's)",
+    )
     parser.add_argument(
         "--serve-arg",
         action="append",

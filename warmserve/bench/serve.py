@@ -151,9 +151,11 @@ def run(args: argparse.Namespace) -> int:
     device = options.resolve_device(args.device)
     if args.model_path:  # a checkpoint folder or a .gguf file
         model = Path(args.model_path).name
+        args.load_dtype = args.dtype or "auto"
     else:
         dtype = args.dtype or options.default_dtype(device)
         model = args.shape
+        args.load_dtype = "auto"  # the built checkpoint's own
     try:
         checkpoint, config = read_model_config(
             args.model_path or bench_checkpoint(Path(args.checkpoints), args.shape, dtype)
@@ -171,7 +173,11 @@ def run(args: argparse.Namespace) -> int:
         "model": model,
         "checkpoint": str(checkpoint),
         "serve_args": serve_args,
-        "dtype": config.get("dtype") or config.get("torch_dtype"),  # the newer name first
+        "dtype": (
+            args.load_dtype
+            if args.load_dtype != "auto"
+            else config.get("dtype") or config.get("torch_dtype")  # the newer name first
+        ),
         "fixed_lengths": [args.input_len, args.output_len],
     }
     out = Path(args.out)
@@ -194,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
             tuple(args.concurrency),
             args.input_len,
             args.decode_steps,
+            dtype=args.load_dtype,
             **engine_flags(args),
         )
         results["comparison"] = comparison(results, args.concurrency)
@@ -299,7 +306,7 @@ async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dic
         environment[WORKER_PROFILE_ENV] = str(Path(args.profile_worker).resolve())
     with BenchServer(device, checkpoint.parent, serve_args, log, environment) as server:
         async with http_load.http_client(server.url) as client:
-            body = {"name": MODEL_NAME, "path": checkpoint.name}
+            body = {"name": MODEL_NAME, "path": checkpoint.name, "dtype": args.load_dtype}
             if args.max_model_len:
                 body["max_model_len"] = args.max_model_len
             response = await client.post("/admin/models", json=body)
@@ -365,7 +372,9 @@ async def python_api_runs(device, checkpoint, args, scenarios) -> dict:
 
     engine = EngineConfig(**engine_flags(args))
     async with Controller(ServerConfig(device=device, workers=1, engine=engine)) as controller:
-        await controller.load(MODEL_NAME, str(checkpoint), max_model_len=args.max_model_len)
+        await controller.load(
+            MODEL_NAME, str(checkpoint), dtype=args.load_dtype, max_model_len=args.max_model_len
+        )
         while controller.model(MODEL_NAME).warm_seconds is None:  # as the HTTP run waits
             await asyncio.sleep(0.05)
         return await sweep(scenarios, http_load.controller_sender(controller))

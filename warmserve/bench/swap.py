@@ -251,6 +251,7 @@ def decode_timings(
     context: int,
     steps: int,
     hbm_gbps: float | None = None,
+    dtype: str = "auto",
     **engine_flags: bool,
 ) -> dict:
     """Median step time of a full decode batch per batch size; with `hbm_gbps`, also the time
@@ -262,6 +263,7 @@ def decode_timings(
     engine = engine_from_checkpoint(
         checkpoint,
         device=device,
+        dtype=dtype,
         max_model_len=max_len,
         # Room for every sequence's whole context: the step time of a full batch is measured.
         engine_config=EngineConfig(
