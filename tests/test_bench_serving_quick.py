@@ -15,7 +15,9 @@ from warmserve.cli import main
 DISTRIBUTION = {"mean", "median", "p99"}
 
 
-def run_bench(benchmark: str, tmp_path, *extra: str) -> tuple[dict, str]:
+def run_bench(
+    benchmark: str, tmp_path, *extra: str, json_name: str | None = None
+) -> tuple[dict, str]:
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Benchmarks\n\n## Kept\n\nother sections stay\n")
     result = subprocess.run(
@@ -41,7 +43,7 @@ def run_bench(benchmark: str, tmp_path, *extra: str) -> tuple[dict, str]:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    json_name = "serve-tiny.json" if benchmark == "serve" else "trace.json"
+    json_name = json_name or ("serve-tiny.json" if benchmark == "serve" else "trace.json")
     text = markdown.read_text()
     assert "other sections stay" in text
     return json.loads((tmp_path / "out" / json_name).read_text()), text
@@ -93,6 +95,29 @@ def test_bench_serve_quick_reports_every_run_without_failures(tmp_path):
     # and where it went: the server wrote its profile when it stopped.
     functions = pstats.Stats(str(profile)).stats
     assert any(name == "sse_events" and "warmserve" in path for path, _, name in functions)
+
+
+def test_bench_serve_runs_a_gguf_file_in_the_dtype_asked_for(tmp_path, smollm2_path):
+    results, _ = run_bench(
+        "serve",
+        tmp_path,
+        "--model-path",
+        str(smollm2_path),
+        "--dtype",
+        "bfloat16",
+        "--mixes",
+        "fixed",
+        "--concurrency",
+        "2",
+        "--output-len",
+        "4",
+        json_name=f"serve-{smollm2_path.name}.json",
+    )
+    assert results["dtype"] == "bfloat16"
+    # 135M parameters: under 2 bytes each as the server placed them (4 in float32, the GGUF's).
+    assert results["load"]["memory_bytes"] < 135e6 * 3
+    assert all(run["failed"] == 0 for run in results["http"].values())
+    assert results["python_api"] and results["engine_decode"]
 
 
 def test_bench_serve_names_a_missing_model_path(tmp_path, capsys):

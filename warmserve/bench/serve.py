@@ -185,7 +185,11 @@ def run(args: argparse.Namespace) -> int:
     served = asyncio.run(http_runs(device, checkpoint, serve_args, log, args, scenarios))
     results["http"] = served["runs"]
     results["greedy_consistency"] = served["greedy_consistency"]
-    results["load"] = {"load": served["load"], "warm_seconds": served["warm_seconds"]}
+    results["load"] = {
+        "load": served["load"],
+        "warm_seconds": served["warm_seconds"],
+        "memory_bytes": served["memory_bytes"],
+    }
     # The baselines are for the fixed lengths' concurrency sweep.
     fixed = [
         s
@@ -315,6 +319,12 @@ async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dic
             print(f"server {server.url}: loaded {response.json()}", flush=True)
             warm_s = await http_load.wait_until_warm(client, MODEL_NAME)
             print(f"warm (kernels compiled, graphs captured) {warm_s:.2f} s after the load")
+            listing = await client.get("/admin/models")
+            listing.raise_for_status()
+            # Weights, activation headroom and the KV cache it always keeps, as placed.
+            memory_bytes = next(m for m in listing.json() if m["name"] == MODEL_NAME)[
+                "memory_bytes"
+            ]
 
             async def step_totals() -> dict[str, tuple[float, float]]:
                 response = await client.get("/metrics")
@@ -328,6 +338,7 @@ async def http_runs(device, checkpoint, serve_args, log, args, scenarios) -> dic
             return {
                 "load": response.json(),
                 "warm_seconds": warm_s,
+                "memory_bytes": memory_bytes,
                 "runs": figures,
                 "greedy_consistency": consistency,
             }

@@ -54,6 +54,16 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
     return rows
 
 
+def placed(results: dict) -> str:
+    memory_bytes = results["load"].get("memory_bytes")  # runs before it was recorded lack it
+    if memory_bytes is None:
+        return ""
+    return (
+        f" and the model holds {report.number(memory_bytes / 2**30, 2)} GiB in "
+        f"{results['dtype']} (weights, activations, the KV cache it always keeps)"
+    )
+
+
 def render_markdown(results: dict) -> str:
     input_len, output_len = results["fixed_lengths"]
     lines = [
@@ -66,8 +76,8 @@ def render_markdown(results: dict) -> str:
         "Latencies in ms as mean / median / p99, defined as in `vllm bench serve`.",
         "",
         f"The load took {report.number(results['load']['load']['load_seconds'], 2)} s "
-        f"({results['load']['load']['source']}); the model was warm (its step kernels "
-        f"compiled and decode graphs captured in the worker's idle gaps) "
+        f"({results['load']['load']['source']}){placed(results)}; the model was warm (its "
+        "step kernels compiled and decode graphs captured in the worker's idle gaps) "
         f"{report.number(results['load']['warm_seconds'], 2)} s later, and the runs started "
         "then.",
         "",
