@@ -9,7 +9,7 @@ import torch
 import xgrammar
 
 from warmserve.bench.checkpoints import word_level_tokenizer
-from warmserve.bench.serve import LONG_TEXT_FORMAT
+from warmserve.bench.serve_plan import LONG_TEXT_FORMAT
 from warmserve.engine.structured_output import tokenizer_info
 
 VOCAB_SIZE = 2048

@@ -87,7 +87,7 @@ def test_a_bad_registry_entry_stops_serve_before_it_starts(tmp_path):
 
 
 def test_bench_serve_passes_its_engine_switches_to_the_server_and_the_baselines():
-    from warmserve.bench.serve import engine_flags, engine_serve_args
+    from warmserve.bench.serve_plan import engine_flags, engine_serve_args
 
     parse = build_parser().parse_args
     default = parse(["bench", "serve"])
