@@ -9,6 +9,8 @@ import pstats
 import subprocess
 import sys
 
+import pytest
+
 from warmserve.bench.report import update_section
 from warmserve.cli import main
 
@@ -124,6 +126,13 @@ def test_bench_serve_names_a_missing_model_path(tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     assert main(["bench", "serve", "--device", "cpu", "--model-path", str(missing)]) == 2
     assert f"{missing}: checkpoint folder not found" in capsys.readouterr().err
+
+
+def test_bench_serve_refuses_an_unknown_dtype(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "serve", "--device", "cpu", "--dtype", "float8"])
+    assert exit_info.value.code == 2
+    assert "argument --dtype: invalid choice: 'float8'" in capsys.readouterr().err
 
 
 def test_bench_trace_quick_counts_refusals_and_loads(tmp_path):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from warmserve.config import DTYPE_ITEMSIZE
+
 # The swap benchmark's shapes: name -> family.
 SWAP_SHAPES = {"opt-125m": "opt", "qwen3-0.6b": "qwen3", "llama-3.1-8b": "llama"}
 SWAP_QUICK_SHAPES = {"tiny": "qwen3", "tiny-opt": "opt"}
@@ -30,6 +32,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, quick_help: str) -> No
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument(
         "--dtype",
+        choices=sorted(DTYPE_ITEMSIZE),
         help="of the built checkpoints (default: bfloat16 on a GPU); with `bench serve "
         "--model-path`, the dtype its model is loaded in (default: the checkpoint's)",
     )
