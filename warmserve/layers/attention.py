@@ -109,40 +109,51 @@ def paged_prefill(
         # fused dense kernels (flash on GPU) are the fastest way through it.
         return attend_one_sequence(q, k, v, scale, sliding_window)
     if q.is_cuda:
-        # GPU hosts only (triton)
-        from warmserve.layers.triton_attention import paged_decode
-        from warmserve.layers.triton_prefill import paged_prefill_kernel
+        return paged_prefill_triton(q, k_cache, v_cache, meta, scale, sliding_window)
+    return paged_prefill_reference(q, k_cache, v_cache, meta, scale, sliding_window)
 
-        # The sequences with one query (decodes, mostly) go to the decode kernel, which splits
-        # their contexts, unless a window bounds them (the decode kernel has none). The prefill
-        # kernel leaves them whether or not the step has any: one variant of it per model, the
-        # one that ModelRunner.warm_step_kernels compiles.
-        split_decodes = sliding_window is None
-        out = paged_prefill_kernel(
+
+def paged_prefill_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """paged_prefill's path on a GPU (triton; `meta.query_start` on q's device)."""
+    from warmserve.layers.triton_attention import paged_decode
+    from warmserve.layers.triton_prefill import paged_prefill_kernel
+
+    # The sequences with one query (decodes, mostly) go to the decode kernel, which splits
+    # their contexts, unless a window bounds them (the decode kernel has none). The prefill
+    # kernel leaves them whether or not the step has any: one variant of it per model, the
+    # one that ModelRunner.warm_step_kernels compiles.
+    split_decodes = sliding_window is None
+    out = paged_prefill_kernel(
+        q,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.context_lens,
+        meta.query_start,
+        max(meta.query_lens),
+        scale,
+        sliding_window,
+        skip_single_queries=split_decodes,
+    )
+    if split_decodes and (meta.padded or 1 in meta.query_lens):
+        paged_decode(
             q,
             k_cache,
             v_cache,
             meta.block_tables,
             meta.context_lens,
-            meta.query_start,
-            max(meta.query_lens),
             scale,
-            sliding_window,
-            skip_single_queries=split_decodes,
+            query_start=meta.query_start,
+            out=out,
         )
-        if split_decodes and (meta.padded or 1 in meta.query_lens):
-            paged_decode(
-                q,
-                k_cache,
-                v_cache,
-                meta.block_tables,
-                meta.context_lens,
-                scale,
-                query_start=meta.query_start,
-                out=out,
-            )
-        return out
-    return paged_prefill_reference(q, k_cache, v_cache, meta, scale, sliding_window)
+    return out
 
 
 def paged_prefill_reference(
